@@ -1,0 +1,49 @@
+# One place for the project's commands. `make up` brings up the local cluster with Weft and sample
+# workloads; `make test` runs every test (unit, property, generated-file checks and end-to-end).
+SHELL := /bin/bash
+CARGO ?= cargo
+DEV := target/debug/weft-dev
+
+.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+# Debian packages and the Go-built Kubernetes, etcd, CoreDNS and cnitool (cached by version).
+tools:
+	bash e2e/tools/install.sh >/dev/null
+
+crds:
+	$(CARGO) run -q -p weft-operator --bin crdgen
+
+crds-check:
+	$(CARGO) run -q -p weft-operator --bin crdgen -- --check
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+unit:
+	$(CARGO) test --workspace --exclude weft-e2e
+
+e2e: tools build
+	$(CARGO) test -p weft-e2e -- --test-threads=2
+
+test: lint unit e2e
+
+up: tools build
+	$(DEV) up
+
+down:
+	$(DEV) down
+
+status:
+	$(DEV) status
+
+bench:
+	$(CARGO) bench -p weft-operator --bench plan_compile

@@ -1,0 +1,6 @@
+//! Weft's shared API: the custom resources (`weft.io/v1alpha1`), the gRPC plan protocol spoken
+//! between the operator and the node agents, and the telemetry setup both binaries share.
+
+pub mod plan;
+pub mod telemetry;
+pub mod v1alpha1;

@@ -1,0 +1,665 @@
+//! The local cluster: a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler) built from source, nodes as network namespaces on a per-cluster underlay
+//! bridge, and the test API the end-to-end tests are written against.
+//!
+//! Layout of one cluster named `<c>` with index `<i>` (see `docs/LOCAL-CLUSTER.md`):
+//!
+//! - `.weft/<c>/` (tests: `.weft/tests/<c>/`): `state.json`, `pki/`, `kubeconfig` (admin, on
+//!   127.0.0.1), `etcd/`, `nodes/<node>/…`, `logs/*.log`;
+//! - bridge `wbr<i>` with `172.18.<i>.1/24` in the root namespace; node `node-<n>` is network
+//!   namespace `weft-<c>-node-<n>` at `172.18.<i>.<10+n>`, attached by veth `wv<i>n<n>`;
+//! - loopback ports `20000 + 10·i …` (API server first; it also listens on the bridge address).
+//!
+//! [`Cluster`] is the blocking core shared by `weft-dev` and the tests; [`TestCluster`] is the
+//! async test API over it.
+
+mod controlplane;
+mod net;
+mod nodes;
+mod pki;
+mod process;
+mod state;
+mod testing;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use process::ProcRecord;
+pub use state::{
+    CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState, POD_CIDR, Ports,
+    SERVICE_CIDR,
+};
+pub use testing::{Fatal, PodOptions, TestCluster, TestNamespace, TestOptions, client_for, wait_for};
+
+use pki::Pki;
+
+/// Where the reference CNI plugins are installed (Debian's containernetworking-plugins).
+pub const REFERENCE_CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// The repository root: `$WEFT_REPO`, or the parent of this crate's directory.
+pub fn repo_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_REPO") {
+        return p.into();
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or_else(|| manifest.to_path_buf())
+}
+
+/// `<repo>/.weft`, where clusters keep their state and logs (ignored by git).
+pub fn weft_dir() -> PathBuf {
+    repo_root().join(".weft")
+}
+
+/// The admin kubeconfig of the cluster `weft-dev up` brought up.
+pub fn dev_kubeconfig() -> PathBuf {
+    weft_dir().join("kubeconfig")
+}
+
+/// The directory with kube-apiserver, etcd, kubectl…: `$WEFT_TOOLS_BIN` if set, else the last
+/// line printed by `e2e/tools/install.sh` (which installs whatever is missing and is fast when
+/// everything is cached). Computed once per process.
+pub fn tools_bin_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(p) = std::env::var_os("WEFT_TOOLS_BIN") {
+            return Ok(p.into());
+        }
+        let script = repo_root().join("e2e/tools/install.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed ({})", script.display(), out.status));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match stdout.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(l) => Ok(PathBuf::from(l.trim())),
+            None => Err(format!("{} printed no bin directory", script.display())),
+        }
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Where `weft-dev`, `weft-operator` and `weft-agent` are: `$WEFT_BIN_DIR`, else the directory
+/// of the running `weft-dev`, else `target/debug` next to the running test binary, else
+/// `<repo>/target/debug`.
+pub fn default_weft_bin_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_BIN_DIR") {
+        return p.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            if dir.join("weft-dev").is_file() {
+                return dir.to_path_buf();
+            }
+        }
+    }
+    repo_root().join("target/debug")
+}
+
+/// How to bring a cluster up.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// Cluster name (`dev` for `weft-dev up`): namespaces are `weft-<name>-…`.
+    pub name: String,
+    /// Where its state and logs go; default `.weft/<name>`.
+    pub dir: Option<PathBuf>,
+    /// Nodes to create.
+    pub nodes: u8,
+    pub cni: CniMode,
+    /// Default: [`tools_bin_dir`].
+    pub tools_bin_dir: Option<PathBuf>,
+    /// Default: [`default_weft_bin_dir`].
+    pub weft_bin_dir: Option<PathBuf>,
+    /// `kubectl apply -f crds/` (skipped with a warning when there are none yet).
+    pub apply_crds: bool,
+    /// Test clusters: the owning process, watched by a reaper that tears the cluster down once it
+    /// is gone.
+    pub owner_pid: Option<u32>,
+    /// Wait for every node to be Ready.
+    pub wait_nodes_ready: bool,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        UpOptions {
+            name: "dev".into(),
+            dir: None,
+            nodes: 3,
+            cni: CniMode::Reference,
+            tools_bin_dir: None,
+            weft_bin_dir: None,
+            apply_crds: true,
+            owner_pid: None,
+            wait_nodes_ready: true,
+        }
+    }
+}
+
+/// A running (or partly torn down) cluster. Blocking; owned by one process at a time.
+#[derive(Debug)]
+pub struct Cluster {
+    state: ClusterState,
+    children: Vec<Child>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn progress(msg: impl std::fmt::Display) {
+    tracing::info!("{msg}");
+}
+
+impl Cluster {
+    /// Brings a cluster up: bridge, certificates, control plane (waits for `/readyz`), CRDs, the
+    /// Weft operator in Weft mode, and the nodes. Anything half-built is torn down on error.
+    pub fn up(opts: &UpOptions) -> Result<Cluster> {
+        state::validate_name(&opts.name)?;
+        let dir = opts.dir.clone().unwrap_or_else(|| weft_dir().join(&opts.name));
+        if ClusterState::state_file(&dir).exists() {
+            bail!(
+                "cluster {} already exists ({}); `weft-dev down --name {}` removes it",
+                opts.name,
+                dir.display(),
+                opts.name
+            );
+        }
+        let tools = match &opts.tools_bin_dir {
+            Some(d) => d.clone(),
+            None => tools_bin_dir()?,
+        };
+        controlplane::check_tools(&tools)?;
+        let weft_bin = opts.weft_bin_dir.clone().unwrap_or_else(default_weft_bin_dir);
+        // A fresh directory, apart from earlier logs.
+        if dir.exists() {
+            for e in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+                if e.file_name() != "logs" {
+                    let p = e.path();
+                    let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                }
+            }
+        }
+        fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
+        let idx = {
+            let lock = state::lock_registry()?;
+            state::claim_index(&lock, &opts.name, &dir)?
+        };
+        let state = ClusterState {
+            name: opts.name.clone(),
+            idx,
+            cni: opts.cni,
+            dir: dir.clone(),
+            tools_bin_dir: tools,
+            weft_bin_dir: weft_bin,
+            bridge: state::bridge_for(idx),
+            bridge_ip: state::bridge_ip_for(idx),
+            ports: Ports::for_index(idx),
+            nodes: Vec::new(),
+            processes: Vec::new(),
+            owner_pid: opts.owner_pid,
+        };
+        if let Err(e) = state.save() {
+            let lock = state::lock_registry()?;
+            state::release_index(&lock, idx, &opts.name);
+            return Err(e);
+        }
+        let mut cluster = Cluster { state, children: Vec::new() };
+        match cluster.bring_up(opts) {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                let logs = cluster.state.logs_dir();
+                if let Err(te) = cluster.teardown() {
+                    tracing::warn!("cleaning up after a failed start: {te:#}");
+                }
+                Err(e.context(format!("bringing up cluster {} (logs in {})", opts.name, logs.display())))
+            }
+        }
+    }
+
+    fn bring_up(&mut self, opts: &UpOptions) -> Result<()> {
+        let started = Instant::now();
+        if let Some(owner) = opts.owner_pid {
+            self.start_reaper(owner)?;
+        }
+        controlplane::check_ports_free(&self.state)?;
+        net::create_bridge(&self.state.bridge, self.state.bridge_ip, 24)?;
+        let pki = Pki::create(&self.state.pki_dir(), &self.state.name, &[self.state.bridge_ip])?;
+        pki::write_kubeconfig(
+            &self.state.admin_kubeconfig(),
+            &self.state.name,
+            &controlplane::loopback_server(&self.state),
+            &pki.ca().cert,
+            &pki.admin(),
+        )?;
+        progress(format_args!(
+            "cluster {}: starting etcd and the control plane (API server on 127.0.0.1:{} and {}:{})",
+            self.state.name, self.state.ports.apiserver, self.state.bridge_ip, self.state.ports.apiserver
+        ));
+        let procs = controlplane::start(&self.state, &pki)?;
+        let mut recs = Vec::new();
+        for p in procs {
+            recs.push(p.0.clone());
+            self.record(p)?;
+        }
+        controlplane::wait_ready(&self.state, &recs, Duration::from_secs(180))?;
+        progress(format_args!("cluster {}: API server ready after {:.1?}", self.state.name, started.elapsed()));
+        if opts.apply_crds {
+            self.apply_crds()?;
+        }
+        if self.state.cni == CniMode::Weft {
+            let default = repo_root().join("config/default");
+            if nodes::has_yaml(&default) {
+                self.kubectl_ok(&["apply", "-R", "-f", &default.to_string_lossy()])?;
+            }
+            let op = nodes::start_operator(&self.state)?;
+            self.record(op)?;
+        }
+        for _ in 0..opts.nodes {
+            self.add_node()?;
+        }
+        if opts.wait_nodes_ready && opts.nodes > 0 {
+            self.wait_nodes_ready(Duration::from_secs(120))?;
+        }
+        self.check_processes()?;
+        progress(format_args!("cluster {}: up after {:.1?}", self.state.name, started.elapsed()));
+        Ok(())
+    }
+
+    fn start_reaper(&mut self, owner: u32) -> Result<()> {
+        let dev = self.state.weft_bin_dir.join("weft-dev");
+        if !dev.is_file() {
+            bail!("{} is missing (it tears test clusters down); `cargo build -p weft-e2e`", dev.display());
+        }
+        let p = process::Launch::new("reaper", dev, self.state.logs_dir().join("reaper.log"))
+            .arg("reap")
+            .arg("--dir")
+            .arg(&self.state.dir)
+            .args(["--pid", &owner.to_string()])
+            .spawn()?;
+        self.record(p)
+    }
+
+    /// Loads a cluster from its directory (`.weft/<name>`).
+    pub fn open_dir(dir: &Path) -> Result<Cluster> {
+        Ok(Cluster { state: ClusterState::load(dir)?, children: Vec::new() })
+    }
+
+    /// Loads the cluster `name` brought up by `weft-dev up`.
+    pub fn open(name: &str) -> Result<Cluster> {
+        let dir = weft_dir().join(name);
+        if !ClusterState::state_file(&dir).exists() {
+            bail!("no cluster named {name} is up (no {})", ClusterState::state_file(&dir).display());
+        }
+        Cluster::open_dir(&dir)
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// The admin kubeconfig (API server on 127.0.0.1).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state.admin_kubeconfig()
+    }
+
+    fn pki(&self) -> Pki {
+        Pki { dir: self.state.pki_dir() }
+    }
+
+    fn record(&mut self, (rec, child): (ProcRecord, Child)) -> Result<()> {
+        self.state.processes.push(rec);
+        self.children.push(child);
+        self.state.save()
+    }
+
+    /// Adds a node: namespace, identity, CNI configuration (reference mode), the pod runner and,
+    /// in Weft mode, the agent. Does not wait for the Node to be Ready.
+    pub fn add_node(&mut self) -> Result<NodeState> {
+        let node = nodes::plan(&self.state)?;
+        self.state.nodes.push(node.clone());
+        self.state.save()?;
+        progress(format_args!(
+            "cluster {}: node {} ({}, {}, netns {})",
+            self.state.name, node.name, node.ip, node.zone, node.netns
+        ));
+        nodes::create(&self.state, &node, &self.pki())?;
+        let k = nodes::start_kubelet(&self.state, &node)?;
+        self.record(k)?;
+        if self.state.cni == CniMode::Weft {
+            let a = nodes::start_agent(&self.state, &node)?;
+            self.record(a)?;
+        }
+        Ok(node)
+    }
+
+    /// Waits until every node of the cluster is registered and Ready.
+    pub fn wait_nodes_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_processes()?;
+            let out = self.kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                r#"jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+            ]);
+            let ready: Vec<String> = match &out {
+                Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.strip_suffix("=True").map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let missing: Vec<&str> =
+                self.state.nodes.iter().map(|n| n.name.as_str()).filter(|n| !ready.iter().any(|r| r == n)).collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = missing
+                    .iter()
+                    .map(|n| self.state.logs_dir().join(format!("kubelet-{n}.log")).display().to_string())
+                    .collect();
+                bail!("nodes not Ready after {timeout:?}: {} (see {})", missing.join(", "), logs.join(", "));
+            }
+            process::reap(&mut self.children);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Fails when a process of the cluster has exited, with the end of its log.
+    pub fn check_processes(&mut self) -> Result<()> {
+        process::reap(&mut self.children);
+        if let Some(dead) = self.state.processes.iter().find(|p| p.name != "reaper" && !p.is_alive()) {
+            bail!(
+                "{} of cluster {} is not running; last lines of {}:\n{}",
+                dead.name,
+                self.state.name,
+                dead.log.display(),
+                process::log_tail(&dead.log, 20)
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies `crds/*.yaml` and waits for them to be Established; skipped (with a warning) when
+    /// there are none yet.
+    pub fn apply_crds(&mut self) -> Result<()> {
+        let crds = repo_root().join("crds");
+        if !nodes::has_yaml(&crds) {
+            tracing::warn!("{} has no CRD manifests yet; skipping", crds.display());
+            return Ok(());
+        }
+        let dir = crds.to_string_lossy().into_owned();
+        self.kubectl_ok(&["apply", "-f", &dir])?;
+        self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])?;
+        Ok(())
+    }
+
+    /// `kubectl --kubeconfig <admin> args…`, output captured.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        self.kubectl_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.state.kubectl_bin().display()))
+    }
+
+    /// `kubectl` that must succeed; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A `kubectl` command with the admin kubeconfig, to add arguments and run.
+    pub fn kubectl_command(&self) -> Command {
+        let mut c = Command::new(self.state.kubectl_bin());
+        c.arg("--kubeconfig").arg(self.state.admin_kubeconfig());
+        c
+    }
+
+    /// Each process of the cluster and whether it is running.
+    pub fn processes(&self) -> Vec<(ProcRecord, bool)> {
+        self.state.processes.iter().map(|p| (p.clone(), p.is_alive())).collect()
+    }
+
+    /// Stops every process (node side first), removes the namespaces, veths and bridge, and the
+    /// bulky state (etcd, node directories); keeps `logs/` and moves `state.json` to
+    /// `state.down.json`. Synchronous, idempotent and best effort: it carries on past failures
+    /// and reports them at the end.
+    pub fn teardown(&mut self) -> Result<()> {
+        let dir = self.state.dir.clone();
+        let lock_path = dir.join(".lock");
+        let lock = fs::File::options().create(true).truncate(false).write(true).open(&lock_path);
+        let _guard = match lock {
+            Ok(f) => f.lock().map(|()| f).ok(),
+            Err(_) => None,
+        };
+        // Someone else may have torn it down (or changed it) while we waited.
+        if let Ok(s) = ClusterState::load(&dir) {
+            self.state = s;
+        } else if !ClusterState::state_file(&dir).exists() && !self.state.nodes.is_empty() {
+            tracing::debug!("cluster {} already torn down", self.state.name);
+        }
+        let mut errors = Vec::new();
+        let me = std::process::id();
+        let recs: Vec<ProcRecord> =
+            self.state.processes.iter().filter(|p| p.pid != me && p.is_alive()).cloned().collect();
+        let (node_side, control): (Vec<ProcRecord>, Vec<ProcRecord>) =
+            recs.into_iter().partition(|p| p.netns.is_some() || p.name == "weft-operator");
+        let node_pids: Vec<u32> = node_side.iter().map(|p| p.pid).collect();
+        let control_pids: Vec<u32> = control.iter().map(|p| p.pid).collect();
+        let mut node_all = node_pids.clone();
+        node_all.extend(process::descendants(&node_pids));
+        process::terminate(&node_all, Duration::from_secs(5), &mut self.children);
+        let mut control_all = control_pids.clone();
+        control_all.extend(process::descendants(&control_pids));
+        process::terminate(&control_all, Duration::from_secs(5), &mut self.children);
+
+        // Pod namespaces (named by the runner, not by us) are found through their veth peers in
+        // our node namespaces, or — hostNetwork pods — by being a node namespace themselves.
+        let prefix = self.state.netns_prefix();
+        let ours: Vec<String> = net::list_netns().into_iter().filter(|n| n.starts_with(&prefix)).collect();
+        let node_inodes: BTreeSet<u64> = ours.iter().filter_map(|n| process::netns_inode(n)).collect();
+        let pods_ns: Vec<String> = net::list_netns()
+            .into_iter()
+            .filter(|n| !n.starts_with(&prefix))
+            .filter(|n| {
+                process::netns_inode(n).is_some_and(|i| node_inodes.contains(&i)) || net::links_into(n, &ours)
+            })
+            .collect();
+        // Anything still running inside those namespaces (daemons that double-forked).
+        let inodes: BTreeSet<u64> =
+            ours.iter().chain(&pods_ns).filter_map(|n| process::netns_inode(n)).collect();
+        let stragglers = process::pids_in_netns(&inodes);
+        process::terminate(&stragglers, Duration::from_secs(2), &mut self.children);
+        // Pod namespaces first (their veths live in node namespaces), then nodes.
+        for ns in pods_ns.iter().chain(&ours) {
+            if let Err(e) = net::delete_netns(ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        for n in &self.state.nodes {
+            if let Err(e) = net::delete_link(&n.veth) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = net::delete_link(&self.state.bridge) {
+            errors.push(format!("{e:#}"));
+        }
+        let _ = fs::remove_dir_all(dir.join("etcd"));
+        let _ = fs::remove_dir_all(dir.join("nodes"));
+        let state_file = ClusterState::state_file(&dir);
+        if state_file.exists()
+            && let Err(e) = fs::rename(&state_file, dir.join("state.down.json"))
+        {
+            errors.push(format!("moving {}: {e}", state_file.display()));
+        }
+        match state::lock_registry() {
+            Ok(lock) => state::release_index(&lock, self.state.idx, &self.state.name),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+        process::reap(&mut self.children);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("tearing down cluster {}: {}", self.state.name, errors.join("; "))
+        }
+    }
+}
+
+/// Tears down the cluster whose state is in `dir` (what `weft-dev down` and the reaper do).
+pub fn teardown_dir(dir: &Path) -> Result<()> {
+    let mut c = Cluster::open_dir(dir)?;
+    c.teardown()
+}
+
+/// Every cluster directory with a `state.json` under `.weft/` (and `.weft/tests/`), plus those in
+/// the machine-wide registry.
+pub fn known_clusters() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for base in [weft_dir(), weft_dir().join("tests")] {
+        if let Ok(rd) = fs::read_dir(&base) {
+            for e in rd.filter_map(|e| e.ok()) {
+                if ClusterState::state_file(&e.path()).exists() {
+                    dirs.push(e.path());
+                }
+            }
+        }
+    }
+    for (_, e) in state::registered() {
+        if ClusterState::state_file(&e.dir).exists() && !dirs.contains(&e.dir) {
+            dirs.push(e.dir);
+        }
+    }
+    dirs.sort();
+    dirs
+}
+
+/// The cluster index in a link name of ours (`wbr<i>`, `wv<i>n<n>`).
+fn link_index(link: &str) -> Option<u8> {
+    link.strip_prefix("wbr")
+        .or_else(|| link.strip_prefix("wv").and_then(|r| r.split('n').next()))
+        .and_then(|i| i.parse::<u8>().ok())
+}
+
+/// Pod network namespaces (the runner's `wp-*`) that belong to none of the node namespaces in
+/// `nodes` (by veth peer or, for hostNetwork pods, by being one of them).
+fn orphan_pod_namespaces(nodes: &[String]) -> Vec<String> {
+    let inodes: BTreeSet<u64> = nodes.iter().filter_map(|n| process::netns_inode(n)).collect();
+    net::list_netns()
+        .into_iter()
+        .filter(|n| n.starts_with("wp-"))
+        .filter(|n| !process::netns_inode(n).is_some_and(|i| inodes.contains(&i)) && !net::links_into(n, nodes))
+        .collect()
+}
+
+/// What is left of local clusters on this machine: registry entries, `weft-*` and orphaned `wp-*`
+/// network namespaces, `wbr*`/`wv*` links. `only_tests` ignores clusters brought up by
+/// `weft-dev up` (everything not named `e2e-…`) and what belongs to them.
+pub fn leftovers(only_tests: bool) -> Vec<String> {
+    let counts = |name: &str| !only_tests || testing::is_test_name(name);
+    let registered = state::registered();
+    let mut out: Vec<String> = registered
+        .iter()
+        .filter(|(_, e)| counts(&e.name))
+        .map(|(i, e)| format!("cluster index {i} still registered to {} ({})", e.name, e.dir.display()))
+        .collect();
+    let kept: Vec<(u8, String)> = registered
+        .iter()
+        .filter(|(_, e)| !counts(&e.name))
+        .map(|(i, e)| (*i, state::netns_prefix(&e.name)))
+        .collect();
+    let all_ns = net::list_netns();
+    let kept_ns: Vec<String> =
+        all_ns.iter().filter(|n| kept.iter().any(|(_, p)| n.starts_with(p))).cloned().collect();
+    for ns in &all_ns {
+        if ns.starts_with("weft-") && !kept_ns.contains(ns) {
+            out.push(format!("network namespace {ns}"));
+        }
+    }
+    for ns in orphan_pod_namespaces(&kept_ns) {
+        out.push(format!("pod network namespace {ns}"));
+    }
+    for link in net::list_links() {
+        if link_index(&link).is_some_and(|i| !kept.iter().any(|(k, _)| *k == i)) {
+            out.push(format!("link {link}"));
+        }
+    }
+    out
+}
+
+/// Tears down every known cluster, then removes any remaining `weft-*` and `wp-*` namespaces,
+/// `wbr*`/`wv*` links and registry entries.
+pub fn down_all() -> Result<()> {
+    let mut errors = Vec::new();
+    for dir in known_clusters() {
+        if let Err(e) = teardown_dir(&dir) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    for ns in net::list_netns().into_iter().filter(|n| n.starts_with("weft-") || n.starts_with("wp-")) {
+        if let Some(ino) = process::netns_inode(&ns) {
+            let pids = process::pids_in_netns(&[ino].into_iter().collect());
+            process::terminate(&pids, Duration::from_secs(2), &mut Vec::new());
+        }
+        if let Err(e) = net::delete_netns(&ns) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    for link in net::list_links() {
+        if link_index(&link).is_some()
+            && let Err(e) = net::delete_link(&link)
+        {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    if let Ok(lock) = state::lock_registry() {
+        for (idx, e) in state::registered() {
+            state::release_index(&lock, idx, &e.name);
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { bail!("{}", errors.join("; ")) }
+}
+
+/// `weft-dev reap`: waits for process `pid` to exit, then tears down the cluster in `dir`
+/// (unless it is already gone). This is what makes test clusters disappear even when the test
+/// process panics, is killed, or keeps a cluster in a static.
+pub fn reap(dir: &Path, pid: u32) -> Result<()> {
+    let start = process::proc_stat(pid).map(|s| s.start_time);
+    loop {
+        let alive = process::proc_stat(pid).is_some_and(|s| Some(s.start_time) == start && s.state != 'Z');
+        if !alive {
+            break;
+        }
+        if !ClusterState::state_file(dir).exists() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !ClusterState::state_file(dir).exists() {
+        return Ok(());
+    }
+    let mut log = std::io::stderr();
+    let _ = writeln!(log, "owner {pid} exited at unix time {}; tearing down {}", now_secs(), dir.display());
+    teardown_dir(dir)
+}

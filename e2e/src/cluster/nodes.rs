@@ -1,0 +1,208 @@
+//! Nodes: a network namespace on the cluster's bridge, its directories and identity, the
+//! reference CNI configuration and routes (reference mode), and the node-side processes — the
+//! pod runner (`weft-dev kubelet`) and, in Weft mode, `weft-agent`.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Child;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::controlplane::bridge_server;
+use super::net;
+use super::pki::{Pki, write_kubeconfig};
+use super::process::{Launch, ProcRecord};
+use super::state::{
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, PLAN_PORT, POD_CIDR,
+    ZONES,
+};
+
+/// The next node of the cluster (not created yet).
+pub fn plan(state: &ClusterState) -> Result<NodeState> {
+    let index = state.nodes.iter().map(|n| n.index).max().unwrap_or(0).checked_add(1);
+    let Some(index) = index.filter(|&i| i <= 200) else {
+        bail!("cluster {} has too many nodes", state.name);
+    };
+    let name = format!("node-{index}");
+    let dir = state.dir.join("nodes").join(&name);
+    Ok(NodeState {
+        ip: Ipv4Addr::new(172, 18, state.idx, 10 + index),
+        netns: format!("{}{name}", state.netns_prefix()),
+        veth: format!("wv{}n{index}", state.idx),
+        zone: ZONES[usize::from(index - 1) % ZONES.len()].to_string(),
+        pod_cidr: format!("10.244.{index}.0/24"),
+        kubeconfig: dir.join("kubeconfig"),
+        cni_conf_dir: dir.join("cni/net.d"),
+        cni_bin_dir: dir.join("cni/bin"),
+        kubelet_state_dir: dir.join("kubelet"),
+        agent_state_dir: dir.join("agent"),
+        dir,
+        index,
+        name,
+    })
+}
+
+/// Creates the node's namespace, directories and kubeconfig; in reference mode also its CNI
+/// configuration and the pod routes between it and every other node.
+pub fn create(state: &ClusterState, node: &NodeState, pki: &Pki) -> Result<()> {
+    for d in [&node.cni_conf_dir, &node.cni_bin_dir, &node.kubelet_state_dir, &node.agent_state_dir] {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let ident = pki.client(
+        &format!("node-{}", node.name),
+        &format!("system:node:{}", node.name),
+        Some("system:nodes"),
+    )?;
+    write_kubeconfig(&node.kubeconfig, &state.name, &bridge_server(state), &pki.ca().cert, &ident)?;
+    net::create_node_netns(&node.netns, &node.veth, &state.bridge, node.ip, 24, state.bridge_ip)?;
+    if state.cni == CniMode::Reference {
+        write_reference_conflist(node)?;
+        // Pods reach addresses outside the pod network (the API server on the bridge address)
+        // from the node's address; pod-to-pod traffic keeps its source.
+        net::in_netns(
+            &node.netns,
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &node.pod_cidr,
+                "!",
+                "-d",
+                POD_CIDR,
+                "-m",
+                "comment",
+                "--comment",
+                "weft-dev: pod egress",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        for other in state.nodes.iter().filter(|o| o.name != node.name) {
+            net::route_via(&node.netns, &other.pod_cidr, other.ip)?;
+            net::route_via(&other.netns, &node.pod_cidr, node.ip)?;
+        }
+    }
+    Ok(())
+}
+
+/// The conflist for the reference plugins: a `cni0` bridge inside the node namespace, host-local
+/// IPAM from the node's pod /24 (its own data dir, so nodes never share allocations), portmap.
+fn write_reference_conflist(node: &NodeState) -> Result<()> {
+    let gateway = node.pod_cidr.replace(".0/24", ".1");
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "weft-reference",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": node.pod_cidr, "gateway": gateway }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": node.dir.join("cni/ipam"),
+                }
+            },
+            { "type": "portmap", "capabilities": { "portMappings": true } }
+        ]
+    });
+    let path = node.cni_conf_dir.join("10-weft-reference.conflist");
+    let tmp = node.cni_conf_dir.join(".10-weft-reference.conflist.tmp");
+    fs::write(&tmp, serde_json::to_string_pretty(&conf)?)?;
+    fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn path_env(state: &ClusterState) -> std::ffi::OsString {
+    let mut p = std::ffi::OsString::from(&state.tools_bin_dir);
+    p.push(":");
+    p.push(&state.weft_bin_dir);
+    p.push(":");
+    p.push(std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    p
+}
+
+/// Starts the node's pod runner inside its namespace.
+pub fn start_kubelet(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
+    let dev = state.weft_bin_dir.join("weft-dev");
+    if !dev.is_file() {
+        bail!("{} is missing; build it with `cargo build -p weft-e2e`", dev.display());
+    }
+    Launch::new(
+        format!("kubelet-{}", node.name),
+        dev,
+        state.logs_dir().join(format!("kubelet-{}.log", node.name)),
+    )
+    .netns(&node.netns)
+    .arg("kubelet")
+    .args(["--node-name", &node.name])
+    .args(["--node-ip", &node.ip.to_string()])
+    .args(["--zone", &node.zone])
+    .arg("--kubeconfig")
+    .arg(&node.kubeconfig)
+    .arg("--cni-conf-dir")
+    .arg(&node.cni_conf_dir)
+    .args(["--cni-bin-dir", &node.cni_path()])
+    .arg("--state-dir")
+    .arg(&node.kubelet_state_dir)
+    .args(["--cluster-dns", &CLUSTER_DNS.to_string()])
+    .args(["--cluster-domain", CLUSTER_DOMAIN])
+    .env("WEFT_CLUSTER", &state.name)
+    .env("WEFT_NODE_NETNS", &node.netns)
+    .env("PATH", path_env(state))
+    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+    .spawn()
+}
+
+/// Starts `weft-agent` inside the node's namespace (Weft mode).
+pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
+    let agent = state.weft_bin_dir.join("weft-agent");
+    if !agent.is_file() {
+        bail!("{} is missing; build it with `cargo build --workspace --bins`", agent.display());
+    }
+    Launch::new(format!("agent-{}", node.name), agent, state.logs_dir().join(format!("agent-{}.log", node.name)))
+        .netns(&node.netns)
+        .args(["--node-name", &node.name])
+        .args(["--operator", &format!("http://{}:{PLAN_PORT}", state.bridge_ip)])
+        .arg("--state-dir")
+        .arg(&node.agent_state_dir)
+        .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
+        .env("KUBECONFIG", &node.kubeconfig)
+        .env("WEFT_CNI_CONF_DIR", &node.cni_conf_dir)
+        .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)
+        .env("PATH", path_env(state))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn()
+}
+
+/// Starts `weft-operator` in the root namespace (Weft mode).
+pub fn start_operator(state: &ClusterState) -> Result<(ProcRecord, Child)> {
+    let op = state.weft_bin_dir.join("weft-operator");
+    if !op.is_file() {
+        bail!("{} is missing; build it with `cargo build --workspace --bins`", op.display());
+    }
+    Launch::new("weft-operator", op, state.logs_dir().join("weft-operator.log"))
+        .args(["--plan-listen", &format!("{}:{PLAN_PORT}", state.bridge_ip)])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", state.ports.operator_metrics)])
+        .env("KUBECONFIG", state.admin_kubeconfig())
+        .env("PATH", path_env(state))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .spawn()
+}
+
+/// Whether a path is an existing directory with at least one `*.yaml`/`*.yml` file.
+pub fn has_yaml(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok()).any(|e| {
+            let p = e.path();
+            p.extension().is_some_and(|x| x == "yaml" || x == "yml")
+        })
+    })
+}

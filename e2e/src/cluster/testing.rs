@@ -1,0 +1,543 @@
+//! The test API: a cluster per test (torn down on drop, even when the test panics) or one shared
+//! per test binary (torn down by its reaper when the binary exits), and the helpers tests use to
+//! act like a cluster admin: kubectl, apply, namespaces, pods, exec, curl, dig, waiting.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::Api;
+use kube::api::PostParams;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{Cluster, ClusterState, CniMode, NodeState, UpOptions, weft_dir};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Names of test clusters: `e2e-<pid>-<n>`.
+pub(crate) fn is_test_name(name: &str) -> bool {
+    name.starts_with("e2e-")
+}
+
+fn unique_cluster_name() -> String {
+    format!("e2e-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// How a test cluster is brought up.
+#[derive(Clone, Debug)]
+pub struct TestOptions {
+    /// Nodes to start with (default 2).
+    pub nodes: u8,
+    pub cni: CniMode,
+    /// `kubectl apply -f crds/` (default true).
+    pub apply_crds: bool,
+    /// Where `weft-dev` (and the Weft binaries) are; tests pass
+    /// `env!("CARGO_BIN_EXE_weft-dev")`'s directory. Default: next to the test binary.
+    pub weft_bin_dir: Option<PathBuf>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions { nodes: 2, cni: CniMode::Reference, apply_crds: true, weft_bin_dir: None }
+    }
+}
+
+impl TestOptions {
+    pub fn nodes(mut self, n: u8) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    pub fn cni(mut self, cni: CniMode) -> Self {
+        self.cni = cni;
+        self
+    }
+
+    pub fn apply_crds(mut self, yes: bool) -> Self {
+        self.apply_crds = yes;
+        self
+    }
+
+    /// The directory holding `weft-dev` given its path (`env!("CARGO_BIN_EXE_weft-dev")`).
+    pub fn weft_dev(mut self, weft_dev: impl AsRef<Path>) -> Self {
+        self.weft_bin_dir = weft_dev.as_ref().parent().map(Path::to_path_buf);
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    cluster: Mutex<Cluster>,
+    /// Snapshot for cheap reads (updated after add_node).
+    state: Mutex<ClusterState>,
+    owned: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        let mut c = match self.cluster.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(e) = c.teardown() {
+            eprintln!("tearing down test cluster {}: {e:#}", c.name());
+        }
+    }
+}
+
+/// A local cluster for a test. Dropping one from [`TestCluster::start`] tears it down
+/// synchronously; the one from [`TestCluster::shared`] lives until the test binary exits.
+#[derive(Clone)]
+pub struct TestCluster {
+    inner: Arc<Inner>,
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster").field("name", &lock(&self.inner.state).name).finish_non_exhaustive()
+    }
+}
+
+static SHARED: tokio::sync::OnceCell<std::result::Result<Arc<Inner>, String>> = tokio::sync::OnceCell::const_new();
+
+impl TestCluster {
+    /// Brings up a cluster of its own (unique name, own bridge and ports), torn down when the
+    /// returned value is dropped — or by its reaper if the test process dies first.
+    pub async fn start(opts: TestOptions) -> Result<TestCluster> {
+        let inner = Arc::new(start_inner(opts, true).await?);
+        Self::with_inner(inner).await
+    }
+
+    /// The test binary's shared cluster, started by the first caller with `opts` (later callers'
+    /// options are ignored). Tests sharing it isolate themselves with [`TestCluster::namespace`].
+    pub async fn shared(opts: TestOptions) -> Result<TestCluster> {
+        let inner = SHARED
+            .get_or_init(|| async move { start_inner(opts, false).await.map(Arc::new).map_err(|e| format!("{e:#}")) })
+            .await
+            .clone()
+            .map_err(|e| anyhow::anyhow!("the shared test cluster failed to start: {e}"))?;
+        Self::with_inner(inner).await
+    }
+
+    async fn with_inner(inner: Arc<Inner>) -> Result<TestCluster> {
+        let kubeconfig = lock(&inner.state).admin_kubeconfig();
+        let client = client_for(&kubeconfig).await?;
+        Ok(TestCluster { inner, client })
+    }
+
+    /// A snapshot of the cluster's state (name, index, addresses, nodes, processes).
+    pub fn state(&self) -> ClusterState {
+        lock(&self.inner.state).clone()
+    }
+
+    pub fn name(&self) -> String {
+        self.state().name
+    }
+
+    pub fn nodes(&self) -> Vec<NodeState> {
+        self.state().nodes
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state().admin_kubeconfig()
+    }
+
+    /// A client with the admin identity, bound to the calling test's runtime.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// Adds a node and waits for it to be Ready.
+    pub async fn add_node(&self) -> Result<NodeState> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let node = c.add_node()?;
+            let res = c.wait_nodes_ready(Duration::from_secs(90));
+            *lock(&inner.state) = c.state().clone();
+            res.map(|()| node)
+        })
+        .await?
+    }
+
+    /// Runs `kubectl args…` with the admin kubeconfig; fails on a non-zero exit, with stderr.
+    pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl_output(args, None).await?;
+        if !out.status.success() {
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `kubectl args…` with optional stdin and returns whatever happened.
+    pub async fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let state = self.state();
+        let mut cmd = tokio::process::Command::new(state.kubectl_bin());
+        cmd.arg("--kubeconfig")
+            .arg(state.admin_kubeconfig())
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("running {}", state.kubectl_bin().display()))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await?;
+            drop(pipe);
+        }
+        Ok(child.wait_with_output().await?)
+    }
+
+    /// `kubectl apply -f -` of the given YAML (one or more documents).
+    pub async fn apply_yaml(&self, yaml: &str) -> Result<String> {
+        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml)).await?;
+        if !out.status.success() {
+            bail!("kubectl apply failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Creates a namespace `<prefix>-<n>` unique in this cluster and waits for its default
+    /// ServiceAccount (pods are rejected until it exists). Deleted when the guard drops.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        let name = format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed));
+        self.kubectl(&["create", "namespace", &name]).await?;
+        let ns = TestNamespace { name: name.clone(), state: self.state() };
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client(), &name);
+        wait_for("the namespace's default ServiceAccount", Duration::from_secs(60), || {
+            let sas = sas.clone();
+            async move { Ok(sas.get_opt("default").await?.map(|_| ())) }
+        })
+        .await?;
+        Ok(ns)
+    }
+
+    /// Creates a Pod and waits until it runs with an IP and is Ready.
+    pub async fn run_pod(&self, opts: &PodOptions) -> Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client(), &opts.namespace);
+        pods.create(&PostParams::default(), &opts.to_pod())
+            .await
+            .with_context(|| format!("creating pod {}/{}", opts.namespace, opts.name))?;
+        self.wait_pod_running(&opts.namespace, &opts.name, Duration::from_secs(90)).await
+    }
+
+    /// Waits for a pod to be Running, Ready and have an IP; fails early when it failed or its
+    /// image is unknown to the runner.
+    pub async fn wait_pod_running(&self, namespace: &str, name: &str, timeout: Duration) -> Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        wait_for(&format!("pod {namespace}/{name} to run"), timeout, || {
+            let pods = pods.clone();
+            async move {
+                let Some(pod) = pods.get_opt(name).await? else { return Ok(None) };
+                check_pod(&pod).map(|ok| ok.then_some(pod))
+            }
+        })
+        .await
+    }
+
+    /// The pod's IP (after it runs).
+    pub async fn pod_ip(&self, namespace: &str, name: &str) -> Result<String> {
+        let pod: Pod = Api::namespaced(self.client(), namespace).get(name).await?;
+        pod.status.and_then(|s| s.pod_ip).with_context(|| format!("pod {namespace}/{name} has no IP"))
+    }
+
+    /// Runs `cmd` inside the pod (its network namespace, resolv.conf…) through the runner of the
+    /// pod's node; returns the output whatever the exit status.
+    pub async fn exec_in_pod(&self, namespace: &str, pod: &str, cmd: &[&str]) -> Result<Output> {
+        let state = self.state();
+        let p: Pod = Api::namespaced(self.client(), namespace)
+            .get(pod)
+            .await
+            .with_context(|| format!("getting pod {namespace}/{pod}"))?;
+        let node_name = p.spec.and_then(|s| s.node_name).with_context(|| format!("pod {namespace}/{pod} is not scheduled"))?;
+        let node = state.node(&node_name).with_context(|| format!("node {node_name} is not part of this cluster"))?;
+        let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        crate::kubelet::exec_in_pod(&node.kubelet_state_dir, namespace, pod, &cmd).await
+    }
+
+    /// Like [`TestCluster::exec_in_pod`] but the command must succeed; returns stdout.
+    pub async fn exec_ok(&self, namespace: &str, pod: &str, cmd: &[&str]) -> Result<String> {
+        let out = self.exec_in_pod(namespace, pod, cmd).await?;
+        if !out.status.success() {
+            bail!(
+                "`{}` in pod {namespace}/{pod} failed ({}): {}{}",
+                cmd.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `curl -sS --max-time 5 <url>` from inside a pod; the response body.
+    pub async fn curl_from_pod(&self, namespace: &str, pod: &str, url: &str) -> Result<String> {
+        self.exec_ok(namespace, pod, &["curl", "-sS", "--max-time", "5", url]).await
+    }
+
+    /// `dig +short <name> <type>` from inside a pod (with the pod's resolv.conf); the answers.
+    pub async fn dig_from_pod(&self, namespace: &str, pod: &str, name: &str, rtype: &str) -> Result<Vec<String>> {
+        let out = self
+            .exec_ok(namespace, pod, &["dig", "+short", "+time=2", "+tries=2", "+search", name, rtype])
+            .await?;
+        Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    }
+
+    /// See [`wait_for`].
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        wait_for(what, timeout, f).await
+    }
+}
+
+async fn start_inner(opts: TestOptions, owned: bool) -> Result<Inner> {
+    let name = unique_cluster_name();
+    let up = UpOptions {
+        dir: Some(weft_dir().join("tests").join(&name)),
+        name,
+        nodes: opts.nodes,
+        cni: opts.cni,
+        tools_bin_dir: None,
+        weft_bin_dir: opts.weft_bin_dir,
+        apply_crds: opts.apply_crds,
+        owner_pid: Some(std::process::id()),
+        wait_nodes_ready: true,
+    };
+    let cluster = tokio::task::spawn_blocking(move || {
+        prune_old_test_dirs();
+        Cluster::up(&up)
+    })
+    .await??;
+    let state = cluster.state().clone();
+    Ok(Inner { cluster: Mutex::new(cluster), state: Mutex::new(state), owned })
+}
+
+/// Removes the directories (logs) of test clusters that are down and older than six hours.
+fn prune_old_test_dirs() {
+    let Ok(rd) = std::fs::read_dir(weft_dir().join("tests")) else { return };
+    for e in rd.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let down = p.join("state.down.json");
+        let old = std::fs::metadata(&down)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(6 * 3600)));
+        if old && !ClusterState::state_file(&p).exists() {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// Polls `f` every 250 ms until it returns `Ok(Some(_))`, or fails after `timeout` with the last
+/// error (or "still not"). An `Err` from `f` is treated as "not yet".
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last: Option<anyhow::Error> = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => {
+                if e.downcast_ref::<Fatal>().is_some() {
+                    return Err(e.context(format!("waiting for {what}")));
+                }
+                last = Some(e);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(match last {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow::anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// An error that stops [`wait_for`] at once (the condition can no longer become true).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(pub String);
+
+/// Ok(true) when the pod runs, is Ready and has an IP; a [`Fatal`] error when it cannot.
+fn check_pod(pod: &Pod) -> Result<bool> {
+    let Some(status) = &pod.status else { return Ok(false) };
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    match status.phase.as_deref() {
+        Some("Failed") | Some("Succeeded") => {
+            return Err(Fatal(format!(
+                "pod {name} is {}: {}",
+                status.phase.as_deref().unwrap_or_default(),
+                status.message.as_deref().unwrap_or_default()
+            ))
+            .into());
+        }
+        Some("Running") => {}
+        _ => {
+            for cs in status.container_statuses.iter().flatten() {
+                if let Some(w) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+                    let reason = w.reason.as_deref().unwrap_or_default();
+                    if reason.contains("Image") || reason.contains("Invalid") {
+                        return Err(Fatal(format!(
+                            "pod {name} container {}: {reason}: {}",
+                            cs.name,
+                            w.message.as_deref().unwrap_or_default()
+                        ))
+                        .into());
+                    }
+                }
+            }
+            return Ok(false);
+        }
+    }
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+    Ok(ready && status.pod_ip.is_some())
+}
+
+/// A namespace for one test, deleted (without waiting) when dropped.
+#[derive(Debug)]
+pub struct TestNamespace {
+    name: String,
+    state: ClusterState,
+}
+
+impl TestNamespace {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::ops::Deref for TestNamespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if !ClusterState::state_file(&self.state.dir).exists() {
+            return;
+        }
+        let _ = std::process::Command::new(self.state.kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(self.state.admin_kubeconfig())
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found", "--request-timeout=10s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A Pod to run: by default `nicolaka/netshoot` idling, scheduled by the scheduler.
+#[derive(Clone, Debug)]
+pub struct PodOptions {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.nodeName`; `None` leaves it to the scheduler.
+    pub node: Option<String>,
+    pub image: String,
+    /// The container's command (`[]`: the image's default).
+    pub command: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// A container port to declare (TCP).
+    pub port: Option<u16>,
+}
+
+impl PodOptions {
+    pub fn new(namespace: &str, name: &str) -> PodOptions {
+        PodOptions {
+            namespace: namespace.into(),
+            name: name.into(),
+            node: None,
+            image: "nicolaka/netshoot".into(),
+            command: Vec::new(),
+            labels: BTreeMap::new(),
+            port: None,
+        }
+    }
+
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    pub fn image(mut self, image: &str) -> Self {
+        self.image = image.into();
+        self
+    }
+
+    pub fn command(mut self, cmd: &[&str]) -> Self {
+        self.command = cmd.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The Pod object.
+    pub fn to_pod(&self) -> Pod {
+        let mut container = serde_json::json!({ "name": "main", "image": self.image });
+        if !self.command.is_empty() {
+            container["command"] = serde_json::json!(self.command);
+        }
+        if let Some(p) = self.port {
+            container["ports"] = serde_json::json!([{ "containerPort": p, "protocol": "TCP" }]);
+        }
+        let mut spec = serde_json::json!({
+            "containers": [container],
+            "terminationGracePeriodSeconds": 2,
+        });
+        if let Some(n) = &self.node {
+            spec["nodeName"] = serde_json::json!(n);
+        }
+        let value = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": self.name, "namespace": self.namespace, "labels": self.labels },
+            "spec": spec,
+        });
+        // The JSON above is always a valid Pod.
+        serde_json::from_value(value).unwrap_or_default()
+    }
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Installs everything the local cluster and the e2e tests need, on a fresh machine, as root:
+# Debian packages, and the Go-built Kubernetes, etcd, CoreDNS and cnitool binaries at pinned
+# versions. Binaries are cached by version under $WEFT_CACHE (outside the repo), so a second run
+# costs seconds. Prints the bin directory on its last line.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-v1.35.4}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.5}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.14.6}
+CNI_VERSION=${CNI_VERSION:-v1.3.0}
+WEFT_CACHE=${WEFT_CACHE:-/var/cache/weft}
+BIN="$WEFT_CACHE/bin"
+export GOFLAGS=-mod=mod GOTOOLCHAIN=local
+mkdir -p "$BIN"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+debian_packages() {
+  local pkgs=(iproute2 iptables nftables nginx-light containernetworking-plugins dnsutils curl
+    iperf3 conntrack openssl procps psmisc)
+  local missing=()
+  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    # nginx's Debian unit starts a server on :80; the project runs its own.
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+    pkill -x nginx >/dev/null 2>&1 || true
+  fi
+}
+
+# Kubernetes from its Go modules: a scratch module requires k8s.io/kubernetes at the tag and
+# replaces each staging module (k8s.io/api, …) with its published v0.Y.Z.
+kubernetes() {
+  local stamp="$BIN/.k8s-$K8S_VERSION"
+  [[ -f $stamp ]] && return
+  local src="$WEFT_CACHE/src/k8s-$K8S_VERSION" staging="v0.${K8S_VERSION#v1.}"
+  mkdir -p "$src"
+  log "building Kubernetes $K8S_VERSION (first run only; takes a while on 2 cores)"
+  curl -fsSL "https://proxy.golang.org/k8s.io/kubernetes/@v/$K8S_VERSION.mod" -o "$src/upstream.mod"
+  {
+    echo "module weft.local/k8stools"
+    echo "go 1.25.0"
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    grep -oE '^\s+k8s\.io/[a-z0-9-]+ => \./staging' "$src/upstream.mod" \
+      | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } >"$src/go.mod"
+  cat >"$src/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+  (cd "$src" && go mod tidy >&2 &&
+    for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl; do
+      log "go build $c"
+      CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
+        -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+        -X k8s.io/component-base/version.gitMajor=1 \
+        -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) \
+        -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
+        -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c" >&2
+    done)
+  touch "$stamp"
+}
+
+etcd() {
+  local stamp="$BIN/.etcd-$ETCD_VERSION"
+  [[ -f $stamp ]] && return
+  local src="$WEFT_CACHE/src/etcd-$ETCD_VERSION"
+  mkdir -p "$src"
+  log "building etcd $ETCD_VERSION"
+  printf 'module weft.local/etcdtools\ngo 1.25.0\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" >"$src/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >"$src/tools.go"
+  (cd "$src" && go mod tidy >&2 && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3 >&2)
+  touch "$stamp"
+}
+
+go_install() { # name stamp-version package@version
+  local stamp="$BIN/.$1-$2"
+  [[ -f $stamp ]] && return
+  log "go install $3"
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$3" >&2
+  touch "$stamp"
+}
+
+debian_packages
+kubernetes
+etcd
+go_install coredns "$COREDNS_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION"
+go_install cnitool "$CNI_VERSION" "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+echo "$BIN"

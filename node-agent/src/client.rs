@@ -1,0 +1,242 @@
+//! The plan client: connects to the operator, resumes from the plan it holds, applies what it
+//! receives and answers each message with an ACK or a NACK.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+use weft_api::plan::{self as pb, plan_message::Body, plan_service_client::PlanServiceClient};
+
+use crate::metrics::{AgentMetrics, KindLabel};
+use crate::plan_state::{PlanError, PlanState};
+use crate::programmers;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// The operator's plan endpoint, e.g. `http://172.18.0.1:7700`.
+    pub operator: String,
+    pub state_dir: PathBuf,
+    /// Delay before retrying a failed apply, and the cap of the reconnect backoff.
+    pub retry_interval: Duration,
+}
+
+/// What the agent holds, published for readiness and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// The newest plan version received.
+    pub received_version: u64,
+    /// The newest plan version fully applied (and ACKed).
+    pub applied_version: u64,
+    pub last_error: Option<String>,
+    pub snapshots: u64,
+    pub deltas: u64,
+    pub currents: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("cannot create the state dir {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+}
+
+/// Runs the agent until `shutdown` turns true. Never flushes what it programmed: losing the
+/// operator only means reconnecting.
+pub async fn run(
+    config: AgentConfig,
+    metrics: AgentMetrics,
+    status: watch::Sender<AgentStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+    let mut agent = Agent {
+        plan: PlanState::load(&config.state_dir)?,
+        applied: false,
+        config,
+        metrics,
+        status,
+    };
+    if agent.plan.version != 0 {
+        info!(version = agent.plan.version, "resuming from the saved plan");
+        // The saved plan is what the node was programmed with; re-applying it is idempotent and
+        // repairs anything lost while the agent was down.
+        agent.apply(None);
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        tokio::select! {
+            result = agent.session() => {
+                if let Err(e) = result {
+                    debug!(error = %e, "plan stream ended");
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        }
+        agent.status.send_modify(|s| s.connected = false);
+        agent.metrics.connected.set(0);
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(agent.config.retry_interval.max(Duration::from_millis(200)));
+    }
+}
+
+struct Agent {
+    config: AgentConfig,
+    plan: PlanState,
+    /// Whether `plan` is fully applied on the node.
+    applied: bool,
+    metrics: AgentMetrics,
+    status: watch::Sender<AgentStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("the operator closed the stream")]
+    Closed,
+    #[error("{0}; reconnecting for a snapshot")]
+    Diverged(PlanError),
+}
+
+impl Agent {
+    async fn session(&mut self) -> Result<(), SessionError> {
+        let mut client = PlanServiceClient::connect(self.config.operator.clone()).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let hello = pb::Hello {
+            node: self.config.node_name.clone(),
+            version: self.plan.version,
+            resources: self.plan.references(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let _ = tx.send(agent_message(pb::agent_message::Kind::Hello(hello))).await;
+        let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        self.status.send_modify(|s| s.connected = true);
+        self.metrics.connected.set(1);
+        info!(operator = %self.config.operator, version = self.plan.version, "plan stream open");
+        loop {
+            let retry = async {
+                if self.applied || self.plan.version == 0 {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(self.config.retry_interval).await;
+            };
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = message?.ok_or(SessionError::Closed)?;
+                    let reply = self.receive(message)?;
+                    if tx.send(reply).await.is_err() {
+                        return Err(SessionError::Closed);
+                    }
+                }
+                () = retry => {
+                    if let Some(reply) = self.apply(None) {
+                        let _ = tx.send(reply).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one plan message in; returns the ACK or NACK to send.
+    fn receive(&mut self, message: pb::PlanMessage) -> Result<pb::AgentMessage, SessionError> {
+        let span = info_span!("agent.receive", version = message.version, generation = message.generation);
+        weft_api::telemetry::set_parent_from(&span, &message.trace_context);
+        let _enter = span.enter();
+        let kind = match &message.body {
+            Some(Body::Current(_)) => "current",
+            Some(Body::Snapshot(_)) => "snapshot",
+            Some(Body::Delta(_)) => "delta",
+            None => "empty",
+        };
+        self.metrics.messages_received.get_or_create(&KindLabel { kind }).inc();
+        self.status.send_modify(|s| match kind {
+            "current" => s.currents += 1,
+            "snapshot" => s.snapshots += 1,
+            _ => s.deltas += 1,
+        });
+        let (next, changed) = match self.plan.apply(&message) {
+            Ok(result) => result,
+            Err(e) => {
+                // Forget what we hold so the next Hello asks for a snapshot.
+                warn!(error = %e, "plan message does not fit the plan held");
+                self.plan.resources.clear();
+                self.plan.version = 0;
+                return Err(SessionError::Diverged(e));
+            }
+        };
+        if next.version == self.plan.version && self.applied {
+            return Ok(agent_message(pb::agent_message::Kind::Ack(pb::Ack { version: next.version })));
+        }
+        self.plan = next;
+        self.status.send_modify(|s| s.received_version = self.plan.version);
+        // Saved before programming: after a crash the agent resumes with what the operator
+        // believes it holds, and re-applies it.
+        if let Err(e) = self.plan.save(&self.config.state_dir) {
+            warn!(error = %e, "cannot save the plan; it will be asked for again after a restart");
+        }
+        Ok(self.apply(Some(&changed)).unwrap_or_else(|| {
+            agent_message(pb::agent_message::Kind::Ack(pb::Ack { version: self.plan.version }))
+        }))
+    }
+
+    /// Programs the node from the held plan. Returns the ACK/NACK to send (None before any plan).
+    fn apply(&mut self, changed: Option<&crate::plan_state::ChangedKinds>) -> Option<pb::AgentMessage> {
+        if self.plan.version == 0 {
+            return None;
+        }
+        let started = Instant::now();
+        let span = info_span!("agent.apply", version = self.plan.version);
+        let failures = span.in_scope(|| programmers::apply_all(&self.plan, changed, &self.config.state_dir));
+        self.metrics.apply_duration.observe(started.elapsed().as_secs_f64());
+        let version = self.plan.version;
+        let reply = if failures.is_empty() {
+            self.applied = true;
+            self.metrics.plan_generation.set(self.plan.generation as i64);
+            self.status.send_modify(|s| {
+                s.applied_version = version;
+                s.last_error = None;
+            });
+            pb::agent_message::Kind::Ack(pb::Ack { version })
+        } else {
+            self.applied = false;
+            self.metrics.apply_errors.inc();
+            let error = failures.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ");
+            self.status.send_modify(|s| s.last_error = Some(error.clone()));
+            pb::agent_message::Kind::Nack(pb::Nack { version, error })
+        };
+        let mut message = agent_message(reply);
+        span.in_scope(|| message.trace_context = weft_api::telemetry::inject_current());
+        Some(message)
+    }
+}
+
+fn agent_message(kind: pb::agent_message::Kind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind), trace_context: Default::default() }
+}
+
+/// Runs `run` as a task with its own status channel (used by the binary and by tests).
+pub fn spawn(
+    config: AgentConfig,
+    metrics: AgentMetrics,
+    shutdown: watch::Receiver<bool>,
+) -> (tokio::task::JoinHandle<Result<(), AgentError>>, watch::Receiver<AgentStatus>) {
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+    let span = info_span!("agent", node = %config.node_name);
+    let handle = tokio::spawn(run(config, metrics, status_tx, shutdown).instrument(span));
+    (handle, status_rx)
+}

@@ -1,0 +1,13 @@
+//! The Weft node agent: receives its node's plan from the operator over gRPC and programs the
+//! node from it.
+//!
+//! Fail-static by design: the last plan received is kept on disk and what was programmed is never
+//! flushed because the operator went away; a plan that cannot be applied is NACKed and retried
+//! while the node keeps serving its last applied state.
+
+pub mod client;
+pub mod metrics;
+pub mod plan_state;
+pub mod programmers;
+
+pub use client::{AgentConfig, AgentStatus, run, spawn};

@@ -1,0 +1,82 @@
+//! `weft-agent`: receives this node's plan from the operator and programs the node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::sync::watch;
+use tracing::info;
+use weft_agent::metrics::AgentMetrics;
+use weft_agent::{AgentConfig, client};
+use weft_api::telemetry::{self, AdminState, Readiness};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Weft's node agent: programs this node from the plan the operator sends")]
+struct Args {
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The operator's plan endpoint.
+    #[arg(long, env = "WEFT_OPERATOR", default_value = "http://weft-operator.weft-system.svc:7700")]
+    operator: String,
+    /// Where the agent keeps its plan and what it programmed.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
+    metrics_listen: SocketAddr,
+    /// Delay before retrying a plan that failed to apply.
+    #[arg(long, default_value = "5s", value_parser = humantime_duration)]
+    retry_interval: Duration,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 500ms or 5s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{s:?} is not a duration like 500ms or 5s")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = telemetry::init("weft-agent")?;
+    let mut registry = telemetry::new_registry();
+    let metrics = AgentMetrics::register(&mut registry);
+    // Ready once a plan is applied: until then the node is not programmed by Weft.
+    let readiness = Readiness::new(["plan-applied"]);
+    let admin = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    tokio::spawn(telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let config = AgentConfig {
+        node_name: args.node_name,
+        operator: args.operator,
+        state_dir: args.state_dir,
+        retry_interval: args.retry_interval,
+    };
+    let (task, mut status) = client::spawn(config, metrics, stop_rx);
+    tokio::spawn(async move {
+        while status.changed().await.is_ok() {
+            let applied = status.borrow().applied_version != 0;
+            readiness.set("plan-applied", applied);
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down; the node keeps its programmed state");
+    let _ = stop_tx.send(true);
+    task.await??;
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! The plan the agent holds: what it received from the operator, persisted so a restarted agent
+//! resumes where it was instead of starting over.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use weft_api::plan::{self as pb, Kind, Resource, ResourceKey, plan_message::Body};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("plan message has no body")]
+    Empty,
+    #[error(
+        "plan version mismatch after applying the message: expected {expected:016x}, computed {computed:016x}"
+    )]
+    VersionMismatch { expected: u64, computed: u64 },
+    #[error("cannot read the saved plan {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the saved plan {path} is corrupt: {source}")]
+    Decode { path: PathBuf, source: prost::DecodeError },
+    #[error("cannot save the plan to {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlanState {
+    /// 0: no plan yet.
+    pub version: u64,
+    pub generation: u64,
+    pub resources: BTreeMap<ResourceKey, Resource>,
+}
+
+/// Which resource kinds a message changed; programmers run only when theirs did.
+pub type ChangedKinds = std::collections::BTreeSet<Kind>;
+
+impl PlanState {
+    /// The state after `message`, and the kinds it changed. A "current" message changes nothing.
+    /// The result is checked against the version the operator announced, so a diverged agent
+    /// notices and asks for a snapshot instead of programming a wrong plan.
+    pub fn apply(&self, message: &pb::PlanMessage) -> Result<(PlanState, ChangedKinds), PlanError> {
+        let mut next = self.clone();
+        let mut changed = ChangedKinds::new();
+        match message.body.as_ref().ok_or(PlanError::Empty)? {
+            Body::Current(_) => {}
+            Body::Snapshot(snapshot) => {
+                let fresh: BTreeMap<ResourceKey, Resource> =
+                    snapshot.resources.iter().map(|r| (r.key(), r.clone())).collect();
+                for (key, old) in &self.resources {
+                    if fresh.get(key).is_none_or(|r| r.version != old.version) {
+                        changed.insert(key.kind);
+                    }
+                }
+                for (key, new) in &fresh {
+                    if self.resources.get(key).is_none_or(|r| r.version != new.version) {
+                        changed.insert(key.kind);
+                    }
+                }
+                next.resources = fresh;
+            }
+            Body::Delta(delta) => {
+                for removal in &delta.removals {
+                    if next.resources.remove(&removal.key()).is_some() {
+                        changed.insert(removal.kind());
+                    }
+                }
+                for upsert in &delta.upserts {
+                    let key = upsert.key();
+                    if next.resources.get(&key).is_none_or(|r| r.version != upsert.version) {
+                        changed.insert(key.kind);
+                        next.resources.insert(key, upsert.clone());
+                    }
+                }
+            }
+        }
+        let computed = pb::plan_version_of(next.resources.values());
+        if computed != message.version {
+            return Err(PlanError::VersionMismatch { expected: message.version, computed });
+        }
+        next.version = message.version;
+        next.generation = message.generation;
+        Ok((next, changed))
+    }
+
+    pub fn references(&self) -> Vec<pb::ResourceRef> {
+        self.resources.values().map(Resource::reference).collect()
+    }
+
+    /// Resources of one kind, in name order.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
+        self.resources.iter().filter(move |(k, _)| k.kind == kind).map(|(_, r)| r)
+    }
+
+    fn file(dir: &Path) -> PathBuf {
+        dir.join("plan.pb")
+    }
+
+    /// Loads the saved plan; a missing file is an empty plan.
+    pub fn load(dir: &Path) -> Result<Self, PlanError> {
+        let path = Self::file(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(PlanError::Read { path, source }),
+        };
+        let saved = pb::PlanMessage::decode(bytes.as_slice()).map_err(|source| PlanError::Decode { path, source })?;
+        let resources = match saved.body {
+            Some(Body::Snapshot(s)) => s.resources.into_iter().map(|r| (r.key(), r)).collect(),
+            _ => BTreeMap::new(),
+        };
+        Ok(Self { version: saved.version, generation: saved.generation, resources })
+    }
+
+    /// Saves atomically (temp file + rename), so a crash leaves the old or the new plan.
+    pub fn save(&self, dir: &Path) -> Result<(), PlanError> {
+        let message = pb::PlanMessage {
+            version: self.version,
+            generation: self.generation,
+            body: Some(Body::Snapshot(pb::Snapshot { resources: self.resources.values().cloned().collect() })),
+            trace_context: Default::default(),
+        };
+        let path = Self::file(dir);
+        crate::programmers::write_atomic(&path, &message.encode_to_vec())
+            .map_err(|source| PlanError::Write { path, source })
+    }
+}

@@ -1,0 +1,195 @@
+//! The agent's programmers: one per thing it programs on the node (CNI, IPAM, routes, service
+//! proxy, DNS, ingress).
+//!
+//! NOT YET PROGRAMMING THE NODE: in this first stage every programmer only *records* what the plan
+//! asks of it, as readable text in `<state-dir>/programmed/<name>.txt`, so the whole path from a
+//! cluster change to an acknowledged plan works and can be tested end to end. The issues for pod
+//! networking, the service proxy, DNS and ingress replace each recorder with a real pure `render`
+//! + idempotent `apply`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use weft_api::plan::{self as pb, Kind, Resource};
+
+use crate::plan_state::{ChangedKinds, PlanState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("{programmer}: resource {name} does not decode: {source}")]
+    Decode { programmer: &'static str, name: String, source: prost::DecodeError },
+    #[error("{programmer}: {message}")]
+    Invalid { programmer: &'static str, message: String },
+    #[error("{programmer}: cannot write {path}: {source}")]
+    Io { programmer: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One programmer: the kinds of plan resource it consumes and what it does with them.
+#[derive(Debug, Clone, Copy)]
+pub struct Programmer {
+    pub name: &'static str,
+    pub kinds: &'static [Kind],
+    render: fn(&PlanState) -> Result<String, ProgramError>,
+}
+
+/// All programmers, in the order they apply (the pod network before the services on it).
+pub const PROGRAMMERS: &[Programmer] = &[
+    Programmer { name: "cni", kinds: &[Kind::Network, Kind::Node], render: render_cni },
+    Programmer { name: "ipam", kinds: &[Kind::Node], render: render_ipam },
+    Programmer { name: "routes", kinds: &[Kind::Network, Kind::Node, Kind::Peer], render: render_routes },
+    Programmer { name: "proxy", kinds: &[Kind::Network, Kind::Service], render: render_proxy },
+    Programmer { name: "dns", kinds: &[Kind::Dns], render: render_dns },
+];
+
+impl Programmer {
+    fn path(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join("programmed").join(format!("{}.txt", self.name))
+    }
+
+    /// Records what the plan asks of this programmer; rewrites nothing when that is unchanged.
+    pub fn apply(&self, plan: &PlanState, state_dir: &Path) -> Result<bool, ProgramError> {
+        let text = (self.render)(plan)?;
+        let path = self.path(state_dir);
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+            return Ok(false);
+        }
+        write_atomic(&path, text.as_bytes()).map_err(|source| ProgramError::Io { programmer: self.name, path, source })?;
+        Ok(true)
+    }
+}
+
+/// Runs every programmer whose kinds changed (all of them when `changed` is `None`). Returns the
+/// names of those that failed with their errors; the others are applied regardless, so one broken
+/// part never holds back the rest.
+pub fn apply_all(plan: &PlanState, changed: Option<&ChangedKinds>, state_dir: &Path) -> Vec<(String, ProgramError)> {
+    let mut failures = Vec::new();
+    for programmer in PROGRAMMERS {
+        if changed.is_some_and(|c| !programmer.kinds.iter().any(|k| c.contains(k))) {
+            continue;
+        }
+        let span = tracing::info_span!("program", programmer = programmer.name);
+        let _enter = span.enter();
+        if let Err(e) = programmer.apply(plan, state_dir) {
+            tracing::warn!(error = %e, "programmer failed");
+            failures.push((programmer.name.to_string(), e));
+        }
+    }
+    failures
+}
+
+fn decode<M: prost::Message + Default>(programmer: &'static str, r: &Resource) -> Result<M, ProgramError> {
+    r.decode().map_err(|source| ProgramError::Decode { programmer, name: r.name.clone(), source })
+}
+
+fn single<M: prost::Message + Default>(programmer: &'static str, plan: &PlanState, kind: Kind) -> Result<Option<M>, ProgramError> {
+    plan.of_kind(kind).next().map(|r| decode(programmer, r)).transpose()
+}
+
+fn render_cni(plan: &PlanState) -> Result<String, ProgramError> {
+    let mut out = String::new();
+    if let Some(net) = single::<pb::NetworkSettings>("cni", plan, Kind::Network)? {
+        for (what, dir) in [("conf dir", &net.cni_conf_dir), ("bin dir", &net.cni_bin_dir)] {
+            if !dir.starts_with('/') {
+                return Err(ProgramError::Invalid {
+                    programmer: "cni",
+                    message: format!("the CNI {what} must be an absolute path, got {dir:?}"),
+                });
+            }
+        }
+        let _ = writeln!(out, "conflist {}/{}", net.cni_conf_dir, net.cni_conflist_name);
+        let _ = writeln!(out, "bin dir {}", net.cni_bin_dir);
+        let _ = writeln!(out, "mtu {}", net.mtu);
+        let _ = writeln!(out, "chained {:?}", net.cni_chained_plugins);
+    }
+    if let Some(node) = single::<pb::NodePlan>("cni", plan, Kind::Node)? {
+        let _ = writeln!(out, "node {} ip {}", node.name, node.node_ip);
+    }
+    Ok(out)
+}
+
+fn render_ipam(plan: &PlanState) -> Result<String, ProgramError> {
+    let mut out = String::new();
+    if let Some(node) = single::<pb::NodePlan>("ipam", plan, Kind::Node)? {
+        for block in node.blocks {
+            let _ = writeln!(out, "block {} pool {} natOutgoing {}", block.cidr, block.pool, block.nat_outgoing);
+        }
+    }
+    Ok(out)
+}
+
+fn render_routes(plan: &PlanState) -> Result<String, ProgramError> {
+    let mut out = String::new();
+    let own = single::<pb::NodePlan>("routes", plan, Kind::Node)?.map(|n| n.name).unwrap_or_default();
+    if let Some(net) = single::<pb::NetworkSettings>("routes", plan, Kind::Network)? {
+        let _ = writeln!(out, "encapsulation {:?} masquerade {}", net.encapsulation(), net.masquerade);
+    }
+    for peer in plan.of_kind(Kind::Peer) {
+        let peer: pb::PeerNode = decode("routes", peer)?;
+        if peer.name == own {
+            continue;
+        }
+        for block in &peer.blocks {
+            let _ = writeln!(out, "route {block} via {} ({})", peer.node_ip, peer.name);
+        }
+    }
+    Ok(out)
+}
+
+fn render_proxy(plan: &PlanState) -> Result<String, ProgramError> {
+    let mut out = String::new();
+    for r in plan.of_kind(Kind::Service) {
+        let svc: pb::Service = decode("proxy", r)?;
+        let ip = std::net::Ipv4Addr::from(svc.cluster_ip);
+        for port in &svc.ports {
+            let eps: Vec<String> = port
+                .endpoints
+                .iter()
+                .map(|e| format!("{}:{}{}", std::net::Ipv4Addr::from(e.ip), e.port, flags(e)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "service {} {ip}:{} {:?} nodePort {} -> [{}]",
+                r.name,
+                port.port,
+                port.protocol(),
+                port.node_port,
+                eps.join(" ")
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn flags(e: &pb::Endpoint) -> String {
+    let mut s = String::new();
+    for (flag, label) in [
+        (pb::EndpointFlag::EndpointNotReady, "not-ready"),
+        (pb::EndpointFlag::EndpointTerminating, "terminating"),
+        (pb::EndpointFlag::EndpointLocal, "local"),
+    ] {
+        if e.has(flag) {
+            s.push(',');
+            s.push_str(label);
+        }
+    }
+    s
+}
+
+fn render_dns(plan: &PlanState) -> Result<String, ProgramError> {
+    Ok(single::<pb::DnsSettings>("dns", plan, Kind::Dns)?.map(|d| format!("{d:#?}\n")).unwrap_or_default())
+}

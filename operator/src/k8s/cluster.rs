@@ -1,0 +1,350 @@
+//! Watches the cluster and feeds the plan compiler.
+//!
+//! One watcher per resource type sends events to a single task that owns the compiler. That task
+//! drains every event that is waiting before it compiles, so a burst (an initial list, a rollout)
+//! becomes one plan update instead of thousands.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info_span, warn};
+use weft_api::v1alpha1 as api;
+
+use super::convert;
+use super::policy::{Policy, PolicyIndex, PolicyMatch};
+use crate::plan::Compiler;
+use crate::plan::model::{Change, ObjectKey};
+use crate::server::PlanStore;
+
+/// A watched object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Node(Box<core::Node>),
+    Service(Box<core::Service>),
+    Slice(Box<discovery::EndpointSlice>),
+    Block(Box<api::IPBlock>),
+    Pool(Box<api::IPPool>),
+    Network(Box<api::NetworkConfig>),
+    Policy(Box<api::ProxyPolicy>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    Node,
+    Service,
+    Slice,
+    Block,
+    Pool,
+    Network,
+    Policy,
+}
+
+pub const ALL_KINDS: usize = 7;
+
+impl Object {
+    fn kind(&self) -> ObjectKind {
+        match self {
+            Object::Node(_) => ObjectKind::Node,
+            Object::Service(_) => ObjectKind::Service,
+            Object::Slice(_) => ObjectKind::Slice,
+            Object::Block(_) => ObjectKind::Block,
+            Object::Pool(_) => ObjectKind::Pool,
+            Object::Network(_) => ObjectKind::Network,
+            Object::Policy(_) => ObjectKind::Policy,
+        }
+    }
+
+    fn key(&self) -> ObjectKey {
+        fn key_of<K: Resource>(o: &K) -> ObjectKey {
+            ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any())
+        }
+        match self {
+            Object::Node(o) => key_of(o.as_ref()),
+            Object::Service(o) => key_of(o.as_ref()),
+            Object::Slice(o) => key_of(o.as_ref()),
+            Object::Block(o) => key_of(o.as_ref()),
+            Object::Pool(o) => key_of(o.as_ref()),
+            Object::Network(o) => key_of(o.as_ref()),
+            Object::Policy(o) => key_of(o.as_ref()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ClusterEvent {
+    Applied(Object),
+    Deleted(Object),
+    /// A complete (re)list of one kind: anything known of that kind and not listed is gone.
+    Listed(ObjectKind, Vec<Object>),
+}
+
+/// What the leader needs to write status; published after every compile.
+#[derive(Debug, Clone, Default)]
+pub struct StatusInputs {
+    pub pools: Vec<api::IPPool>,
+    pub blocks: Vec<api::IPBlock>,
+    pub network: Option<api::NetworkConfig>,
+    pub policies: Vec<api::ProxyPolicy>,
+    pub policy_matches: BTreeMap<ObjectKey, PolicyMatch>,
+    /// How many kinds have completed their first list.
+    pub synced_kinds: usize,
+}
+
+/// Starts one watcher per resource type, sending to `tx`.
+pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
+    let cfg = watcher::Config::default;
+    spawn_watch(Api::<core::Node>::all(client.clone()), cfg(), |o| Object::Node(Box::new(o)), ObjectKind::Node, tx);
+    spawn_watch(Api::<core::Service>::all(client.clone()), cfg(), |o| Object::Service(Box::new(o)), ObjectKind::Service, tx);
+    spawn_watch(
+        Api::<discovery::EndpointSlice>::all(client.clone()),
+        cfg(),
+        |o| Object::Slice(Box::new(o)),
+        ObjectKind::Slice,
+        tx,
+    );
+    spawn_watch(Api::<api::IPBlock>::all(client.clone()), cfg(), |o| Object::Block(Box::new(o)), ObjectKind::Block, tx);
+    spawn_watch(Api::<api::IPPool>::all(client.clone()), cfg(), |o| Object::Pool(Box::new(o)), ObjectKind::Pool, tx);
+    spawn_watch(
+        Api::<api::NetworkConfig>::all(client.clone()),
+        cfg(),
+        |o| Object::Network(Box::new(o)),
+        ObjectKind::Network,
+        tx,
+    );
+    spawn_watch(
+        Api::<api::ProxyPolicy>::all(client.clone()),
+        cfg(),
+        |o| Object::Policy(Box::new(o)),
+        ObjectKind::Policy,
+        tx,
+    );
+}
+
+fn spawn_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: fn(K) -> Object,
+    kind: ObjectKind,
+    tx: &mpsc::Sender<ClusterEvent>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let tx = tx.clone();
+    tokio::spawn(
+        async move {
+            let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+            let mut listing = Vec::new();
+            while let Some(event) = stream.next().await {
+                let message = match event {
+                    Ok(Event::Init) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Ok(Event::InitApply(o)) => {
+                        listing.push(wrap(o));
+                        continue;
+                    }
+                    Ok(Event::InitDone) => ClusterEvent::Listed(kind, std::mem::take(&mut listing)),
+                    Ok(Event::Apply(o)) => ClusterEvent::Applied(wrap(o)),
+                    Ok(Event::Delete(o)) => ClusterEvent::Deleted(wrap(o)),
+                    Err(e) => {
+                        warn!(error = %e, "watch failed; retrying");
+                        continue;
+                    }
+                };
+                if tx.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+        .instrument(info_span!("watch", kind = ?kind)),
+    );
+}
+
+/// The cluster as the operator knows it, and the compiler fed from it.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    compiler: Compiler,
+    policies: PolicyIndex,
+    /// Services as converted, before their policy is applied, with their labels.
+    services: BTreeMap<ObjectKey, (crate::plan::model::Service, BTreeMap<String, String>)>,
+    known: HashMap<ObjectKind, HashSet<ObjectKey>>,
+    pools: BTreeMap<ObjectKey, api::IPPool>,
+    blocks: BTreeMap<ObjectKey, api::IPBlock>,
+    network: Option<api::NetworkConfig>,
+    policy_objects: BTreeMap<ObjectKey, api::ProxyPolicy>,
+    synced: HashSet<ObjectKind>,
+}
+
+impl ClusterView {
+    pub fn new() -> Self {
+        Self { compiler: Compiler::new(), ..Self::default() }
+    }
+
+    pub fn handle(&mut self, event: ClusterEvent) {
+        match event {
+            ClusterEvent::Applied(o) => self.apply(o),
+            ClusterEvent::Deleted(o) => self.delete(o),
+            ClusterEvent::Listed(kind, objects) => {
+                let listed: HashSet<ObjectKey> = objects.iter().map(Object::key).collect();
+                let gone: Vec<ObjectKey> =
+                    self.known.get(&kind).map(|k| k.difference(&listed).cloned().collect()).unwrap_or_default();
+                for key in gone {
+                    self.delete_key(kind, &key);
+                }
+                for o in objects {
+                    self.apply(o);
+                }
+                self.synced.insert(kind);
+            }
+        }
+    }
+
+    fn apply(&mut self, object: Object) {
+        let key = object.key();
+        self.known.entry(object.kind()).or_default().insert(key.clone());
+        match object {
+            Object::Node(n) => self.compiler.apply(Change::Node(convert::node(&n))),
+            Object::Service(s) => match convert::service(&s) {
+                Some(model) => {
+                    self.services.insert(key.clone(), (model, s.labels().clone()));
+                    self.resolve_service(&key);
+                }
+                None => self.delete_key(ObjectKind::Service, &key),
+            },
+            Object::Slice(s) => match convert::endpoint_slice(&s) {
+                Some(model) => self.compiler.apply(Change::Slice(model)),
+                None => self.compiler.apply(Change::SliceDeleted(key)),
+            },
+            Object::Block(b) => {
+                if let Some(model) = convert::block(&b) {
+                    self.compiler.apply(Change::Block(model));
+                }
+                self.blocks.insert(key, *b);
+            }
+            Object::Pool(p) => {
+                match convert::pool(&p) {
+                    Some(model) => self.compiler.apply(Change::Pool(model)),
+                    None => self.compiler.apply(Change::PoolDeleted(key.name.clone())),
+                }
+                self.pools.insert(key, *p);
+            }
+            Object::Network(n) => {
+                // Only the NetworkConfig named `default` is in force (admission enforces the name).
+                if n.name_any() == "default" {
+                    self.compiler.apply(Change::Network(convert::network(&n)));
+                    self.network = Some(*n);
+                }
+            }
+            Object::Policy(p) => {
+                self.policies.upsert(Policy::from_object(&p));
+                self.policy_objects.insert(key.clone(), *p);
+                self.resolve_namespace(&key.namespace);
+            }
+        }
+    }
+
+    fn delete(&mut self, object: Object) {
+        let key = object.key();
+        self.delete_key(object.kind(), &key);
+    }
+
+    fn delete_key(&mut self, kind: ObjectKind, key: &ObjectKey) {
+        if let Some(known) = self.known.get_mut(&kind) {
+            known.remove(key);
+        }
+        match kind {
+            ObjectKind::Node => self.compiler.apply(Change::NodeDeleted(key.name.clone())),
+            ObjectKind::Service => {
+                self.services.remove(key);
+                self.compiler.apply(Change::ServiceDeleted(key.clone()));
+            }
+            ObjectKind::Slice => self.compiler.apply(Change::SliceDeleted(key.clone())),
+            ObjectKind::Block => {
+                if let Some(b) = self.blocks.remove(key).and_then(|b| convert::block(&b)) {
+                    self.compiler.apply(Change::BlockDeleted(b.cidr));
+                }
+            }
+            ObjectKind::Pool => {
+                self.pools.remove(key);
+                self.compiler.apply(Change::PoolDeleted(key.name.clone()));
+            }
+            ObjectKind::Network => {
+                if key.name == "default" {
+                    self.network = None;
+                    self.compiler.apply(Change::Network(Default::default()));
+                }
+            }
+            ObjectKind::Policy => {
+                self.policies.remove(key);
+                self.policy_objects.remove(key);
+                self.resolve_namespace(&key.namespace);
+            }
+        }
+    }
+
+    fn resolve_service(&mut self, key: &ObjectKey) {
+        let Some((model, labels)) = self.services.get(key) else { return };
+        let mut service = model.clone();
+        service.policy = self.policies.resolve(key, labels).map(|p| p.overrides.clone()).unwrap_or_default();
+        self.compiler.apply(Change::Service(service));
+    }
+
+    fn resolve_namespace(&mut self, namespace: &str) {
+        let keys: Vec<ObjectKey> = self.services.keys().filter(|k| k.namespace == namespace).cloned().collect();
+        for key in keys {
+            self.resolve_service(&key);
+        }
+    }
+
+    pub fn compiler_mut(&mut self) -> &mut Compiler {
+        &mut self.compiler
+    }
+
+    pub fn status_inputs(&self) -> StatusInputs {
+        StatusInputs {
+            pools: self.pools.values().cloned().collect(),
+            blocks: self.blocks.values().cloned().collect(),
+            network: self.network.clone(),
+            policies: self.policy_objects.values().cloned().collect(),
+            policy_matches: self.policies.matches(self.services.iter().map(|(k, (_, labels))| (k, labels))),
+            synced_kinds: self.synced.len(),
+        }
+    }
+}
+
+/// Owns the view: applies every waiting event, compiles once, publishes to the store.
+pub async fn run(
+    mut events: mpsc::Receiver<ClusterEvent>,
+    store: Arc<PlanStore>,
+    status: watch::Sender<StatusInputs>,
+    generation: prometheus_client::metrics::gauge::Gauge,
+) {
+    let mut view = ClusterView::new();
+    while let Some(first) = events.recv().await {
+        let span = info_span!("reconcile", events = tracing::field::Empty, updates = tracing::field::Empty);
+        let _enter = span.enter();
+        let mut count = 1;
+        view.handle(first);
+        while let Ok(next) = events.try_recv() {
+            view.handle(next);
+            count += 1;
+        }
+        let updates = info_span!("plan.compile").in_scope(|| view.compiler_mut().flush());
+        span.record("events", count);
+        span.record("updates", updates.len());
+        debug!(events = count, updates = updates.len(), "compiled");
+        let gen_now = store.publish(updates, weft_api::telemetry::inject_current());
+        generation.set(gen_now as i64);
+        status.send_replace(view.status_inputs());
+    }
+}

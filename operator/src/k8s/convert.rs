@@ -1,0 +1,183 @@
+//! Kubernetes objects → the compiler's model. Fields the compiler doesn't need are dropped here,
+//! so the compiler never sees Kubernetes types.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use weft_api::v1alpha1::{self as api, network_config as nc};
+
+use crate::plan::model::{self, ObjectKey, ProxyOverrides};
+
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub fn node(node: &core::Node) -> model::Node {
+    let ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|addrs| addrs.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok()));
+    model::Node { name: node.name_any(), ip, zone: node.labels().get(ZONE_LABEL).cloned(), labels: node.labels().clone() }
+}
+
+fn protocol(p: Option<&str>) -> model::Protocol {
+    match p {
+        Some("UDP") => model::Protocol::Udp,
+        Some("SCTP") => model::Protocol::Sctp,
+        _ => model::Protocol::Tcp,
+    }
+}
+
+fn ipv4s<'a>(ips: impl IntoIterator<Item = &'a String>) -> Vec<Ipv4Addr> {
+    ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+/// A Service without its ProxyPolicy (see [`crate::k8s::policy`]); `None` for Services the proxy
+/// does not handle (ExternalName).
+pub fn service(svc: &core::Service) -> Option<model::Service> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let cluster_ip = spec.cluster_ip.as_deref().filter(|ip| *ip != "None").and_then(|ip| ip.parse().ok());
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| model::ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: protocol(p.protocol.as_deref()),
+            port: u16::try_from(p.port).unwrap_or(0),
+            node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
+            target_port: match &p.target_port {
+                Some(IntOrString::String(name)) => model::TargetPort::Name(name.clone()),
+                Some(IntOrString::Int(n)) => model::TargetPort::Number(u16::try_from(*n).unwrap_or(0)),
+                None => model::TargetPort::Number(u16::try_from(p.port).unwrap_or(0)),
+            },
+        })
+        .collect();
+    let load_balancer_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ing| ing.iter().filter_map(|i| i.ip.as_ref()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let affinity_timeout_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(10800)
+    });
+    Some(model::Service {
+        key: ObjectKey::new(svc.namespace().unwrap_or_default(), svc.name_any()),
+        cluster_ip,
+        external_ips: ipv4s(spec.external_ips.iter().flatten()),
+        load_balancer_ips,
+        ports,
+        affinity_timeout_seconds,
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        prefer_close: matches!(spec.traffic_distribution.as_deref(), Some("PreferClose" | "PreferSameZone")),
+        policy: ProxyOverrides::default(),
+    })
+}
+
+/// `None` for slices that name no Service or are not IPv4.
+pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Option<model::EndpointSlice> {
+    if slice.address_type != "IPv4" {
+        return None;
+    }
+    let service = slice.labels().get(SERVICE_NAME_LABEL)?.clone();
+    let ports = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| model::SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol: protocol(p.protocol.as_deref()),
+            port: p.port.and_then(|n| u16::try_from(n).ok()).unwrap_or(0),
+        })
+        .collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let conditions = e.conditions.as_ref();
+            // Per the EndpointSlice API, nil ready/serving mean true and nil terminating false.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            Some(model::Endpoint {
+                ip: e.addresses.first()?.parse().ok()?,
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node: e.node_name.clone(),
+                zone: e.zone.clone(),
+                hint_zones: e
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    Some(model::EndpointSlice {
+        key: ObjectKey::new(slice.namespace().unwrap_or_default(), slice.name_any()),
+        service,
+        ports,
+        endpoints,
+    })
+}
+
+pub fn block(block: &api::IPBlock) -> Option<model::Block> {
+    Some(model::Block {
+        cidr: block.spec.cidr.parse().ok()?,
+        pool: block.spec.pool.clone(),
+        node: block.spec.node.clone(),
+    })
+}
+
+pub fn pool(pool: &api::IPPool) -> Option<model::Pool> {
+    Some(model::Pool {
+        name: pool.name_any(),
+        cidr: pool.spec.cidr.parse().ok()?,
+        nat_outgoing: pool.spec.nat_outgoing,
+        disabled: pool.spec.disabled,
+    })
+}
+
+pub fn network(config: &api::NetworkConfig) -> model::NetworkSettings {
+    let s = &config.spec;
+    model::NetworkSettings {
+        vxlan: s.pod_network.encapsulation == nc::Encapsulation::Vxlan,
+        mtu: s.pod_network.mtu,
+        masquerade: s.pod_network.masquerade,
+        non_masquerade_cidrs: s.pod_network.non_masquerade_cidrs.clone(),
+        service_cidr: s.service_network.service_cidr.clone(),
+        node_port_range: (s.service_network.node_port_range.min, s.service_network.node_port_range.max),
+        node_port_addresses: s.service_network.node_port_addresses.clone(),
+        nftables: s.proxy.mode == nc::ProxyMode::Nftables,
+        masquerade_bit: s.proxy.masquerade_bit,
+        cni_conf_dir: s.cni.conf_dir.clone(),
+        cni_bin_dir: s.cni.bin_dir.clone(),
+        cni_conflist_name: s.cni.conflist_name.clone(),
+        cni_chained_plugins: s.cni.chained_plugins.clone(),
+        cluster_domain: s.dns.cluster_domain.clone(),
+        dns_service_ip: s.dns.service_ip.clone(),
+        dns_upstreams: s.dns.upstreams.clone(),
+        dns_stub_domains: s
+            .dns
+            .stub_domains
+            .iter()
+            .map(|d| model::StubDomain { domain: d.domain.clone(), servers: d.servers.clone() })
+            .collect(),
+        dns_cache_ttl_seconds: s.dns.cache_ttl_seconds,
+        dns_pod_records: format!("{:?}", s.dns.pod_records),
+    }
+}

@@ -1,0 +1,7 @@
+//! Everything that talks to the Kubernetes API: watching the cluster into the compiler,
+//! converting objects, resolving ProxyPolicies, and writing status and Events.
+
+pub mod cluster;
+pub mod convert;
+pub mod policy;
+pub mod status;

@@ -1,0 +1,407 @@
+//! Status and Events, written by the leader only. Desired statuses are computed by pure functions
+//! (tested below); writing patches only what differs, so a steady cluster causes no writes.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_api::v1alpha1::conditions::{self as cond, Condition, new_condition, reasons, set_condition, types};
+use weft_api::v1alpha1::{self as api, network_config::NodePlanState};
+
+use super::cluster::StatusInputs;
+use super::policy::PolicyMatch;
+use crate::plan::model::ObjectKey;
+use crate::server::store::NodeConvergence;
+use crate::server::PlanStore;
+
+const FIELD_MANAGER: &str = "weft-operator";
+const MAX_LAGGING: usize = 10;
+
+fn condition(type_: &str, holds: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+    new_condition(type_, cond::status_str(holds), reason, message, generation, Timestamp::now())
+}
+
+/// Copies conditions from `old` so unchanged ones keep their transition time.
+fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
+    let mut out = old.to_vec();
+    let wanted: HashSet<String> = new.iter().map(|c| c.type_.clone()).collect();
+    out.retain(|c| wanted.contains(&c.type_));
+    for c in new {
+        set_condition(&mut out, c);
+    }
+    out
+}
+
+pub fn network_status(
+    config: &api::NetworkConfig,
+    nodes: &[NodeConvergence],
+    generation: u64,
+) -> api::NetworkConfigStatus {
+    let old = config.status.clone().unwrap_or_default();
+    let observed = config.metadata.generation;
+    let converged = nodes.iter().filter(|n| n.converged()).count();
+    let lagging: Vec<NodePlanState> = nodes
+        .iter()
+        .filter(|n| !n.converged())
+        .take(MAX_LAGGING)
+        .map(|n| NodePlanState {
+            node: n.node.clone(),
+            acked_version: (n.report.acked_version != 0).then(|| format!("{:016x}", n.report.acked_version)),
+            message: Some(match (&n.report.nack, n.report.connected) {
+                (Some((_, error)), _) => format!("plan rejected: {error}"),
+                (None, false) => "agent not connected".to_string(),
+                (None, true) => "applying the newest plan".to_string(),
+            }),
+        })
+        .collect();
+    let rejected: Vec<&NodeConvergence> = nodes.iter().filter(|n| n.report.nack.is_some()).collect();
+    let ready = if nodes.is_empty() {
+        condition(types::READY, false, reasons::CONVERGING, "no nodes in the plan yet", observed)
+    } else if !rejected.is_empty() {
+        let names: Vec<&str> = rejected.iter().map(|n| n.node.as_str()).take(5).collect();
+        condition(
+            types::READY,
+            false,
+            reasons::PLAN_REJECTED,
+            format!("{} node(s) could not apply their plan ({}); see `kubectl get events`", rejected.len(), names.join(", ")),
+            observed,
+        )
+    } else if converged == nodes.len() {
+        condition(types::READY, true, reasons::CONVERGED, format!("all {converged} nodes run the newest plan"), observed)
+    } else {
+        condition(
+            types::READY,
+            false,
+            reasons::CONVERGING,
+            format!("{converged} of {} nodes run the newest plan", nodes.len()),
+            observed,
+        )
+    };
+    api::NetworkConfigStatus {
+        observed_generation: observed,
+        conditions: merge_conditions(&old.conditions, vec![ready]),
+        plan_version: Some(generation),
+        nodes_total: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
+        nodes_converged: u32::try_from(converged).unwrap_or(u32::MAX),
+        converged: Some(format!("{converged}/{}", nodes.len())),
+        lagging_nodes: lagging,
+    }
+}
+
+/// A pool's status from the blocks handed out of it. Used addresses come from the agents' IPAM,
+/// which does not report yet, so they are 0 for now.
+pub fn pool_status(pool: &api::IPPool, all_pools: &[api::IPPool], blocks: &[api::IPBlock]) -> api::IPPoolStatus {
+    let old = pool.status.clone().unwrap_or_default();
+    let observed = pool.metadata.generation;
+    let name = pool.name_any();
+    let Ok(cidr) = pool.spec.cidr.parse::<ipnet::Ipv4Net>() else {
+        let msg = format!("spec.cidr {:?} is not an IPv4 CIDR", pool.spec.cidr);
+        return api::IPPoolStatus {
+            observed_generation: observed,
+            conditions: merge_conditions(&old.conditions, vec![condition(types::READY, false, reasons::INVALID_SPEC, msg, observed)]),
+            ..Default::default()
+        };
+    };
+    let prefix = u32::from(cidr.prefix_len());
+    let block_bits = u32::from(pool.spec.block_size).saturating_sub(prefix).min(31);
+    let total_blocks = 1u32 << block_bits;
+    let mine: Vec<&api::IPBlock> = blocks.iter().filter(|b| b.spec.pool == name).collect();
+    let allocated = u32::try_from(mine.len()).unwrap_or(u32::MAX);
+    let nodes: BTreeSet<&str> = mine.iter().map(|b| b.spec.node.as_str()).collect();
+    let total_addresses = 1u64 << (32 - prefix);
+    let used_addresses = 0u64;
+
+    let overlaps: Vec<String> = all_pools
+        .iter()
+        .filter(|other| other.name_any() != name)
+        .filter_map(|other| {
+            let theirs = other.spec.cidr.parse::<ipnet::Ipv4Net>().ok()?;
+            (theirs.contains(&cidr.network()) || cidr.contains(&theirs.network()))
+                .then(|| format!("{} ({})", other.name_any(), other.spec.cidr))
+        })
+        .collect();
+    let overlapping = if overlaps.is_empty() {
+        condition(types::OVERLAPPING, false, reasons::NO_OVERLAP, "no other pool shares these addresses", observed)
+    } else {
+        condition(
+            types::OVERLAPPING,
+            true,
+            reasons::CIDR_OVERLAP,
+            format!("{} overlaps pool {}; no blocks are handed out of either until one changes", pool.spec.cidr, overlaps.join(", ")),
+            observed,
+        )
+    };
+    let exhausted = if allocated >= total_blocks {
+        condition(
+            types::EXHAUSTED,
+            true,
+            reasons::NO_FREE_BLOCKS,
+            format!("all {total_blocks} blocks of /{} are handed out; add a pool or a larger CIDR", pool.spec.block_size),
+            observed,
+        )
+    } else {
+        condition(types::EXHAUSTED, false, reasons::BLOCKS_AVAILABLE, format!("{} of {total_blocks} blocks free", total_blocks - allocated), observed)
+    };
+    let ready = if pool.spec.disabled {
+        condition(types::READY, false, reasons::DISABLED, "the pool is disabled: no new blocks are handed out", observed)
+    } else if !overlaps.is_empty() {
+        condition(types::READY, false, reasons::CIDR_OVERLAP, "the pool overlaps another pool", observed)
+    } else {
+        condition(types::READY, true, reasons::RECONCILED, "the pool can hand out blocks", observed)
+    };
+    api::IPPoolStatus {
+        observed_generation: observed,
+        conditions: merge_conditions(&old.conditions, vec![ready, overlapping, exhausted]),
+        total_blocks,
+        allocated_blocks: allocated,
+        blocks: Some(format!("{allocated}/{total_blocks}")),
+        total_addresses,
+        used_addresses,
+        free_addresses: total_addresses - used_addresses,
+        used_percent: u32::try_from(used_addresses * 100 / total_addresses).unwrap_or(100),
+        nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
+    }
+}
+
+pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -> api::ProxyPolicyStatus {
+    let old = policy.status.clone().unwrap_or_default();
+    let observed = policy.metadata.generation;
+    let empty = PolicyMatch::default();
+    let matched = matched.unwrap_or(&empty);
+    let conflicted = if matched.lost_to.is_empty() {
+        condition(types::CONFLICTED, false, reasons::NO_CONFLICT, "no older policy selects the same Services", observed)
+    } else {
+        let detail: Vec<String> =
+            matched.lost_to.iter().take(5).map(|(svc, winner)| format!("{svc} follows older policy {winner}")).collect();
+        condition(
+            types::CONFLICTED,
+            true,
+            reasons::OLDER_POLICY_WINS,
+            format!("{} Service(s) selected by an older policy: {}", matched.lost_to.len(), detail.join(", ")),
+            observed,
+        )
+    };
+    let ready = condition(types::READY, true, reasons::RECONCILED, format!("applies to {} Service(s)", matched.applied.len()), observed);
+    api::ProxyPolicyStatus {
+        observed_generation: observed,
+        conditions: merge_conditions(&old.conditions, vec![ready, conflicted]),
+        matched_services: matched.applied.iter().take(100).cloned().collect(),
+        matched_count: u32::try_from(matched.applied.len()).unwrap_or(u32::MAX),
+    }
+}
+
+/// Compares statuses ignoring condition timestamps, so recomputing does not cause writes.
+fn same_status<S: Serialize>(old: Option<&S>, new: &S) -> bool {
+    let strip = |v: serde_json::Value| {
+        let mut v = v;
+        if let Some(conds) = v.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+            for c in conds {
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("lastTransitionTime");
+                }
+            }
+        }
+        v
+    };
+    match (old.and_then(|o| serde_json::to_value(o).ok()), serde_json::to_value(new).ok()) {
+        (Some(a), Some(b)) => strip(a) == strip(b),
+        _ => false,
+    }
+}
+
+async fn patch_status<K>(api: &Api<K>, name: &str, status: &impl Serialize) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
+/// Writes status while this replica leads; idles otherwise.
+pub async fn run(
+    client: Client,
+    store: Arc<PlanStore>,
+    mut inputs: watch::Receiver<StatusInputs>,
+    mut leader: watch::Receiver<bool>,
+) {
+    let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    let mut reported_nacks: HashSet<(String, u64)> = HashSet::new();
+    let mut reported_overlaps: HashSet<String> = HashSet::new();
+    loop {
+        if !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let snapshot = inputs.borrow_and_update().clone();
+        if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
+            write_all(&client, &store, &snapshot, &recorder, &mut reported_nacks, &mut reported_overlaps).await;
+        }
+        tokio::select! {
+            _ = inputs.changed() => {}
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = leader.changed() => {}
+        }
+    }
+}
+
+async fn write_all(
+    client: &Client,
+    store: &PlanStore,
+    inputs: &StatusInputs,
+    recorder: &Recorder,
+    reported_nacks: &mut HashSet<(String, u64)>,
+    reported_overlaps: &mut HashSet<String>,
+) {
+    let nodes = store.convergence();
+    if let Some(config) = &inputs.network {
+        let status = network_status(config, &nodes, store.generation());
+        if !same_status(config.status.as_ref(), &status) {
+            let api: Api<api::NetworkConfig> = Api::all(client.clone());
+            if let Err(e) = patch_status(&api, &config.name_any(), &status).await {
+                warn!(error = %e, "cannot write NetworkConfig status");
+            }
+        }
+        for node in &nodes {
+            if let Some((version, error)) = &node.report.nack
+                && reported_nacks.insert((node.node.clone(), *version))
+            {
+                publish(recorder, config, EventType::Warning, reasons::PLAN_REJECTED, format!("node {}: {error}", node.node)).await;
+            }
+        }
+    }
+    for pool in &inputs.pools {
+        let status = pool_status(pool, &inputs.pools, &inputs.blocks);
+        let overlapping = cond::is_condition_true(&status.conditions, types::OVERLAPPING);
+        let name = pool.name_any();
+        if overlapping && reported_overlaps.insert(name.clone()) {
+            let message = cond::find_condition(&status.conditions, types::OVERLAPPING).map(|c| c.message.clone()).unwrap_or_default();
+            publish(recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message).await;
+        } else if !overlapping {
+            reported_overlaps.remove(&name);
+        }
+        if !same_status(pool.status.as_ref(), &status) {
+            let api: Api<api::IPPool> = Api::all(client.clone());
+            if let Err(e) = patch_status(&api, &name, &status).await {
+                warn!(error = %e, pool = %name, "cannot write IPPool status");
+            }
+        }
+    }
+    for policy in &inputs.policies {
+        let key = ObjectKey::new(policy.namespace().unwrap_or_default(), policy.name_any());
+        let status = policy_status(policy, inputs.policy_matches.get(&key));
+        if !same_status(policy.status.as_ref(), &status) {
+            let api: Api<api::ProxyPolicy> = Api::namespaced(client.clone(), &key.namespace);
+            if let Err(e) = patch_status(&api, &key.name, &status).await {
+                warn!(error = %e, policy = %key, "cannot write ProxyPolicy status");
+            }
+        }
+    }
+}
+
+async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, object: &K, type_: EventType, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        warn!(error = %e, "cannot publish an Event");
+    } else {
+        info!(reason, "event published");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::server::store::AgentReport;
+
+    fn pool(name: &str, cidr: &str) -> api::IPPool {
+        let mut p = api::IPPool::new(name, api::IPPoolSpec::new(cidr));
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    #[test]
+    fn overlapping_pools_are_flagged_with_the_other_pool_named() {
+        let pools = vec![pool("a", "10.244.0.0/16"), pool("b", "10.244.8.0/24")];
+        let status = pool_status(&pools[1], &pools, &[]);
+        let c = cond::find_condition(&status.conditions, types::OVERLAPPING).map(|c| (c.status.clone(), c.message.clone()));
+        let (holds, message) = c.unwrap_or_default();
+        assert_eq!(holds, "True");
+        assert!(message.contains("a (10.244.0.0/16)"), "{message}");
+        assert!(!cond::is_condition_true(&status.conditions, types::READY));
+        assert_eq!(status.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn pool_counts_come_from_its_blocks() {
+        let p = pool("a", "10.244.0.0/24");
+        let blocks = vec![
+            api::IPBlock::for_node("10.244.0.0/26", "a", "n1"),
+            api::IPBlock::for_node("10.244.0.64/26", "a", "n1"),
+            api::IPBlock::for_node("10.244.0.128/26", "a", "n2"),
+            api::IPBlock::for_node("10.9.0.0/26", "other", "n3"),
+        ];
+        let status = pool_status(&p, std::slice::from_ref(&p), &blocks);
+        assert_eq!((status.total_blocks, status.allocated_blocks, status.nodes), (4, 3, 2));
+        assert_eq!(status.total_addresses, 256);
+        assert!(!cond::is_condition_true(&status.conditions, types::EXHAUSTED));
+    }
+
+    #[test]
+    fn network_status_names_the_nodes_that_rejected_their_plan() {
+        let config = api::NetworkConfig::new("default", Default::default());
+        let nodes = vec![
+            NodeConvergence { node: "n1".into(), desired_version: 7, report: AgentReport { acked_version: 7, ..Default::default() } },
+            NodeConvergence {
+                node: "n2".into(),
+                desired_version: 7,
+                report: AgentReport { acked_version: 5, nack: Some((7, "bad cni dir".into())), connected: true, last_seen: None },
+            },
+        ];
+        let status = network_status(&config, &nodes, 12);
+        assert_eq!(status.converged.as_deref(), Some("1/2"));
+        assert_eq!(status.plan_version, Some(12));
+        let ready = cond::find_condition(&status.conditions, types::READY).cloned().unwrap_or_default();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reasons::PLAN_REJECTED));
+        assert!(ready.message.contains("n2"));
+        assert_eq!(status.lagging_nodes[0].message.as_deref(), Some("plan rejected: bad cni dir"));
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_status_is_not_a_change() {
+        let mut config = api::NetworkConfig::new("default", Default::default());
+        let first = network_status(&config, &[], 1);
+        config.status = Some(first);
+        let second = network_status(&config, &[], 1);
+        assert!(same_status(config.status.as_ref(), &second));
+    }
+
+    #[test]
+    fn a_conflicted_policy_says_which_policy_wins() {
+        let policy = api::ProxyPolicy::new("young", Default::default());
+        let matched = PolicyMatch {
+            applied: BTreeSet::new(),
+            lost_to: BTreeMap::from([("web".to_string(), "old".to_string())]),
+        };
+        let status = policy_status(&policy, Some(&matched));
+        let c = cond::find_condition(&status.conditions, types::CONFLICTED).cloned().unwrap_or_default();
+        assert_eq!(c.status, "True");
+        assert!(c.message.contains("web follows older policy old"), "{}", c.message);
+    }
+}

@@ -1,0 +1,121 @@
+//! `weft-operator`: watches the cluster, serves plan streams; the lease holder writes status.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+use weft_api::telemetry::{self, AdminState, Readiness};
+use weft_operator::k8s::{cluster, status};
+use weft_operator::server::metrics::PlanMetrics;
+use weft_operator::server::{PlanServer, PlanStore};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Weft's operator: compiles a plan per node and streams it to the node agents")]
+struct Args {
+    /// Address the plan gRPC service listens on.
+    #[arg(long, env = "WEFT_PLAN_LISTEN", default_value = "0.0.0.0:7700")]
+    plan_listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// This replica's identity in the Lease (defaults to the hostname and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+const LEASE: &str = "weft-operator";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = telemetry::init("weft-operator")?;
+    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+
+    let mut registry = telemetry::new_registry();
+    let metrics = PlanMetrics::register(&mut registry);
+    let readiness = Readiness::new(["cluster-synced", "plan-server"]);
+    let admin = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    tokio::spawn(telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())));
+
+    let store = Arc::new(PlanStore::new());
+    let (events_tx, events_rx) = mpsc::channel(4096);
+    let (status_tx, mut status_rx) = watch::channel(cluster::StatusInputs::default());
+    cluster::spawn_watchers(&client, &events_tx);
+    tokio::spawn(cluster::run(events_rx, store.clone(), status_tx, metrics.generation.clone()));
+    {
+        let readiness = readiness.clone();
+        let mut status_rx = status_rx.clone();
+        tokio::spawn(async move {
+            let _ = status_rx.wait_for(|s| s.synced_kinds >= cluster::ALL_KINDS).await;
+            readiness.set("cluster-synced", true);
+            info!("cluster state synced");
+        });
+    }
+
+    // Every replica serves plan streams; only the Lease holder writes status.
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let leader = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEASE)
+        .with_namespace(args.namespace.clone())
+        .with_identity(identity.clone())
+        .with_create_mode(kube_lease_manager::LeaseCreateMode::AutoCreate)
+        .build()
+        .await
+        .context("cannot set up leader election")?;
+    let (is_leader, lease_task) = leader.watch().await;
+    {
+        let mut is_leader = is_leader.clone();
+        tokio::spawn(async move {
+            while is_leader.changed().await.is_ok() {
+                info!(identity = %identity, leader = *is_leader.borrow(), "leadership changed");
+            }
+        });
+    }
+    status_rx.mark_unchanged();
+    tokio::spawn(status::run(client.clone(), store.clone(), status_rx, is_leader));
+
+    let server = PlanServer::new(store, metrics).into_service();
+    let listener = tokio::net::TcpListener::bind(args.plan_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.plan_listen))?;
+    readiness.set("plan-server", true);
+    info!(listen = %args.plan_listen, "serving plans");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::select! {
+        result = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming) => {
+            result.context("plan server failed")?;
+        }
+        _ = tokio::signal::ctrl_c() => info!("shutting down"),
+        _ = terminate() => info!("shutting down"),
+    }
+    // Hand the Lease over at once instead of letting it expire.
+    match lease_task.await {
+        Ok(Ok(manager)) => {
+            if let Err(e) = manager.release().await {
+                warn!(error = %e, "cannot release the Lease");
+            }
+        }
+        Ok(Err(e)) => warn!(error = %e, "leader election ended with an error"),
+        Err(e) => warn!(error = %e, "leader election task failed"),
+    }
+    Ok(())
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

@@ -1,0 +1,9 @@
+//! The plan: what each node must program, compiled from the cluster state.
+
+pub mod compile;
+pub mod model;
+
+pub use compile::{Compiler, Scope, Update};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! The compiler's view of the cluster: plain data, free of Kubernetes and protobuf types, so the
+//! compiler can be tested and benchmarked without either. `crate::k8s::convert` builds these from
+//! the watched objects.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+/// Identifies a namespaced object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A block of pod addresses owned by a node (an `IPBlock` object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub cidr: Ipv4Net,
+    pub pool: String,
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub cidr: Ipv4Net,
+    pub nat_outgoing: bool,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub target_port: TargetPort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TopologyMode {
+    #[default]
+    None,
+    PreferSameZone,
+    PreferSameNode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Masquerade {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// What a ProxyPolicy adds to the Services it selects.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProxyOverrides {
+    pub affinity_timeout_seconds: Option<u32>,
+    pub topology: TopologyMode,
+    pub topology_min_endpoints: u32,
+    pub masquerade: Masquerade,
+    pub allowed_source_cidrs: Vec<String>,
+}
+
+/// A Service, with the ProxyPolicy that applies to it already resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ObjectKey,
+    /// None for headless Services, which the proxy ignores.
+    pub cluster_ip: Option<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    /// ClientIP affinity timeout from the Service itself.
+    pub affinity_timeout_seconds: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    /// `trafficDistribution: PreferClose` (or `PreferSameZone`).
+    pub prefer_close: bool,
+    pub policy: ProxyOverrides,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+    pub zone: Option<String>,
+    /// EndpointSlice topology hints: the zones this endpoint should serve.
+    pub hint_zones: Vec<String>,
+}
+
+/// An EndpointSlice, keyed by its own name and pointing at its Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub key: ObjectKey,
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StubDomain {
+    pub domain: String,
+    pub servers: Vec<String>,
+}
+
+/// The settings of the `default` NetworkConfig the compiler needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub vxlan: bool,
+    pub mtu: u32,
+    pub masquerade: bool,
+    pub non_masquerade_cidrs: Vec<String>,
+    pub service_cidr: String,
+    pub node_port_range: (u16, u16),
+    pub node_port_addresses: Vec<String>,
+    pub nftables: bool,
+    pub masquerade_bit: u8,
+    pub cni_conf_dir: String,
+    pub cni_bin_dir: String,
+    pub cni_conflist_name: String,
+    pub cni_chained_plugins: Vec<String>,
+    pub cluster_domain: String,
+    pub dns_service_ip: String,
+    pub dns_upstreams: Vec<String>,
+    pub dns_stub_domains: Vec<StubDomain>,
+    pub dns_cache_ttl_seconds: u32,
+    pub dns_pod_records: String,
+}
+
+impl Default for NetworkSettings {
+    /// The defaults of an empty `NetworkConfig` spec, so nodes get a working plan before an admin
+    /// writes one.
+    fn default() -> Self {
+        Self {
+            vxlan: false,
+            mtu: 1500,
+            masquerade: true,
+            non_masquerade_cidrs: Vec::new(),
+            service_cidr: "10.96.0.0/16".into(),
+            node_port_range: (30000, 32767),
+            node_port_addresses: Vec::new(),
+            nftables: false,
+            masquerade_bit: 14,
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dir: "/opt/cni/bin".into(),
+            cni_conflist_name: "10-weft.conflist".into(),
+            cni_chained_plugins: vec!["portmap".into()],
+            cluster_domain: "cluster.local".into(),
+            dns_service_ip: "10.96.0.10".into(),
+            dns_upstreams: vec!["/etc/resolv.conf".into()],
+            dns_stub_domains: Vec::new(),
+            dns_cache_ttl_seconds: 30,
+            dns_pod_records: "Insecure".into(),
+        }
+    }
+}
+
+/// One change to the cluster as the compiler sees it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Node(Node),
+    NodeDeleted(String),
+    Block(Block),
+    BlockDeleted(Ipv4Net),
+    Pool(Pool),
+    PoolDeleted(String),
+    Service(Service),
+    ServiceDeleted(ObjectKey),
+    Slice(EndpointSlice),
+    SliceDeleted(ObjectKey),
+    Network(NetworkSettings),
+}

@@ -1,0 +1,129 @@
+//! The `PlanService` gRPC implementation: one sender and one receiver task per agent stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span, warn};
+use weft_api::plan::{self as pb, plan_service_server::PlanService};
+
+use super::metrics::{KindLabel, PlanMetrics};
+use super::store::{Connection, PlanStore};
+
+#[derive(Debug, Clone)]
+pub struct PlanServer {
+    store: Arc<PlanStore>,
+    metrics: PlanMetrics,
+}
+
+impl PlanServer {
+    pub fn new(store: Arc<PlanStore>, metrics: PlanMetrics) -> Self {
+        Self { store, metrics }
+    }
+
+    pub fn into_service(self) -> pb::plan_service_server::PlanServiceServer<Self> {
+        pb::plan_service_server::PlanServiceServer::new(self)
+    }
+}
+
+type PlanStream = Pin<Box<dyn Stream<Item = Result<pb::PlanMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PlanService for PlanServer {
+    type WatchStream = PlanStream;
+
+    async fn watch(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<PlanStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
+        let Some(pb::agent_message::Kind::Hello(hello)) = first.kind else {
+            return Err(Status::invalid_argument("the first message on a plan stream must be Hello"));
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument("Hello.node is empty: the agent must name its Node"));
+        }
+        // Node identity is taken on trust: agent authentication (DESIGN §3) is not built yet.
+        let span = info_span!("plan.stream", node = %hello.node);
+        span.in_scope(|| {
+            info!(version = hello.version, held = hello.resources.len(), agent = %hello.agent_version, "agent connected")
+        });
+        let conn = self.store.connect(hello);
+        self.metrics.agents_connected.set(self.store.connected_agents() as i64);
+
+        // Capacity 1: a slow agent backs up here while its queue in the store keeps coalescing.
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(send_loop(self.store.clone(), conn.clone(), tx, self.metrics.clone()).instrument(span.clone()));
+        tokio::spawn(receive_loop(self.store.clone(), conn, inbound, self.metrics.clone()).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn send_loop(
+    store: Arc<PlanStore>,
+    conn: Arc<Connection>,
+    tx: mpsc::Sender<Result<pb::PlanMessage, Status>>,
+    metrics: PlanMetrics,
+) {
+    loop {
+        if !store.is_current(&conn) {
+            return;
+        }
+        if let Some((kind, message)) = store.next_message(&conn) {
+            let span = info_span!("plan.send", kind = kind.as_str(), version = message.version);
+            if let Some(parent) = (!message.trace_context.is_empty()).then_some(&message.trace_context) {
+                weft_api::telemetry::set_parent_from(&span, parent);
+            }
+            let mut message = message;
+            span.in_scope(|| message.trace_context = weft_api::telemetry::inject_current());
+            metrics.messages_sent.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+            metrics.bytes_sent.inc_by(message.encoded_len() as u64);
+            if tx.send(Ok(message)).instrument(span).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            () = conn.wake.notified() => {}
+            () = tx.closed() => return,
+        }
+    }
+}
+
+async fn receive_loop(
+    store: Arc<PlanStore>,
+    conn: Arc<Connection>,
+    mut inbound: Streaming<pb::AgentMessage>,
+    metrics: PlanMetrics,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(message)) => match message.kind {
+                Some(pb::agent_message::Kind::Ack(ack)) => {
+                    metrics.acks.inc();
+                    store.ack(&conn.node, ack.version);
+                }
+                Some(pb::agent_message::Kind::Nack(nack)) => {
+                    metrics.nacks.inc();
+                    warn!(version = nack.version, error = %nack.error, "agent could not apply its plan");
+                    store.nack(&conn.node, nack.version, nack.error);
+                }
+                Some(pb::agent_message::Kind::Hello(_)) | None => {
+                    warn!("ignoring an unexpected message on an open plan stream");
+                }
+            },
+            Ok(None) => break,
+            Err(status) => {
+                info!(%status, "plan stream broke");
+                break;
+            }
+        }
+    }
+    store.disconnect(&conn);
+    // Let the sender notice the stream is no longer current.
+    conn.wake.notify_one();
+    metrics.agents_connected.set(store.connected_agents() as i64);
+    info!("agent disconnected");
+}

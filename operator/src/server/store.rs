@@ -1,0 +1,325 @@
+//! The plan store: every node's current plan, and one coalescing queue per connected agent.
+//!
+//! The compiler publishes [`Update`]s here; each connected agent's queue merges them by resource
+//! key, so a slow agent holds at most one pending version of each resource and never blocks the
+//! others. Versions are content hashes, so the store can tell an agent that is already current
+//! (after a reconnect, an operator restart, or a change that was undone) and send it nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use weft_api::plan::{self as pb, Resource, ResourceKey, plan_version};
+
+use crate::plan::{Scope, Update};
+
+#[derive(Debug, Default)]
+struct NodeScope {
+    resources: HashMap<ResourceKey, Arc<Resource>>,
+    mix: u64,
+}
+
+/// What an agent last told us about its node.
+#[derive(Debug, Clone, Default)]
+pub struct AgentReport {
+    pub acked_version: u64,
+    /// The last NACK, cleared by a later ACK.
+    pub nack: Option<(u64, String)>,
+    pub connected: bool,
+    pub last_seen: Option<Instant>,
+}
+
+/// Convergence of one node, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct NodeConvergence {
+    pub node: String,
+    pub desired_version: u64,
+    pub report: AgentReport,
+}
+
+impl NodeConvergence {
+    pub fn converged(&self) -> bool {
+        self.report.acked_version == self.desired_version
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    generation: u64,
+    global: HashMap<ResourceKey, Arc<Resource>>,
+    global_mix: u64,
+    nodes: HashMap<String, NodeScope>,
+    connections: HashMap<String, Arc<Connection>>,
+    reports: HashMap<String, AgentReport>,
+}
+
+impl Inner {
+    fn version(&self, node: &str) -> Option<u64> {
+        self.nodes.get(node).map(|n| plan_version(self.global_mix ^ n.mix))
+    }
+
+    fn resources_of<'a>(&'a self, scope: &'a NodeScope) -> impl Iterator<Item = &'a Arc<Resource>> {
+        self.global.values().chain(scope.resources.values())
+    }
+}
+
+#[derive(Debug)]
+struct ConnState {
+    /// The agent's Hello until its first message has been sent.
+    hello: Option<pb::Hello>,
+    pending: HashMap<ResourceKey, Option<Arc<Resource>>>,
+    /// The version the agent holds once it has applied what was sent.
+    sent_version: u64,
+    trace_context: HashMap<String, String>,
+}
+
+/// One agent's stream. Wake-ups are permits ([`tokio::sync::Notify`]), so none is lost between a
+/// check and a wait.
+#[derive(Debug)]
+pub struct Connection {
+    pub node: String,
+    id: u64,
+    state: Mutex<ConnState>,
+    pub wake: tokio::sync::Notify,
+}
+
+impl Connection {
+    fn state(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PlanStore {
+    inner: Mutex<Inner>,
+    next_connection: std::sync::atomic::AtomicU64,
+}
+
+/// How a message was built, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Current,
+    Snapshot,
+    Delta,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Current => "current",
+            Self::Snapshot => "snapshot",
+            Self::Delta => "delta",
+        }
+    }
+}
+
+impl PlanStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Applies the compiler's updates and queues them for the connected agents they concern.
+    /// Returns the plan generation.
+    pub fn publish(&self, updates: Vec<Update>, trace_context: HashMap<String, String>) -> u64 {
+        let mut inner = self.inner();
+        if updates.is_empty() {
+            return inner.generation;
+        }
+        inner.generation += 1;
+        let mut touched: HashMap<u64, Arc<Connection>> = HashMap::new();
+        for update in updates {
+            let Update { scope, key, resource } = update;
+            match &scope {
+                Scope::All => {
+                    let old = match &resource {
+                        Some(r) => inner.global.insert(key.clone(), r.clone()),
+                        None => inner.global.remove(&key),
+                    };
+                    inner.global_mix ^= old.map_or(0, |o| key.mix(o.version))
+                        ^ resource.as_ref().map_or(0, |r| key.mix(r.version));
+                    for conn in inner.connections.values() {
+                        conn.state().pending.insert(key.clone(), resource.clone());
+                        touched.entry(conn.id).or_insert_with(|| conn.clone());
+                    }
+                }
+                Scope::Node(node) => {
+                    let scope = inner.nodes.entry(node.clone()).or_default();
+                    let old = match &resource {
+                        Some(r) => scope.resources.insert(key.clone(), r.clone()),
+                        None => scope.resources.remove(&key),
+                    };
+                    scope.mix ^= old.map_or(0, |o| key.mix(o.version))
+                        ^ resource.as_ref().map_or(0, |r| key.mix(r.version));
+                    if scope.resources.is_empty() {
+                        inner.nodes.remove(node);
+                    }
+                    if let Some(conn) = inner.connections.get(node) {
+                        conn.state().pending.insert(key, resource);
+                        touched.entry(conn.id).or_insert_with(|| conn.clone());
+                    }
+                }
+            }
+        }
+        for conn in touched.values() {
+            conn.state().trace_context.clone_from(&trace_context);
+            conn.wake.notify_one();
+        }
+        inner.generation
+    }
+
+    /// Registers an agent's stream; a newer stream for the same node replaces an older one.
+    pub fn connect(&self, hello: pb::Hello) -> Arc<Connection> {
+        let id = self.next_connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = Arc::new(Connection {
+            node: hello.node.clone(),
+            id,
+            state: Mutex::new(ConnState {
+                hello: Some(hello),
+                pending: HashMap::new(),
+                sent_version: 0,
+                trace_context: HashMap::new(),
+            }),
+            wake: tokio::sync::Notify::new(),
+        });
+        let mut inner = self.inner();
+        if let Some(old) = inner.connections.insert(conn.node.clone(), conn.clone()) {
+            // Wake the replaced stream so its sender notices and ends.
+            old.wake.notify_one();
+        }
+        let report = inner.reports.entry(conn.node.clone()).or_default();
+        report.connected = true;
+        report.last_seen = Some(Instant::now());
+        conn.wake.notify_one();
+        conn
+    }
+
+    /// Whether `conn` is still the node's current stream.
+    pub fn is_current(&self, conn: &Connection) -> bool {
+        self.inner().connections.get(&conn.node).is_some_and(|c| c.id == conn.id)
+    }
+
+    pub fn disconnect(&self, conn: &Connection) {
+        let mut inner = self.inner();
+        if inner.connections.get(&conn.node).is_some_and(|c| c.id == conn.id) {
+            inner.connections.remove(&conn.node);
+            if let Some(report) = inner.reports.get_mut(&conn.node) {
+                report.connected = false;
+            }
+        }
+    }
+
+    /// The next message for `conn`, or `None` when there is nothing to send: the node is not in
+    /// the plan yet, or what is pending leaves the agent's version unchanged (never a no-op).
+    pub fn next_message(&self, conn: &Connection) -> Option<(MessageKind, pb::PlanMessage)> {
+        let inner = self.inner();
+        let mut state = conn.state();
+        let Some(scope) = inner.nodes.get(&conn.node) else {
+            state.pending.clear();
+            return None;
+        };
+        let version = plan_version(inner.global_mix ^ scope.mix);
+        let trace_context = std::mem::take(&mut state.trace_context);
+        let message = |body| pb::PlanMessage { version, generation: inner.generation, body: Some(body), trace_context };
+
+        if let Some(hello) = state.hello.take() {
+            state.pending.clear();
+            state.sent_version = version;
+            if hello.version == version {
+                return Some((MessageKind::Current, message(pb::plan_message::Body::Current(pb::Current {}))));
+            }
+            if hello.resources.is_empty() {
+                let resources = inner.resources_of(scope).map(|r| (**r).clone()).collect();
+                let body = pb::plan_message::Body::Snapshot(pb::Snapshot { resources });
+                return Some((MessageKind::Snapshot, message(body)));
+            }
+            // Resume: only the difference from what the agent holds.
+            let held: HashMap<ResourceKey, u64> = hello.resources.iter().map(|r| (r.key(), r.version)).collect();
+            let upserts = inner
+                .resources_of(scope)
+                .filter(|r| held.get(&r.key()) != Some(&r.version))
+                .map(|r| (**r).clone())
+                .collect();
+            let removals = hello
+                .resources
+                .iter()
+                .filter(|r| {
+                    let key = r.key();
+                    !inner.global.contains_key(&key) && !scope.resources.contains_key(&key)
+                })
+                .cloned()
+                .collect();
+            let body = pb::plan_message::Body::Delta(pb::Delta { upserts, removals });
+            return Some((MessageKind::Delta, message(body)));
+        }
+
+        let pending = std::mem::take(&mut state.pending);
+        if pending.is_empty() || version == state.sent_version {
+            return None;
+        }
+        state.sent_version = version;
+        let mut delta = pb::Delta::default();
+        for (key, resource) in pending {
+            match resource {
+                Some(r) => delta.upserts.push((*r).clone()),
+                None => delta.removals.push(pb::ResourceRef { kind: key.kind as i32, name: key.name, version: 0 }),
+            }
+        }
+        Some((MessageKind::Delta, message(pb::plan_message::Body::Delta(delta))))
+    }
+
+    pub fn ack(&self, node: &str, version: u64) {
+        let mut inner = self.inner();
+        let report = inner.reports.entry(node.to_string()).or_default();
+        report.acked_version = version;
+        report.nack = None;
+        report.last_seen = Some(Instant::now());
+    }
+
+    pub fn nack(&self, node: &str, version: u64, error: String) {
+        let mut inner = self.inner();
+        let report = inner.reports.entry(node.to_string()).or_default();
+        report.nack = Some((version, error));
+        report.last_seen = Some(Instant::now());
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.inner().generation
+    }
+
+    pub fn node_version(&self, node: &str) -> Option<u64> {
+        self.inner().version(node)
+    }
+
+    pub fn connected_agents(&self) -> usize {
+        self.inner().connections.len()
+    }
+
+    /// Every node in the plan with what its agent last reported, sorted by name.
+    pub fn convergence(&self) -> Vec<NodeConvergence> {
+        let inner = self.inner();
+        let mut out: Vec<NodeConvergence> = inner
+            .nodes
+            .keys()
+            .filter_map(|node| {
+                Some(NodeConvergence {
+                    node: node.clone(),
+                    desired_version: inner.version(node)?,
+                    report: inner.reports.get(node).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        out
+    }
+
+    /// Every resource of a node's current plan (tests and debugging).
+    pub fn plan_of(&self, node: &str) -> Option<Vec<Resource>> {
+        let inner = self.inner();
+        let scope = inner.nodes.get(node)?;
+        Some(inner.resources_of(scope).map(|r| (**r).clone()).collect())
+    }
+}
