@@ -108,9 +108,8 @@ mod tests {
 
     #[test]
     fn plan_version_is_order_independent_and_incremental() {
-        let rs: Vec<_> = (0..5)
-            .map(|i| Resource::encode(Kind::Peer, format!("n{i}"), &PeerNode::default()))
-            .collect();
+        let rs: Vec<_> =
+            (0..5).map(|i| Resource::encode(Kind::Peer, format!("n{i}"), &PeerNode::default())).collect();
         let forward = plan_version_of(&rs);
         let backward = plan_version_of(rs.iter().rev());
         assert_eq!(forward, backward);

@@ -15,10 +15,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::core::cel::Validator;
+use kube::core::cel::{ErrorKind, Validator};
 use serde::Deserialize;
 use serde_json::Value;
 use weft_api::v1alpha1::{IPBlock, IPPool, NetworkConfig, ProxyPolicy, all_crds};
+
+/// Marks a CEL rule that could not be evaluated (a fixture must never cause one).
+const UNEVALUABLE: &str = "CEL RULE COULD NOT BE EVALUATED:";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -57,8 +60,7 @@ fn crd_for(doc: &Value) -> Option<CustomResourceDefinition> {
     let api_version = doc["apiVersion"].as_str()?;
     let kind = doc["kind"].as_str()?;
     all_crds().into_iter().find(|c| {
-        format!("{}/{}", c.spec.group, c.spec.versions[0].name) == api_version
-            && c.spec.names.kind == kind
+        format!("{}/{}", c.spec.group, c.spec.versions[0].name) == api_version && c.spec.names.kind == kind
     })
 }
 
@@ -83,7 +85,12 @@ fn openapi_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<St
     let at = |p: &str| if p.is_empty() { "<root>".to_owned() } else { p.to_owned() };
     if value.is_null() {
         if schema["nullable"] != Value::Bool(true) {
-            errors.push(format!("{}: Invalid value: \"null\": {} in body must be of type {}", at(path), at(path), schema["type"].as_str().unwrap_or("object")));
+            errors.push(format!(
+                "{}: Invalid value: \"null\": {} in body must be of type {}",
+                at(path),
+                at(path),
+                schema["type"].as_str().unwrap_or("object")
+            ));
         }
         return;
     }
@@ -126,7 +133,12 @@ fn openapi_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<St
             if let Some(min) = schema["minLength"].as_u64()
                 && (s.chars().count() as u64) < min
             {
-                errors.push(format!("{}: Invalid value: {}: {} in body should be at least {min} chars long", at(path), show(value), at(path)));
+                errors.push(format!(
+                    "{}: Invalid value: {}: {} in body should be at least {min} chars long",
+                    at(path),
+                    show(value),
+                    at(path)
+                ));
             }
         }
         Value::Number(n) => {
@@ -134,24 +146,41 @@ fn openapi_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<St
             if let Some(min) = schema["minimum"].as_f64()
                 && x < min
             {
-                errors.push(format!("{}: Invalid value: {n}: {} in body should be greater than or equal to {min}", at(path), at(path)));
+                errors.push(format!(
+                    "{}: Invalid value: {n}: {} in body should be greater than or equal to {min}",
+                    at(path),
+                    at(path)
+                ));
             }
             if let Some(max) = schema["maximum"].as_f64()
                 && x > max
             {
-                errors.push(format!("{}: Invalid value: {n}: {} in body should be less than or equal to {max}", at(path), at(path)));
+                errors.push(format!(
+                    "{}: Invalid value: {n}: {} in body should be less than or equal to {max}",
+                    at(path),
+                    at(path)
+                ));
             }
         }
         Value::Array(items) => {
             if let Some(max) = schema["maxItems"].as_u64()
                 && items.len() as u64 > max
             {
-                errors.push(format!("{}: Too many: {}: must have at most {max} items", at(path), items.len()));
+                errors.push(format!(
+                    "{}: Too many: {}: must have at most {max} items",
+                    at(path),
+                    items.len()
+                ));
             }
             if let Some(min) = schema["minItems"].as_u64()
                 && (items.len() as u64) < min
             {
-                errors.push(format!("{}: Invalid value: {}: {} in body should have at least {min} items", at(path), items.len(), at(path)));
+                errors.push(format!(
+                    "{}: Invalid value: {}: {} in body should have at least {min} items",
+                    at(path),
+                    items.len(),
+                    at(path)
+                ));
             }
             if schema["x-kubernetes-list-type"] == "set" {
                 let mut seen = BTreeSet::new();
@@ -196,11 +225,7 @@ fn openapi_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<St
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
+    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
 }
 
 /// Every error the API server would report for `doc` (given the stored `old` object, if any).
@@ -220,7 +245,12 @@ fn admission_errors(doc: &Value, old: Option<&Value>) -> Vec<String> {
     openapi_errors(&schema, doc, "", &mut errors);
     if let Err(cel) = Validator::new().validate(&schema, doc, old) {
         for e in cel.into_vec() {
-            errors.push(format!("{}: Invalid value: {}", e.field_path, e.message));
+            if e.kind == ErrorKind::ValidationFailure {
+                errors.push(format!("{}: Invalid value: {}", e.field_path, e.message));
+            } else {
+                // a rule that errors out instead of answering false is a bug in the rule
+                errors.push(format!("{UNEVALUABLE} {:?} at {}: {}", e.kind, e.field_path, e.message));
+            }
         }
     }
     errors
@@ -300,13 +330,14 @@ fn invalid_fixtures_are_rejected_with_the_expected_message() {
             continue;
         }
         let errors = apply_all(&path, &docs, &mut failures);
+        if errors.iter().any(|e| e.contains(UNEVALUABLE)) {
+            failures.push(format!("{}: {errors:#?}", path.display()));
+        }
         if errors.is_empty() {
             failures.push(format!("{}: accepted, but must be rejected with {expect:?}", path.display()));
         } else if !errors.iter().any(|e| e.contains(&expect)) {
-            failures.push(format!(
-                "{}: rejected, but no error contains {expect:?}: {errors:#?}",
-                path.display()
-            ));
+            failures
+                .push(format!("{}: rejected, but no error contains {expect:?}: {errors:#?}", path.display()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -370,6 +401,9 @@ fn config_objects_are_accepted() {
             }
         }
     }
-    assert!(checked >= 5, "expected the default NetworkConfig/IPPool and a sample per CRD, found {checked} objects");
+    assert!(
+        checked >= 5,
+        "expected the default NetworkConfig/IPPool and a sample per CRD, found {checked} objects"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

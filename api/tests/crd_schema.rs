@@ -12,10 +12,7 @@ use weft_api::v1alpha1::{
 };
 
 fn schema(crd: &CustomResourceDefinition) -> Value {
-    let Some(schema) = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
+    let Some(schema) = crd.spec.versions[0].schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref())
     else {
         panic!("{:?} has no openAPIV3Schema", crd.metadata.name);
     };
@@ -27,11 +24,7 @@ fn walk(path: &str, node: &Value, f: &mut dyn FnMut(&str, &Value)) {
     f(path, node);
     if let Some(props) = node.get("properties").and_then(Value::as_object) {
         for (name, child) in props {
-            let p = if path.is_empty() {
-                name.clone()
-            } else {
-                format!("{path}.{name}")
-            };
+            let p = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
             walk(&p, child, f);
         }
     }
@@ -68,10 +61,7 @@ fn node<'a>(root: &'a Value, path: &str) -> &'a Value {
 }
 
 fn crd_named(name: &str) -> CustomResourceDefinition {
-    match all_crds()
-        .into_iter()
-        .find(|c| c.metadata.name.as_deref() == Some(name))
-    {
+    match all_crds().into_iter().find(|c| c.metadata.name.as_deref() == Some(name)) {
         Some(c) => c,
         None => panic!("no CRD {name}"),
     }
@@ -88,10 +78,7 @@ fn every_property_has_a_description() {
             if path.ends_with("[]") || path.ends_with("{}") {
                 return;
             }
-            let ok = node
-                .get("description")
-                .and_then(Value::as_str)
-                .is_some_and(|d| !d.trim().is_empty());
+            let ok = node.get("description").and_then(Value::as_str).is_some_and(|d| !d.trim().is_empty());
             if !ok {
                 missing.push(format!("{name}: {}", if path.is_empty() { "<root>" } else { path }));
             }
@@ -144,10 +131,7 @@ fn names_of(cols: &[(String, String, String)]) -> Vec<&str> {
 #[test]
 fn ippool_columns_are_exactly_the_required_ones() {
     let cols = default_columns(&crd_named("ippools.weft.io"));
-    assert_eq!(
-        names_of(&cols),
-        ["NAME", "CIDR", "BLOCK", "NODES", "USED", "FREE", "%USED", "AGE"]
-    );
+    assert_eq!(names_of(&cols), ["NAME", "CIDR", "BLOCK", "NODES", "USED", "FREE", "%USED", "AGE"]);
     let paths: Vec<&str> = cols.iter().map(|c| c.1.as_str()).collect();
     assert_eq!(
         paths,
@@ -190,13 +174,8 @@ fn every_column_points_at_a_field_of_the_schema() {
                 assert_eq!(col.type_, "date", "{}", col.name);
                 continue;
             }
-            let field_path: String = col
-                .json_path
-                .trim_start_matches('.')
-                .split('[')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
+            let field_path: String =
+                col.json_path.trim_start_matches('.').split('[').next().unwrap_or_default().to_owned();
             let n = node(&root, &field_path);
             let ty = n["type"].as_str().unwrap_or_default();
             if !col.json_path.contains('[') {
@@ -243,14 +222,24 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "dns.serviceIP must lie inside serviceNetwork.serviceCIDR",
     ),
     ("networkconfigs.weft.io", "spec.podNetwork.nonMasqueradeCIDRs[]", "isCIDR(self)", "must be a CIDR"),
-    ("networkconfigs.weft.io", "spec.serviceNetwork.serviceCIDR", "isCIDR(self)", "serviceCIDR must be a CIDR"),
+    (
+        "networkconfigs.weft.io",
+        "spec.serviceNetwork.serviceCIDR",
+        "isCIDR(self)",
+        "serviceCIDR must be a CIDR",
+    ),
     (
         "networkconfigs.weft.io",
         "spec.serviceNetwork.serviceCIDR",
         "!isCIDR(self) || cidr(self).masked() == cidr(self)",
         "no host bits",
     ),
-    ("networkconfigs.weft.io", "spec.serviceNetwork.nodePortRange", "self.min <= self.max", "must not be greater than"),
+    (
+        "networkconfigs.weft.io",
+        "spec.serviceNetwork.nodePortRange",
+        "self.min <= self.max",
+        "must not be greater than",
+    ),
     ("networkconfigs.weft.io", "spec.serviceNetwork.nodePortAddresses[]", "isCIDR(self)", "must be a CIDR"),
     ("networkconfigs.weft.io", "spec.dns.clusterDomain", "", "clusterDomain must be a lower-case DNS name"),
     ("networkconfigs.weft.io", "spec.dns.serviceIP", "isIP(self)", "serviceIP must be an IP address"),
@@ -260,7 +249,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     ("networkconfigs.weft.io", "spec.ingress", "self.httpPort != self.httpsPort", "must differ"),
     ("networkconfigs.weft.io", "spec.ingress.className", "", "className must be a lower-case DNS name"),
     ("networkconfigs.weft.io", "spec.ingress.defaultBackend", "", "namespace/service:port"),
-    ("networkconfigs.weft.io", "spec.cni.confDir", "self.startsWith('/')", "confDir must be an absolute path"),
+    (
+        "networkconfigs.weft.io",
+        "spec.cni.confDir",
+        "self.startsWith('/')",
+        "confDir must be an absolute path",
+    ),
     ("networkconfigs.weft.io", "spec.cni.binDir", "self.startsWith('/')", "binDir must be an absolute path"),
     ("networkconfigs.weft.io", "spec.cni.conflistName", "", "ending in .conflist"),
     ("networkconfigs.weft.io", "spec.cni.chainedPlugins[]", "", "must be a CNI plugin type"),
@@ -300,9 +294,7 @@ fn each_cel_rule_is_where_expected() {
         let root = schema(&crd_named(crd));
         let rules = rules_at(node(&root, path));
         assert!(
-            rules
-                .iter()
-                .any(|(r, m)| (rule.is_empty() || r == rule) && m.contains(message)),
+            rules.iter().any(|(r, m)| (rule.is_empty() || r == rule) && m.contains(message)),
             "{crd} {path}: no rule {rule:?} with message containing {message:?}; found {rules:?}"
         );
     }
@@ -337,11 +329,7 @@ fn rules_compile_have_messages_and_fit_the_cost_budget() {
                 return;
             }
             let here = compile_schema(node);
-            assert!(
-                !here.has_errors(),
-                "{name} {path}: {:?}",
-                here.compilation_errors()
-            );
+            assert!(!here.has_errors(), "{name} {path}: {:?}", here.compilation_errors());
             for (rule, message) in rules {
                 assert!(
                     message.len() > 20,
@@ -415,7 +403,10 @@ fn network_config_spec_defaults_are_the_documented_ones() {
     assert_eq!(d.pod_network.mtu, 1500);
     assert!(d.pod_network.masquerade);
     assert_eq!(d.service_network.service_cidr, "10.96.0.0/16");
-    assert_eq!((d.service_network.node_port_range.min, d.service_network.node_port_range.max), (30000, 32767));
+    assert_eq!(
+        (d.service_network.node_port_range.min, d.service_network.node_port_range.max),
+        (30000, 32767)
+    );
     assert_eq!(d.proxy.masquerade_bit, 14);
     assert_eq!(d.dns.cluster_domain, "cluster.local");
     assert_eq!(d.dns.service_ip, "10.96.0.10");

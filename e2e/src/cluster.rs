@@ -167,6 +167,9 @@ impl Cluster {
     /// Weft operator in Weft mode, and the nodes. Anything half-built is torn down on error.
     pub fn up(opts: &UpOptions) -> Result<Cluster> {
         state::validate_name(&opts.name)?;
+        if net::run("id", ["-u"]).map(|s| s.trim() != "0").unwrap_or(true) {
+            bail!("the local cluster needs root (it creates network namespaces, veths and bridges)");
+        }
         let dir = opts.dir.clone().unwrap_or_else(|| weft_dir().join(&opts.name));
         if ClusterState::state_file(&dir).exists() {
             bail!(
@@ -247,14 +250,21 @@ impl Cluster {
             "cluster {}: starting etcd and the control plane (API server on 127.0.0.1:{} and {}:{})",
             self.state.name, self.state.ports.apiserver, self.state.bridge_ip, self.state.ports.apiserver
         ));
-        let procs = controlplane::start(&self.state, &pki)?;
+        let procs = controlplane::start_apiserver(&self.state, &pki)?;
         let mut recs = Vec::new();
         for p in procs {
             recs.push(p.0.clone());
             self.record(p)?;
         }
         controlplane::wait_ready(&self.state, &recs, Duration::from_secs(180))?;
-        progress(format_args!("cluster {}: API server ready after {:.1?}", self.state.name, started.elapsed()));
+        progress(format_args!(
+            "cluster {}: API server ready after {:.1?}",
+            self.state.name,
+            started.elapsed()
+        ));
+        for p in controlplane::start_controllers(&self.state, &pki)? {
+            self.record(p)?;
+        }
         if opts.apply_crds {
             self.apply_crds()?;
         }
@@ -266,6 +276,7 @@ impl Cluster {
             let op = nodes::start_operator(&self.state)?;
             self.record(op)?;
         }
+        self.wait_controllers(Duration::from_secs(90))?;
         for _ in 0..opts.nodes {
             self.add_node()?;
         }
@@ -366,8 +377,13 @@ impl Cluster {
                     .collect(),
                 _ => Vec::new(),
             };
-            let missing: Vec<&str> =
-                self.state.nodes.iter().map(|n| n.name.as_str()).filter(|n| !ready.iter().any(|r| r == n)).collect();
+            let missing: Vec<&str> = self
+                .state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .filter(|n| !ready.iter().any(|r| r == n))
+                .collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -379,6 +395,26 @@ impl Cluster {
                 bail!("nodes not Ready after {timeout:?}: {} (see {})", missing.join(", "), logs.join(", "));
             }
             process::reap(&mut self.children);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until the controller-manager works: the `default` ServiceAccount of namespace
+    /// `default` exists (pods are rejected without it).
+    fn wait_controllers(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_processes()?;
+            let out = self.kubectl(&["get", "serviceaccount", "default", "-n", "default", "-o", "name"])?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the controller-manager did not create the default ServiceAccount within {timeout:?} (see {})",
+                    self.state.logs_dir().join("kube-controller-manager.log").display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
@@ -473,8 +509,17 @@ impl Cluster {
         process::terminate(&node_all, Duration::from_secs(5), &mut self.children);
         let mut control_all = control_pids.clone();
         control_all.extend(process::descendants(&control_pids));
-        process::terminate(&control_all, Duration::from_secs(5), &mut self.children);
+        process::terminate(&control_all, Duration::from_secs(3), &mut self.children);
 
+        // What a runner killed before tearing its pods down left: CNI DEL inside the node's
+        // namespace (so before deleting it), pod namespaces, /etc/netns files.
+        for n in &self.state.nodes {
+            if n.kubelet_state_dir.exists()
+                && let Err(e) = crate::kubelet::cleanup_state(&n.kubelet_state_dir)
+            {
+                tracing::warn!("cleaning up the pods of {}: {e:#}", n.name);
+            }
+        }
         // Pod namespaces (named by the runner, not by us) are found through their veth peers in
         // our node namespaces, or — hostNetwork pods — by being a node namespace themselves.
         let prefix = self.state.netns_prefix();
@@ -569,7 +614,9 @@ fn orphan_pod_namespaces(nodes: &[String]) -> Vec<String> {
     net::list_netns()
         .into_iter()
         .filter(|n| n.starts_with("wp-"))
-        .filter(|n| !process::netns_inode(n).is_some_and(|i| inodes.contains(&i)) && !net::links_into(n, nodes))
+        .filter(|n| {
+            !process::netns_inode(n).is_some_and(|i| inodes.contains(&i)) && !net::links_into(n, nodes)
+        })
         .collect()
 }
 

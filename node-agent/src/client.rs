@@ -55,13 +55,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
-    let mut agent = Agent {
-        plan: PlanState::load(&config.state_dir)?,
-        applied: false,
-        config,
-        metrics,
-        status,
-    };
+    let mut agent =
+        Agent { plan: PlanState::load(&config.state_dir)?, applied: false, config, metrics, status };
     if agent.plan.version != 0 {
         info!(version = agent.plan.version, "resuming from the saved plan");
         // The saved plan is what the node was programmed with; re-applying it is idempotent and

@@ -46,9 +46,21 @@ impl AgentMetrics {
             "Time to apply a plan message to the node",
             m.apply_duration.clone(),
         );
-        registry.register("agent_apply_errors", "Plan applications that failed (NACKed)", m.apply_errors.clone());
-        registry.register("agent_plan_generation", "Generation of the plan applied on this node", m.plan_generation.clone());
-        registry.register("agent_connected", "1 while the plan stream to the operator is open", m.connected.clone());
+        registry.register(
+            "agent_apply_errors",
+            "Plan applications that failed (NACKed)",
+            m.apply_errors.clone(),
+        );
+        registry.register(
+            "agent_plan_generation",
+            "Generation of the plan applied on this node",
+            m.plan_generation.clone(),
+        );
+        registry.register(
+            "agent_connected",
+            "1 while the plan stream to the operator is open",
+            m.connected.clone(),
+        );
         m
     }
 }

@@ -103,7 +103,8 @@ impl PlanState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => return Err(PlanError::Read { path, source }),
         };
-        let saved = pb::PlanMessage::decode(bytes.as_slice()).map_err(|source| PlanError::Decode { path, source })?;
+        let saved =
+            pb::PlanMessage::decode(bytes.as_slice()).map_err(|source| PlanError::Decode { path, source })?;
         let resources = match saved.body {
             Some(Body::Snapshot(s)) => s.resources.into_iter().map(|r| (r.key(), r)).collect(),
             _ => BTreeMap::new(),
@@ -116,7 +117,9 @@ impl PlanState {
         let message = pb::PlanMessage {
             version: self.version,
             generation: self.generation,
-            body: Some(Body::Snapshot(pb::Snapshot { resources: self.resources.values().cloned().collect() })),
+            body: Some(Body::Snapshot(pb::Snapshot {
+                resources: self.resources.values().cloned().collect(),
+            })),
             trace_context: Default::default(),
         };
         let path = Self::file(dir);

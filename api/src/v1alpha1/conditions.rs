@@ -109,9 +109,7 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut condition: Condition) 
     match conditions.iter_mut().find(|c| c.type_ == condition.type_) {
         Some(existing) => {
             if existing.status == condition.status {
-                condition
-                    .last_transition_time
-                    .clone_from(&existing.last_transition_time);
+                condition.last_transition_time.clone_from(&existing.last_transition_time);
             }
             if *existing == condition {
                 false
@@ -176,7 +174,8 @@ mod tests {
     #[test]
     fn identical_condition_is_no_change() {
         let mut conds = Vec::new();
-        let c = new_condition(types::EXHAUSTED, status_str(false), reasons::BLOCKS_AVAILABLE, "", Some(2), at(5));
+        let c =
+            new_condition(types::EXHAUSTED, status_str(false), reasons::BLOCKS_AVAILABLE, "", Some(2), at(5));
         assert!(set_condition(&mut conds, c.clone()));
         let mut later = c;
         later.last_transition_time = Time(at(50));

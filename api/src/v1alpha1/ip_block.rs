@@ -8,6 +8,9 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 /// One block of pod addresses, held by one node. Created and deleted by the operator only.
+// kube's printcolumn(...) entries repeat keys such as `type_`, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[kube(
     group = "weft.io",
@@ -20,7 +23,7 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     doc = "A block of pod IP addresses from an IPPool, held by one node. Managed by the Weft operator; do not edit.",
     validation = Rule::new(
-        "self.metadata.name == self.spec.cidr.replace('.', '-').replace(':', '-').replace('/', '-')"
+        "!has(self.spec.cidr) || self.metadata.name == self.spec.cidr.replace('.', '-').replace(':', '-').replace('/', '-')"
     ).message("an IPBlock must be named after its cidr with '.', ':' and '/' replaced by '-', e.g. 10-244-0-64-26 for 10.244.0.64/26"),
     printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr", description = "The block's address range"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool", description = "The IPPool the block belongs to"),
@@ -49,9 +52,7 @@ pub struct IPBlockSpec {
 /// The object name of the block `cidr`: `10.244.0.64/26` is named `10-244-0-64-26`.
 #[must_use]
 pub fn block_name(cidr: &str) -> String {
-    cidr.chars()
-        .map(|c| if matches!(c, '.' | ':' | '/') { '-' } else { c })
-        .collect()
+    cidr.chars().map(|c| if matches!(c, '.' | ':' | '/') { '-' } else { c }).collect()
 }
 
 impl IPBlock {
@@ -60,11 +61,7 @@ impl IPBlock {
     pub fn for_node(cidr: &str, pool: &str, node: &str) -> Self {
         Self::new(
             &block_name(cidr),
-            IPBlockSpec {
-                cidr: cidr.to_owned(),
-                pool: pool.to_owned(),
-                node: node.to_owned(),
-            },
+            IPBlockSpec { cidr: cidr.to_owned(), pool: pool.to_owned(), node: node.to_owned() },
         )
     }
 }

@@ -11,6 +11,9 @@ pub const DEFAULT_BLOCK_SIZE: u8 = 26;
 
 /// A range of pod IP addresses. The operator hands it out to nodes in blocks of `blockSize`
 /// (one `IPBlock` object per block); each node assigns its pods addresses from its blocks.
+// kube's printcolumn(...) entries repeat keys such as `type_`, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "weft.io",
@@ -23,21 +26,57 @@ pub const DEFAULT_BLOCK_SIZE: u8 = 26;
     status = "IPPoolStatus",
     derive = "PartialEq",
     doc = "A range of pod IP addresses that Weft hands to nodes in fixed-size blocks.",
-    printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr", description = "The pool's address range"),
-    printcolumn(name = "Block", type_ = "integer", json_path = ".spec.blockSize", description = "Prefix length of the blocks handed to nodes"),
-    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes", description = "Nodes holding at least one block of this pool"),
-    printcolumn(name = "Used", type_ = "integer", json_path = ".status.usedAddresses", description = "Addresses assigned to pods"),
-    printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeAddresses", description = "Addresses not assigned to pods (in allocated blocks or not yet allocated)"),
-    printcolumn(name = "%Used", type_ = "integer", json_path = ".status.usedPercent", description = "Percentage of the pool's addresses assigned to pods"),
+    printcolumn(
+        name = "CIDR",
+        type_ = "string",
+        json_path = ".spec.cidr",
+        description = "The pool's address range"
+    ),
+    printcolumn(
+        name = "Block",
+        type_ = "integer",
+        json_path = ".spec.blockSize",
+        description = "Prefix length of the blocks handed to nodes"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        json_path = ".status.nodes",
+        description = "Nodes holding at least one block of this pool"
+    ),
+    printcolumn(
+        name = "Used",
+        type_ = "integer",
+        json_path = ".status.usedAddresses",
+        description = "Addresses assigned to pods"
+    ),
+    printcolumn(
+        name = "Free",
+        type_ = "integer",
+        json_path = ".status.freeAddresses",
+        description = "Addresses not assigned to pods (in allocated blocks or not yet allocated)"
+    ),
+    printcolumn(
+        name = "%Used",
+        type_ = "integer",
+        json_path = ".status.usedPercent",
+        description = "Percentage of the pool's addresses assigned to pods"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Blocks", type_ = "string", json_path = ".status.blocks", description = "Allocated blocks out of all blocks", priority = 1),
+    printcolumn(
+        name = "Blocks",
+        type_ = "string",
+        json_path = ".status.blocks",
+        description = "Allocated blocks out of all blocks",
+        priority = 1
+    ),
     printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled", priority = 1)
 )]
 #[x_kube(validation = Rule::new(
-    "!isCIDR(self.cidr) || (self.blockSize >= cidr(self.cidr).prefixLength() && self.blockSize <= (cidr(self.cidr).ip().family() == 4 ? 32 : 128))"
+    "!has(self.cidr) || !isCIDR(self.cidr) || cidr(self.cidr).ip().family() != 4 || (self.blockSize >= cidr(self.cidr).prefixLength() && self.blockSize <= 32)"
 ).message("blockSize must be between the pool's prefix length and 32, e.g. 26 for a /16 pool").field_path(".blockSize"))]
 #[x_kube(validation = Rule::new(
-    "!has(self.reserved) || !isCIDR(self.cidr) || self.reserved.all(r, !isCIDR(r) || cidr(self.cidr).containsCIDR(r))"
+    "!has(self.reserved) || !has(self.cidr) || !isCIDR(self.cidr) || self.reserved.all(r, !isCIDR(r) || cidr(self.cidr).containsCIDR(r))"
 ).message("every reserved range must lie inside the pool's cidr").field_path(".reserved"))]
 #[serde(rename_all = "camelCase")]
 pub struct IPPoolSpec {

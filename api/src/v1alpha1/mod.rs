@@ -19,12 +19,12 @@ pub use ip_block::{IPBlock, IPBlockSpec, block_name};
 pub use ip_pool::{IPPool, IPPoolSpec, IPPoolStatus};
 pub use network_config::{
     CniSettings, DnsSettings, Encapsulation, IngressSettings, NETWORK_CONFIG_NAME, NetworkConfig,
-    NetworkConfigSpec, NetworkConfigStatus, NodePlanState, PodNetwork, PodRecords, PortRange,
-    ProxyMode, ProxySettings, ServiceNetwork, StubDomain,
+    NetworkConfigSpec, NetworkConfigStatus, NodePlanState, PodNetwork, PodRecords, PortRange, ProxyMode,
+    ProxySettings, ServiceNetwork, StubDomain,
 };
 pub use proxy_policy::{
-    AffinityMode, MasqueradeMode, ProxyPolicy, ProxyPolicySpec, ProxyPolicyStatus,
-    SessionAffinity, TopologyMode, TopologyPreference,
+    AffinityMode, MasqueradeMode, ProxyPolicy, ProxyPolicySpec, ProxyPolicyStatus, SessionAffinity,
+    TopologyMode, TopologyPreference,
 };
 
 /// The API group of every Weft resource.
@@ -38,12 +38,7 @@ pub const REGENERATE_COMMAND: &str = "make crds";
 /// Every Weft CRD, in a stable order.
 #[must_use]
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![
-        NetworkConfig::crd(),
-        IPPool::crd(),
-        IPBlock::crd(),
-        ProxyPolicy::crd(),
-    ]
+    vec![NetworkConfig::crd(), IPPool::crd(), IPBlock::crd(), ProxyPolicy::crd()]
 }
 
 /// Rendering a CRD to YAML failed.
@@ -80,10 +75,7 @@ pub fn render_crd_files() -> Result<Vec<CrdFile>, RenderError> {
 /// When the CRD cannot be serialized.
 pub fn render_crd_file(crd: &CustomResourceDefinition) -> Result<CrdFile, RenderError> {
     let name = crd.metadata.name.clone().unwrap_or_default();
-    let yaml = serde_yaml::to_string(crd).map_err(|source| RenderError {
-        name: name.clone(),
-        source,
-    })?;
+    let yaml = serde_yaml::to_string(crd).map_err(|source| RenderError { name: name.clone(), source })?;
     Ok(CrdFile {
         file_name: format!("{name}.yaml"),
         content: format!(

@@ -113,6 +113,9 @@ pub const MAX_LAGGING_NODES: usize = 20;
 ///
 /// Weft reads the one `NetworkConfig` named `default`; every section has defaults, so
 /// `spec: {}` is a complete configuration.
+// kube's printcolumn(...) entries repeat keys such as `type_`, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "weft.io",
@@ -246,10 +249,7 @@ pub struct PortRange {
 
 impl Default for PortRange {
     fn default() -> Self {
-        Self {
-            min: defaults::node_port_min(),
-            max: defaults::node_port_max(),
-        }
+        Self { min: defaults::node_port_min(), max: defaults::node_port_max() }
     }
 }
 

@@ -12,6 +12,9 @@ pub const MAX_MATCHED_SERVICES: usize = 100;
 
 /// Proxy behaviour for the Services it selects in its namespace. When two policies select one
 /// Service, the older policy wins and the newer one reports `Conflicted`.
+// kube's printcolumn(...) entries repeat keys such as `type_`, which clippy mistakes for
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "weft.io",
@@ -25,8 +28,18 @@ pub const MAX_MATCHED_SERVICES: usize = 100;
     status = "ProxyPolicyStatus",
     derive = "PartialEq",
     doc = "How Weft's node agents proxy the Services this policy selects in its namespace.",
-    printcolumn(name = "Matched", type_ = "integer", json_path = ".status.matchedCount", description = "Services this policy applies to"),
-    printcolumn(name = "Conflicted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Conflicted\")].status", description = "Whether an older policy selects some of the same Services"),
+    printcolumn(
+        name = "Matched",
+        type_ = "integer",
+        json_path = ".status.matchedCount",
+        description = "Services this policy applies to"
+    ),
+    printcolumn(
+        name = "Conflicted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Conflicted\")].status",
+        description = "Whether an older policy selects some of the same Services"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

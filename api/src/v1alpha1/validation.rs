@@ -25,13 +25,7 @@ pub fn ip_or_ip_port_rule() -> String {
         .to_owned()
 }
 
-fn string_list(
-    max_items: u32,
-    max_length: u32,
-    list_type: &str,
-    rule: &str,
-    message: &str,
-) -> Schema {
+fn string_list(max_items: u32, max_length: u32, list_type: &str, rule: &str, message: &str) -> Schema {
     json_schema!({
         "type": "array",
         "maxItems": max_items,

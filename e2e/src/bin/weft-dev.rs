@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -26,7 +26,11 @@ use weft_e2e::cluster::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "weft-dev", version, about = "A local Kubernetes (real control plane, nodes and pods as network namespaces) for developing and testing Weft")]
+#[command(
+    name = "weft-dev",
+    version,
+    about = "A local Kubernetes (real control plane, nodes and pods as network namespaces) for developing and testing Weft"
+)]
 struct Cli {
     /// The cluster to act on (status, node, pod).
     #[arg(long, global = true, default_value = "dev", env = "WEFT_DEV_CLUSTER")]
@@ -331,7 +335,10 @@ fn status(name: &str) -> Result<()> {
             println!("  {:<26} pid {:<8} {state:<12} {}{ns}", p.name, p.pid, p.log.display());
         }
         for n in &s.nodes {
-            println!("  node {:<10} {:<15} {:<7} pods {:<15} netns {}", n.name, n.ip, n.zone, n.pod_cidr, n.netns);
+            println!(
+                "  node {:<10} {:<15} {:<7} pods {:<15} netns {}",
+                n.name, n.ip, n.zone, n.pod_cidr, n.netns
+            );
         }
         if s.name == name
             && let Ok(o) = c.kubectl(&["get", "nodes", "-o", "wide"])
@@ -362,18 +369,20 @@ async fn pod(cluster_name: &str, cmd: PodCmd) -> Result<ExitCode> {
                 .with_context(|| format!("creating pod {namespace}/{name}"))?;
             println!("pod/{name} created");
             if !no_wait {
-                let pod = wait_for(&format!("pod {namespace}/{name} to run"), Duration::from_secs(90), || {
-                    let pods = pods.clone();
-                    let name = name.clone();
-                    async move {
-                        let p = pods.get(&name).await?;
-                        let running = p.status.as_ref().is_some_and(|s| {
-                            s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
-                        });
-                        Ok(running.then_some(p))
-                    }
-                })
-                .await?;
+                let pod =
+                    wait_for(&format!("pod {namespace}/{name} to run"), Duration::from_secs(90), || {
+                        let pods = pods.clone();
+                        let name = name.clone();
+                        async move {
+                            let p = pods.get(&name).await?;
+                            let running = p
+                                .status
+                                .as_ref()
+                                .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some());
+                            Ok(running.then_some(p))
+                        }
+                    })
+                    .await?;
                 let node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
                 let ip = pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
                 println!("pod/{name} is running on {node} with IP {ip}");
@@ -384,17 +393,28 @@ async fn pod(cluster_name: &str, cmd: PodCmd) -> Result<ExitCode> {
                 .get(&pod)
                 .await
                 .with_context(|| format!("getting pod {namespace}/{pod}"))?;
-            let node_name = p.spec.and_then(|s| s.node_name).context("the pod is not scheduled to a node yet")?;
-            let node = c
-                .state()
-                .node(&node_name)
-                .with_context(|| format!("node {node_name} is not part of cluster {cluster_name}"))?
-                .clone();
-            let out = weft_e2e::kubelet::exec_in_pod(&node.kubelet_state_dir, &namespace, &pod, &command).await?;
-            use std::io::Write as _;
-            std::io::stdout().write_all(&out.stdout)?;
-            std::io::stderr().write_all(&out.stderr)?;
-            let code = out.status.code().unwrap_or(1);
+            let node_name = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .context("the pod is not scheduled to a node yet")?;
+            // The runner's naming rule gives the pod's network namespace; run with the caller's
+            // stdio so that interactive commands work.
+            let uid = p.metadata.uid.clone().context("the pod has no UID")?;
+            let spec = p.spec.unwrap_or_default();
+            let hostname = if spec.host_network.unwrap_or(false) {
+                node_name.clone()
+            } else {
+                spec.hostname.clone().unwrap_or_else(|| pod.clone())
+            };
+            let netns = weft_e2e::kubelet::pod_netns_name(&uid);
+            if !Path::new("/run/netns").join(&netns).exists() {
+                bail!("pod {namespace}/{pod} on {node_name} has no network namespace {netns} (yet)");
+            }
+            let status = weft_e2e::kubelet::pod_exec_command(&netns, &hostname, &command)
+                .status()
+                .with_context(|| format!("running {command:?} in pod {namespace}/{pod}"))?;
+            let code = status.code().unwrap_or(1);
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
         PodCmd::Delete { pod, namespace } => {

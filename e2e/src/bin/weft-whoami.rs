@@ -30,9 +30,7 @@ struct Options {
 
 /// Parses Go `flag`-style arguments.
 fn parse_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Options, String> {
-    let mut port = env("WHOAMI_PORT_NUMBER")
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "80".into());
+    let mut port = env("WHOAMI_PORT_NUMBER").filter(|s| !s.is_empty()).unwrap_or_else(|| "80".into());
     let mut name = env("WHOAMI_NAME").unwrap_or_default();
     let mut verbose = false;
     let mut i = 0;
@@ -45,14 +43,12 @@ fn parse_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<O
             Some((k, v)) => (k, Some(v.to_string())),
             None => (flag, None),
         };
-        let mut value = |i: &mut usize| -> Result<String, String> {
+        let value = |i: &mut usize| -> Result<String, String> {
             if let Some(v) = inline.clone() {
                 return Ok(v);
             }
             *i += 1;
-            args.get(*i)
-                .cloned()
-                .ok_or_else(|| format!("flag needs an argument: -{key}"))
+            args.get(*i).cloned().ok_or_else(|| format!("flag needs an argument: -{key}"))
         };
         match key {
             "port" => port = value(&mut i)?,
@@ -75,14 +71,8 @@ fn parse_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<O
         }
         i += 1;
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| format!("invalid port {port:?}"))?;
-    Ok(Options {
-        port,
-        name,
-        verbose,
-    })
+    let port = port.parse::<u16>().map_err(|_| format!("invalid port {port:?}"))?;
+    Ok(Options { port, name, verbose })
 }
 
 /// A parsed request head.
@@ -97,10 +87,7 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     fn path(&self) -> &str {
@@ -117,11 +104,7 @@ impl Request {
 
     fn keep_alive(&self) -> bool {
         let conn = self.header("connection").unwrap_or("").to_ascii_lowercase();
-        if self.proto == "HTTP/1.0" {
-            conn.contains("keep-alive")
-        } else {
-            !conn.contains("close")
-        }
+        if self.proto == "HTTP/1.0" { conn.contains("keep-alive") } else { !conn.contains("close") }
     }
 }
 
@@ -175,12 +158,7 @@ fn parse_head(head: &str) -> Result<Request, String> {
         let (k, v) = l.split_once(':').ok_or_else(|| format!("malformed header {l:?}"))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
-    Ok(Request {
-        method: method.to_string(),
-        target: target.to_string(),
-        proto: proto.to_string(),
-        headers,
-    })
+    Ok(Request { method: method.to_string(), target: target.to_string(), proto: proto.to_string(), headers })
 }
 
 /// Go's `CanonicalMIMEHeaderKey`.
@@ -188,11 +166,7 @@ fn canonical(name: &str) -> String {
     let mut upper = true;
     name.chars()
         .map(|c| {
-            let out = if upper {
-                c.to_ascii_uppercase()
-            } else {
-                c.to_ascii_lowercase()
-            };
+            let out = if upper { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() };
             upper = c == '-';
             out
         })
@@ -203,20 +177,15 @@ fn canonical(name: &str) -> String {
 fn request_dump(req: &Request, body: &[u8]) -> Vec<u8> {
     let mut out = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
     out.push_str(&format!("Host: {}\r\n", req.header("host").unwrap_or("")));
-    out.push_str(&format!(
-        "User-Agent: {}\r\n",
-        req.header("user-agent").unwrap_or("Go-http-client/1.1")
-    ));
+    out.push_str(&format!("User-Agent: {}\r\n", req.header("user-agent").unwrap_or("Go-http-client/1.1")));
     if !body.is_empty() {
         out.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     let mut sorted: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for (k, v) in &req.headers {
         let key = canonical(k);
-        if matches!(
-            key.as_str(),
-            "Host" | "User-Agent" | "Content-Length" | "Transfer-Encoding" | "Trailer"
-        ) {
+        if matches!(key.as_str(), "Host" | "User-Agent" | "Content-Length" | "Transfer-Encoding" | "Trailer")
+        {
             continue;
         }
         sorted.entry(key).or_default().push(v);
@@ -297,9 +266,7 @@ fn interface_ips(
         } else {
             routes
                 .iter()
-                .filter(|(_, dst, mask)| {
-                    u32::from(ip) & u32::from(*mask) == u32::from(*dst)
-                })
+                .filter(|(_, dst, mask)| u32::from(ip) & u32::from(*mask) == u32::from(*dst))
                 .max_by_key(|(_, _, mask)| u32::from(*mask).count_ones())
                 .map(|(i, _, _)| i.clone())
         };
@@ -322,11 +289,7 @@ fn current_ips() -> Vec<IpAddr> {
         if name == "lo" {
             return Some(1);
         }
-        std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex")).ok()?.trim().parse().ok()
     };
     interface_ips(
         &read("/proc/net/fib_trie"),
@@ -337,9 +300,7 @@ fn current_ips() -> Vec<IpAddr> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Go's `time.ParseDuration` for the usual forms (`1s`, `500ms`, `1m30s`, `1.5s`).
@@ -350,14 +311,10 @@ fn parse_duration(s: &str) -> Option<Duration> {
         return None;
     }
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let n: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let mult = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -417,19 +374,13 @@ struct ApiData {
 }
 
 fn truthy(v: Option<String>) -> bool {
-    matches!(
-        v.as_deref(),
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True")
-    )
+    matches!(v.as_deref(), Some("1" | "t" | "T" | "true" | "TRUE" | "True"))
 }
 
 impl Server {
     async fn handle(&self, req: &Request, body: &[u8], remote: SocketAddr) -> Response {
-        let text = |status: u16, body: Vec<u8>| Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body,
-        };
+        let text =
+            |status: u16, body: Vec<u8>| Response { status, content_type: "text/plain; charset=utf-8", body };
         match req.path() {
             "/bench" => text(200, b"1".to_vec()),
             "/health" => {
@@ -447,10 +398,7 @@ impl Server {
                 }
             }
             "/data" => {
-                let size = req
-                    .query("size")
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(1);
+                let size = req.query("size").and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
                 let mult: u64 = match req.query("unit").unwrap_or_default().to_ascii_lowercase().as_str() {
                     "kb" => 1 << 10,
                     "mb" => 1 << 20,
@@ -462,9 +410,7 @@ impl Server {
                     return text(413, b"size too large for weft-whoami\n".to_vec());
                 }
                 let len = usize::try_from(total).unwrap_or(0);
-                let body: Vec<u8> = (0..len)
-                    .map(|i| if i % 64 == 63 { b'\n' } else { b'|' })
-                    .collect();
+                let body: Vec<u8> = (0..len).map(|i| if i % 64 == 63 { b'\n' } else { b'|' }).collect();
                 text(200, body)
             }
             "/echo" => text(501, b"websocket echo is not supported by weft-whoami\n".to_vec()),
@@ -473,11 +419,8 @@ impl Server {
                 for (k, v) in req.headers.iter().filter(|(k, _)| !k.eq_ignore_ascii_case("host")) {
                     headers.entry(canonical(k)).or_default().push(v.clone());
                 }
-                let environ = if truthy(req.query("env")) {
-                    std::env::vars().collect()
-                } else {
-                    BTreeMap::new()
-                };
+                let environ =
+                    if truthy(req.query("env")) { std::env::vars().collect() } else { BTreeMap::new() };
                 let data = ApiData {
                     hostname: hostname(),
                     ip: current_ips().iter().map(ToString::to_string).collect(),
@@ -491,11 +434,7 @@ impl Server {
                 };
                 let mut body = serde_json::to_vec(&data).unwrap_or_default();
                 body.push(b'\n');
-                Response {
-                    status: 200,
-                    content_type: "application/json",
-                    body,
-                }
+                Response { status: 200, content_type: "application/json", body }
             }
             _ => {
                 if let Some(d) = req.query("wait").as_deref().and_then(parse_duration) {
@@ -510,23 +449,21 @@ impl Server {
                     out.push_str(&format!("IP: {ip}\n"));
                 }
                 out.push_str(&format!("RemoteAddr: {remote}\n"));
-                let mut body = out.into_bytes();
-                body.extend(request_dump(req, body));
+                let mut page = out.into_bytes();
+                page.extend(request_dump(req, body));
                 if truthy(req.query("env")) {
                     for (k, v) in std::env::vars() {
-                        body.extend(format!("{k}={v}\n").into_bytes());
+                        page.extend(format!("{k}={v}\n").into_bytes());
                     }
                 }
-                text(200, body)
+                text(200, page)
             }
         }
     }
 }
 
 fn body_len(req: &Request) -> usize {
-    req.header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn write_response(resp: &Response, keep_alive: bool, head_only: bool) -> Vec<u8> {
@@ -583,10 +520,7 @@ async fn serve_conn(server: Arc<Server>, mut stream: TcpStream, remote: SocketAd
                 return;
             }
         };
-        if req
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
+        if req.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             let resp = Response {
                 status: 501,
                 content_type: "text/plain; charset=utf-8",
@@ -597,11 +531,7 @@ async fn serve_conn(server: Arc<Server>, mut stream: TcpStream, remote: SocketAd
         }
         let len = body_len(&req);
         if len > MAX_BODY {
-            let resp = Response {
-                status: 413,
-                content_type: "text/plain; charset=utf-8",
-                body: Vec::new(),
-            };
+            let resp = Response { status: 413, content_type: "text/plain; charset=utf-8", body: Vec::new() };
             let _ = stream.write_all(&write_response(&resp, false, false)).await;
             return;
         }
@@ -615,13 +545,7 @@ async fn serve_conn(server: Arc<Server>, mut stream: TcpStream, remote: SocketAd
         let body: Vec<u8> = buf.drain(..len).collect();
         let resp = server.handle(&req, &body, remote).await;
         if server.opts.verbose {
-            println!(
-                "{remote} - - \"{} {} {}\" {}",
-                req.method,
-                req.path(),
-                req.proto,
-                resp.status
-            );
+            println!("{remote} - - \"{} {} {}\" {}", req.method, req.path(), req.proto, resp.status);
         }
         let keep_alive = req.keep_alive();
         let bytes = write_response(&resp, keep_alive, req.method == "HEAD");
@@ -656,10 +580,7 @@ async fn main() -> ExitCode {
         }
     };
     println!("Starting up on port {}", opts.port);
-    let server = Arc::new(Server {
-        opts,
-        health: AtomicU16::new(200),
-    });
+    let server = Arc::new(Server { opts, health: AtomicU16::new(200) });
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
@@ -739,10 +660,8 @@ mod tests {
             "eth0" => Some(3),
             _ => None,
         };
-        let ips: Vec<String> = interface_ips(fib, routes, inet6, &idx)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let ips: Vec<String> =
+            interface_ips(fib, routes, inet6, &idx).iter().map(ToString::to_string).collect();
         if cfg!(target_endian = "little") {
             assert_eq!(ips, ["127.0.0.1", "::1", "10.244.1.5", "fe80::c6b:4dff:fe3a:4e5e"]);
         }
@@ -762,11 +681,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Arc::new(Server {
-            opts: Options {
-                port: addr.port(),
-                name: "n1".into(),
-                verbose: false,
-            },
+            opts: Options { port: addr.port(), name: "n1".into(), verbose: false },
             health: AtomicU16::new(200),
         });
         tokio::spawn(async move {

@@ -39,8 +39,8 @@ pub fn check_ports_free(state: &ClusterState) -> Result<()> {
     Ok(())
 }
 
-/// Starts the four control-plane processes; the caller records them and waits for readiness.
-pub fn start(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecord, Child)>> {
+/// Starts etcd and the API server; the caller records them and waits for readiness.
+pub fn start_apiserver(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecord, Child)>> {
     let bin = &state.tools_bin_dir;
     let logs = state.logs_dir();
     let dir = &state.dir;
@@ -89,7 +89,18 @@ pub fn start(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecord, Child)>
             .arg("--v=1")
             .spawn()?,
     );
+    Ok(started)
+}
 
+/// Starts kube-controller-manager and kube-scheduler, once the API server is ready (they read
+/// their authentication configuration from it at start).
+pub fn start_controllers(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecord, Child)>> {
+    let bin = &state.tools_bin_dir;
+    let logs = state.logs_dir();
+    let dir = &state.dir;
+    let p = state.ports;
+    let ca = pki.ca();
+    let mut started = Vec::new();
     let cm = pki.client("controller-manager", "system:kube-controller-manager", None)?;
     let cm_kubeconfig = dir.join("controller-manager.kubeconfig");
     write_kubeconfig(&cm_kubeconfig, &state.name, &loopback_server(state), &ca.cert, &cm)?;
@@ -191,7 +202,10 @@ fn kubectl_raw(state: &ClusterState, path: &str) -> Result<String> {
 pub fn check_tools(bin: &Path) -> Result<()> {
     for b in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"] {
         if !bin.join(b).is_file() {
-            bail!("{} is missing; run `bash e2e/tools/install.sh` (it builds the pinned binaries)", bin.join(b).display());
+            bail!(
+                "{} is missing; run `bash e2e/tools/install.sh` (it builds the pinned binaries)",
+                bin.join(b).display()
+            );
         }
     }
     Ok(())

@@ -167,19 +167,23 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     if !agent.is_file() {
         bail!("{} is missing; build it with `cargo build --workspace --bins`", agent.display());
     }
-    Launch::new(format!("agent-{}", node.name), agent, state.logs_dir().join(format!("agent-{}.log", node.name)))
-        .netns(&node.netns)
-        .args(["--node-name", &node.name])
-        .args(["--operator", &format!("http://{}:{PLAN_PORT}", state.bridge_ip)])
-        .arg("--state-dir")
-        .arg(&node.agent_state_dir)
-        .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
-        .env("KUBECONFIG", &node.kubeconfig)
-        .env("WEFT_CNI_CONF_DIR", &node.cni_conf_dir)
-        .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)
-        .env("PATH", path_env(state))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .spawn()
+    Launch::new(
+        format!("agent-{}", node.name),
+        agent,
+        state.logs_dir().join(format!("agent-{}.log", node.name)),
+    )
+    .netns(&node.netns)
+    .args(["--node-name", &node.name])
+    .args(["--operator", &format!("http://{}:{PLAN_PORT}", state.bridge_ip)])
+    .arg("--state-dir")
+    .arg(&node.agent_state_dir)
+    .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
+    .env("KUBECONFIG", &node.kubeconfig)
+    .env("WEFT_CNI_CONF_DIR", &node.cni_conf_dir)
+    .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)
+    .env("PATH", path_env(state))
+    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+    .spawn()
 }
 
 /// Starts `weft-operator` in the root namespace (Weft mode).

@@ -61,7 +61,23 @@ impl Pki {
         let pki = Pki { dir: dir.to_path_buf() };
         let ca = pki.ca();
         genkey(&ca.key)?;
-        openssl(&[&"req", &"-x509", &"-new", &"-key", &ca.key, &"-subj", &format!("/CN=weft-{cluster}-ca"), &"-days", &"3650", &"-addext", &"basicConstraints=critical,CA:TRUE", &"-addext", &"keyUsage=critical,keyCertSign,cRLSign,digitalSignature", &"-out", &ca.cert])?;
+        openssl(&[
+            &"req",
+            &"-x509",
+            &"-new",
+            &"-key",
+            &ca.key,
+            &"-subj",
+            &format!("/CN=weft-{cluster}-ca"),
+            &"-days",
+            &"3650",
+            &"-addext",
+            &"basicConstraints=critical,CA:TRUE",
+            &"-addext",
+            &"keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            &"-out",
+            &ca.cert,
+        ])?;
         let mut sans = String::from(
             "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,\
              DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1",
@@ -73,7 +89,15 @@ impl Pki {
         pki.issue("admin", "weft-admin", Some("system:masters"), Usage::Client)?;
         pki.issue("controller-manager", "system:kube-controller-manager", None, Usage::Client)?;
         pki.issue("scheduler", "system:kube-scheduler", None, Usage::Client)?;
-        openssl(&[&"genpkey", &"-algorithm", &"RSA", &"-pkeyopt", &"rsa_keygen_bits:2048", &"-out", &pki.sa_key()])?;
+        openssl(&[
+            &"genpkey",
+            &"-algorithm",
+            &"RSA",
+            &"-pkeyopt",
+            &"rsa_keygen_bits:2048",
+            &"-out",
+            &pki.sa_key(),
+        ])?;
         openssl(&[&"pkey", &"-in", &pki.sa_key(), &"-pubout", &"-out", &pki.sa_pub()])?;
         Ok(pki)
     }
@@ -102,7 +126,22 @@ impl Pki {
             }
         }
         fs::write(&ext, ext_text)?;
-        openssl(&[&"x509", &"-req", &"-in", &csr, &"-CA", &ca.cert, &"-CAkey", &ca.key, &"-days", &"825", &"-extfile", &ext, &"-out", &pair.cert])?;
+        openssl(&[
+            &"x509",
+            &"-req",
+            &"-in",
+            &csr,
+            &"-CA",
+            &ca.cert,
+            &"-CAkey",
+            &ca.key,
+            &"-days",
+            &"825",
+            &"-extfile",
+            &ext,
+            &"-out",
+            &pair.cert,
+        ])?;
         let _ = fs::remove_file(csr);
         let _ = fs::remove_file(ext);
         Ok(pair)
@@ -121,7 +160,13 @@ fn genkey(path: &Path) -> Result<()> {
 }
 
 /// Writes a kubeconfig for `server` authenticating with `client`.
-pub fn write_kubeconfig(path: &Path, cluster: &str, server: &str, ca: &Path, client: &CertPair) -> Result<()> {
+pub fn write_kubeconfig(
+    path: &Path,
+    cluster: &str,
+    server: &str,
+    ca: &Path,
+    client: &CertPair,
+) -> Result<()> {
     let text = format!(
         "apiVersion: v1\n\
          kind: Config\n\

@@ -265,7 +265,9 @@ pub fn registered() -> Vec<(u8, RegistryEntry)> {
 /// whose state is gone and whose bridge no longer exists).
 pub fn claim_index(_lock: &RegistryLock, name: &str, dir: &Path) -> Result<u8> {
     if let Some((idx, _)) = registered().into_iter().find(|(_, e)| e.name == name) {
-        bail!("a cluster named {name} is already registered (index {idx}); run `weft-dev down --name {name}` first");
+        bail!(
+            "a cluster named {name} is already registered (index {idx}); run `weft-dev down --name {name}` first"
+        );
     }
     for idx in 1..=254u8 {
         let free = match read_entry(idx) {

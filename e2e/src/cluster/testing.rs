@@ -108,7 +108,8 @@ impl std::fmt::Debug for TestCluster {
     }
 }
 
-static SHARED: tokio::sync::OnceCell<std::result::Result<Arc<Inner>, String>> = tokio::sync::OnceCell::const_new();
+static SHARED: tokio::sync::OnceCell<std::result::Result<Arc<Inner>, String>> =
+    tokio::sync::OnceCell::const_new();
 
 impl TestCluster {
     /// Brings up a cluster of its own (unique name, own bridge and ports), torn down when the
@@ -122,7 +123,9 @@ impl TestCluster {
     /// options are ignored). Tests sharing it isolate themselves with [`TestCluster::namespace`].
     pub async fn shared(opts: TestOptions) -> Result<TestCluster> {
         let inner = SHARED
-            .get_or_init(|| async move { start_inner(opts, false).await.map(Arc::new).map_err(|e| format!("{e:#}")) })
+            .get_or_init(|| async move {
+                start_inner(opts, false).await.map(Arc::new).map_err(|e| format!("{e:#}"))
+            })
             .await
             .clone()
             .map_err(|e| anyhow::anyhow!("the shared test cluster failed to start: {e}"))?;
@@ -224,7 +227,7 @@ impl TestCluster {
     }
 
     /// Creates a Pod and waits until it runs with an IP and is Ready.
-    pub async fn run_pod(&self, opts: &PodOptions) -> Result<Pod> {
+    pub async fn run_pod(&self, opts: PodOptions) -> Result<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.client(), &opts.namespace);
         pods.create(&PostParams::default(), &opts.to_pod())
             .await
@@ -260,8 +263,13 @@ impl TestCluster {
             .get(pod)
             .await
             .with_context(|| format!("getting pod {namespace}/{pod}"))?;
-        let node_name = p.spec.and_then(|s| s.node_name).with_context(|| format!("pod {namespace}/{pod} is not scheduled"))?;
-        let node = state.node(&node_name).with_context(|| format!("node {node_name} is not part of this cluster"))?;
+        let node_name = p
+            .spec
+            .and_then(|s| s.node_name)
+            .with_context(|| format!("pod {namespace}/{pod} is not scheduled"))?;
+        let node = state
+            .node(&node_name)
+            .with_context(|| format!("node {node_name} is not part of this cluster"))?;
         let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
         crate::kubelet::exec_in_pod(&node.kubelet_state_dir, namespace, pod, &cmd).await
     }
@@ -287,7 +295,13 @@ impl TestCluster {
     }
 
     /// `dig +short <name> <type>` from inside a pod (with the pod's resolv.conf); the answers.
-    pub async fn dig_from_pod(&self, namespace: &str, pod: &str, name: &str, rtype: &str) -> Result<Vec<String>> {
+    pub async fn dig_from_pod(
+        &self,
+        namespace: &str,
+        pod: &str,
+        name: &str,
+        rtype: &str,
+    ) -> Result<Vec<String>> {
         let out = self
             .exec_ok(namespace, pod, &["dig", "+short", "+time=2", "+tries=2", "+search", name, rtype])
             .await?;
@@ -454,7 +468,14 @@ impl Drop for TestNamespace {
         let _ = std::process::Command::new(self.state.kubectl_bin())
             .arg("--kubeconfig")
             .arg(self.state.admin_kubeconfig())
-            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found", "--request-timeout=10s"])
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+                "--request-timeout=10s",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -75,11 +75,7 @@ impl std::error::Error for CniError {}
 
 pub(crate) fn parse_version(v: &str) -> (u64, u64, u64) {
     let mut it = v.trim().split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    (
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-    )
+    (it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 /// The configuration file a runtime uses: the first `*.conflist`, `*.conf` or `*.json` of `dir`
@@ -95,10 +91,7 @@ pub(crate) fn find_config(dir: &Path) -> std::io::Result<Option<PathBuf>> {
         .map(|e| e.path())
         .filter(|p| {
             p.is_file()
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("conflist" | "conf" | "json")
-                )
+                && matches!(p.extension().and_then(|e| e.to_str()), Some("conflist" | "conf" | "json"))
         })
         .collect();
     files.sort();
@@ -113,11 +106,7 @@ pub(crate) fn load_config(path: &Path) -> Result<NetworkConfigList, String> {
     parse_config(&text, single, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-pub(crate) fn parse_config(
-    text: &str,
-    single: bool,
-    source: &Path,
-) -> Result<NetworkConfigList, String> {
+pub(crate) fn parse_config(text: &str, single: bool, source: &Path) -> Result<NetworkConfigList, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err("the configuration is not a JSON object".into());
@@ -132,10 +121,8 @@ pub(crate) fn parse_config(
     let plugins = if single {
         vec![obj.clone()]
     } else {
-        let list = obj
-            .get("plugins")
-            .and_then(Value::as_array)
-            .ok_or("a .conflist needs a \"plugins\" array")?;
+        let list =
+            obj.get("plugins").and_then(Value::as_array).ok_or("a .conflist needs a \"plugins\" array")?;
         list.iter()
             .map(|p| p.as_object().cloned().ok_or("a plugin entry is not an object"))
             .collect::<Result<Vec<_>, _>>()?
@@ -148,12 +135,7 @@ pub(crate) fn parse_config(
             return Err("a plugin has no \"type\"".into());
         }
     }
-    Ok(NetworkConfigList {
-        name,
-        cni_version,
-        plugins,
-        source: source.to_path_buf(),
-    })
+    Ok(NetworkConfigList { name, cni_version, plugins, source: source.to_path_buf() })
 }
 
 /// `cniVersion`, or with a `cniVersions` array (spec 1.1) the highest version this runtime speaks.
@@ -170,9 +152,7 @@ fn pick_version(obj: &Map<String, Value>) -> Result<String, String> {
     }
     match obj.get("cniVersion").and_then(Value::as_str) {
         Some(v) if parse_version(v) <= RUNTIME_VERSION => Ok(v.to_string()),
-        Some(v) => Err(format!(
-            "cniVersion {v} is newer than this runtime's 1.1.0"
-        )),
+        Some(v) => Err(format!("cniVersion {v} is newer than this runtime's 1.1.0")),
         None => Err("the configuration has no \"cniVersion\"".into()),
     }
 }
@@ -230,15 +210,8 @@ pub(crate) fn plugin_env(
     rt: Option<&RuntimeConf>,
     bin_dirs: &[PathBuf],
 ) -> Vec<(String, String)> {
-    let path = bin_dirs
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    let mut env = vec![
-        ("CNI_COMMAND".to_string(), command.to_string()),
-        ("CNI_PATH".to_string(), path),
-    ];
+    let path = bin_dirs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let mut env = vec![("CNI_COMMAND".to_string(), command.to_string()), ("CNI_PATH".to_string(), path)];
     if let Some(rt) = rt {
         env.push(("CNI_CONTAINERID".into(), rt.container_id.clone()));
         env.push(("CNI_NETNS".into(), rt.netns.clone()));
@@ -265,16 +238,8 @@ pub(crate) fn parse_error(
     };
     if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(stdout) {
         err.code = obj.get("code").and_then(Value::as_u64);
-        err.msg = obj
-            .get("msg")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        err.details = obj
-            .get("details")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        err.msg = obj.get("msg").and_then(Value::as_str).unwrap_or_default().to_string();
+        err.details = obj.get("details").and_then(Value::as_str).unwrap_or_default().to_string();
     }
     if err.msg.is_empty() {
         let text = String::from_utf8_lossy(stderr).trim().to_string();
@@ -300,10 +265,7 @@ impl Exec {
         if plugin.contains('/') {
             return None;
         }
-        self.bin_dirs
-            .iter()
-            .map(|d| d.join(plugin))
-            .find(|p| p.is_file())
+        self.bin_dirs.iter().map(|d| d.join(plugin)).find(|p| p.is_file())
     }
 
     fn invoke(
@@ -320,12 +282,9 @@ impl Exec {
             msg,
             details: String::new(),
         };
-        let bin = self.find(plugin).ok_or_else(|| {
-            fail(format!(
-                "failed to find plugin {plugin:?} in path {:?}",
-                self.bin_dirs
-            ))
-        })?;
+        let bin = self
+            .find(plugin)
+            .ok_or_else(|| fail(format!("failed to find plugin {plugin:?} in path {:?}", self.bin_dirs)))?;
         let mut cmd = match &self.enter_netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
@@ -338,32 +297,21 @@ impl Exec {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
+        let mut child = cmd.spawn().map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
         let input = serde_json::to_vec(stdin).map_err(|e| fail(e.to_string()))?;
         if let Some(mut pipe) = child.stdin.take() {
             // A plugin that exits without reading its stdin is reported by its exit status.
             let _ = pipe.write_all(&input);
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
+        let out =
+            child.wait_with_output().map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
         if !out.status.success() {
-            return Err(parse_error(
-                plugin,
-                command,
-                &out.status.to_string(),
-                &out.stdout,
-                &out.stderr,
-            ));
+            return Err(parse_error(plugin, command, &out.status.to_string(), &out.stdout, &out.stderr));
         }
         if out.stdout.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
-        serde_json::from_slice(&out.stdout)
-            .map(Some)
-            .map_err(|e| fail(format!("invalid result JSON: {e}")))
+        serde_json::from_slice(&out.stdout).map(Some).map_err(|e| fail(format!("invalid result JSON: {e}")))
     }
 
     /// ADD through the whole list; the final result.
@@ -373,12 +321,7 @@ impl Exec {
         let mut prev: Option<Value> = None;
         for (i, plugin) in list.plugins.iter().enumerate() {
             let ty = plugin_type(plugin);
-            let stdin = plugin_stdin(
-                list,
-                i,
-                prev.as_ref().filter(|_| chaining),
-                &rt.capability_args,
-            );
+            let stdin = plugin_stdin(list, i, prev.as_ref().filter(|_| chaining), &rt.capability_args);
             if let Some(result) = self.invoke(ty, "ADD", &env, &stdin)? {
                 prev = Some(result);
             }
@@ -427,20 +370,14 @@ pub(crate) fn result_ips(result: &Value, ifname: &str) -> Vec<IpAddr> {
     let parse = |cidr: &str| cidr.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
     let mut out = Vec::new();
     if let Some(ips) = result.get("ips").and_then(Value::as_array) {
-        let interfaces = result
-            .get("interfaces")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let interfaces = result.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
         for ip in ips {
             let on_pod_iface = match ip.get("interface").and_then(Value::as_u64) {
-                Some(idx) => interfaces
-                    .get(usize::try_from(idx).unwrap_or(usize::MAX))
-                    .is_none_or(|iface| {
-                        let sandbox = iface.get("sandbox").and_then(Value::as_str).unwrap_or("");
-                        let name = iface.get("name").and_then(Value::as_str).unwrap_or("");
-                        !sandbox.is_empty() && (name == ifname || name.is_empty())
-                    }),
+                Some(idx) => interfaces.get(usize::try_from(idx).unwrap_or(usize::MAX)).is_none_or(|iface| {
+                    let sandbox = iface.get("sandbox").and_then(Value::as_str).unwrap_or("");
+                    let name = iface.get("name").and_then(Value::as_str).unwrap_or("");
+                    !sandbox.is_empty() && (name == ifname || name.is_empty())
+                }),
                 None => true,
             };
             if on_pod_iface && let Some(addr) = ip.get("address").and_then(Value::as_str).and_then(parse) {
@@ -449,11 +386,8 @@ pub(crate) fn result_ips(result: &Value, ifname: &str) -> Vec<IpAddr> {
         }
     } else {
         for key in ["ip4", "ip6"] {
-            if let Some(addr) = result
-                .get(key)
-                .and_then(|v| v.get("ip"))
-                .and_then(Value::as_str)
-                .and_then(parse)
+            if let Some(addr) =
+                result.get(key).and_then(|v| v.get("ip")).and_then(Value::as_str).and_then(parse)
             {
                 out.push(addr);
             }
@@ -527,11 +461,8 @@ mod tests {
             args: "IgnoreUnknown=1;K8S_POD_NAME=p".into(),
             capability_args: Map::new(),
         };
-        let env = plugin_env(
-            "ADD",
-            Some(&rt),
-            &[PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
-        );
+        let env =
+            plugin_env("ADD", Some(&rt), &[PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")]);
         let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
         assert_eq!(get("CNI_COMMAND"), Some("ADD"));
         assert_eq!(get("CNI_PATH"), Some("/opt/cni/bin:/usr/lib/cni"));
@@ -546,18 +477,16 @@ mod tests {
     #[test]
     fn config_parsing_validates_and_converts_single_configs() {
         let src = Path::new("x.conf");
-        let single = parse_config(
-            r#"{"cniVersion":"0.4.0","name":"n","type":"bridge"}"#,
-            true,
-            src,
-        )
-        .unwrap();
+        let single = parse_config(r#"{"cniVersion":"0.4.0","name":"n","type":"bridge"}"#, true, src).unwrap();
         assert_eq!(single.plugins.len(), 1);
         assert_eq!(single.cni_version, "0.4.0");
         assert!(parse_config(r#"{"cniVersion":"1.0.0","plugins":[]}"#, false, src).is_err());
         assert!(parse_config(r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#, false, src).is_err());
         assert!(parse_config(r#"{"cniVersion":"1.0.0","name":"n","plugins":[{}]}"#, false, src).is_err());
-        assert!(parse_config(r#"{"cniVersion":"2.0.0","name":"n","plugins":[{"type":"x"}]}"#, false, src).is_err());
+        assert!(
+            parse_config(r#"{"cniVersion":"2.0.0","name":"n","plugins":[{"type":"x"}]}"#, false, src)
+                .is_err()
+        );
         let multi = parse_config(
             r#"{"cniVersion":"1.0.0","cniVersions":["0.4.0","1.1.0","2.0.0"],"name":"n","plugins":[{"type":"x"}]}"#,
             false,
@@ -576,10 +505,7 @@ mod tests {
         std::fs::write(dir.path().join("20-b.conflist"), "{}").unwrap();
         std::fs::write(dir.path().join("10-a.conf"), "{}").unwrap();
         std::fs::write(dir.path().join("05-readme.txt"), "").unwrap();
-        assert_eq!(
-            find_config(dir.path()).unwrap(),
-            Some(dir.path().join("10-a.conf"))
-        );
+        assert_eq!(find_config(dir.path()).unwrap(), Some(dir.path().join("10-a.conf")));
     }
 
     #[test]
@@ -619,16 +545,10 @@ mod tests {
             ]
         });
         let ips = result_ips(&r, "eth0");
-        assert_eq!(
-            ips,
-            vec!["fd00::5".parse::<IpAddr>().unwrap(), "10.244.1.5".parse().unwrap()]
-        );
+        assert_eq!(ips, vec!["fd00::5".parse::<IpAddr>().unwrap(), "10.244.1.5".parse().unwrap()]);
         assert_eq!(pod_ips(&ips), ips);
         let ipam_only = json!({"ips": [{"address": "10.0.0.9/32"}, {"address": "10.0.0.10/32"}]});
-        assert_eq!(
-            pod_ips(&result_ips(&ipam_only, "eth0")),
-            vec!["10.0.0.9".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(pod_ips(&result_ips(&ipam_only, "eth0")), vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
         let old = json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.0.0.3/16"}});
         assert_eq!(result_ips(&old, "eth0"), vec!["10.0.0.3".parse::<IpAddr>().unwrap()]);
     }
@@ -686,10 +606,7 @@ mod tests {
         assert!(lines[2].starts_with("second DEL ") && lines[2].contains("10.0.0.2"));
         assert!(lines[3].starts_with("first DEL ") && lines[3].contains("\"prevResult\""));
 
-        let missing = Exec {
-            bin_dirs: vec![dir.path().to_path_buf()],
-            enter_netns: None,
-        };
+        let missing = Exec { bin_dirs: vec![dir.path().to_path_buf()], enter_netns: None };
         let l2 = parse_config(
             r#"{"cniVersion":"1.1.0","name":"t","plugins":[{"type":"nope"}]}"#,
             false,

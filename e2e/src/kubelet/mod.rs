@@ -67,11 +67,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt as _;
 use tokio::sync::watch;
 
+use sandbox::exec_base_env;
 pub use sandbox::{NETNS_RUN_DIR, PodRecord, ProcRecordRef, cleanup_state, pod_exec_command};
 pub use spec::pod_netns_name;
 
@@ -112,11 +113,7 @@ pub struct KubeletArgs {
 
 impl KubeletArgs {
     fn bin_dirs(&self) -> Vec<PathBuf> {
-        self.cni_bin_dir
-            .split(':')
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .collect()
+        self.cni_bin_dir.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect()
     }
 }
 
@@ -160,10 +157,8 @@ pub async fn run_until(args: KubeletArgs, mut shutdown: watch::Receiver<bool>) -
     std::fs::create_dir_all(sandbox::pods_dir(&args.state_dir))
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let host_mnt = sandbox::HostMountNs::detect();
-    let node_netns = std::env::var("WEFT_NODE_NETNS")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(sandbox::current_netns_name);
+    let node_netns =
+        std::env::var("WEFT_NODE_NETNS").ok().filter(|s| !s.is_empty()).or_else(sandbox::current_netns_name);
     {
         let (host, dir) = (host_mnt.clone(), args.state_dir.clone());
         let leftovers =
@@ -216,20 +211,12 @@ pub async fn run_until(args: KubeletArgs, mut shutdown: watch::Receiver<bool>) -
         net_tx,
         shutdown.clone(),
     ));
-    let heartbeat = tokio::spawn(node::heartbeat(
-        client.clone(),
-        id.clone(),
-        node_uid,
-        net_rx.clone(),
-        shutdown.clone(),
-    ));
+    let heartbeat =
+        tokio::spawn(node::heartbeat(client.clone(), id.clone(), node_uid, net_rx.clone(), shutdown.clone()));
 
     let recorder = Recorder::new(
         client.clone(),
-        Reporter {
-            controller: "kubelet".into(),
-            instance: Some(args.node_name.clone()),
-        },
+        Reporter { controller: "kubelet".into(), instance: Some(args.node_name.clone()) },
     );
     let ctx = Arc::new(pod::Ctx {
         client: client.clone(),
@@ -247,8 +234,7 @@ pub async fn run_until(args: KubeletArgs, mut shutdown: watch::Receiver<bool>) -
     });
     let mut pods = pod::PodManager::new(ctx);
     let api: Api<Pod> = Api::all(client.clone());
-    let config =
-        watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name));
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name));
     let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     let mut listing: Option<HashSet<String>> = None;
@@ -302,16 +288,20 @@ pub async fn exec_in_pod(
 ) -> Result<std::process::Output> {
     let path = sandbox::record_path(state_dir, namespace, pod);
     let rec: PodRecord = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading {}", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "pod {namespace}/{pod} is not running on this node (no {})",
-            path.display()
-        ),
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("pod {namespace}/{pod} is not running on this node (no {})", path.display())
+        }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let hostname = if rec.hostname.is_empty() { pod.to_string() } else { rec.hostname.clone() };
-    exec_in_netns(&rec.netns, &hostname, &format!("{namespace}/{pod}"), cmd).await
+    let mut env = rec.exec_env.clone();
+    if env.is_empty() {
+        env = exec_base_env(&hostname);
+    } else if let Ok(term) = std::env::var("TERM") {
+        env.push(("TERM".into(), term));
+    }
+    exec_in_netns(&rec.netns, &hostname, &env, &format!("{namespace}/{pod}"), cmd).await
 }
 
 /// [`exec_in_pod`] finding the pod through the API server instead (its UID gives the namespace
@@ -323,10 +313,7 @@ pub async fn exec_in_pod_api(
     cmd: &[String],
 ) -> Result<std::process::Output> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let p = api
-        .get(pod)
-        .await
-        .with_context(|| format!("getting pod {namespace}/{pod}"))?;
+    let p = api.get(pod).await.with_context(|| format!("getting pod {namespace}/{pod}"))?;
     let Some(uid) = p.metadata.uid.as_deref() else {
         bail!("pod {namespace}/{pod} has no UID");
     };
@@ -336,12 +323,14 @@ pub async fn exec_in_pod_api(
     } else {
         spec::pod_hostname(pod, spec.hostname.as_deref())
     };
-    exec_in_netns(&pod_netns_name(uid), &hostname, &format!("{namespace}/{pod}"), cmd).await
+    let env = exec_base_env(&hostname);
+    exec_in_netns(&pod_netns_name(uid), &hostname, &env, &format!("{namespace}/{pod}"), cmd).await
 }
 
 async fn exec_in_netns(
     netns: &str,
     hostname: &str,
+    env: &[(String, String)],
     what: &str,
     cmd: &[String],
 ) -> Result<std::process::Output> {
@@ -349,16 +338,11 @@ async fn exec_in_netns(
         bail!("no command given");
     }
     if !sandbox::netns_path(netns).exists() {
-        bail!(
-            "pod {what} has no network namespace {} (yet)",
-            sandbox::netns_path(netns).display()
-        );
+        bail!("pod {what} has no network namespace {} (yet)", sandbox::netns_path(netns).display());
     }
-    let mut c = tokio::process::Command::from(pod_exec_command(netns, hostname, cmd));
+    let mut c = tokio::process::Command::from(sandbox::container_command(netns, hostname, cmd, env));
     c.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    c.output()
-        .await
-        .with_context(|| format!("running {cmd:?} in pod {what}"))
+    c.output().await.with_context(|| format!("running {cmd:?} in pod {what}"))
 }
 
 /// The log file of a container: `<state-dir>/pods/<namespace>_<name>/<container>.log`.

@@ -10,14 +10,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{
-    Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo,
-};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
 use super::cni;
@@ -37,11 +35,7 @@ pub(crate) struct NetworkStatus {
 
 impl NetworkStatus {
     fn not_ready(message: String) -> Self {
-        NetworkStatus {
-            ready: false,
-            message,
-            config: None,
-        }
+        NetworkStatus { ready: false, message, config: None }
     }
 }
 
@@ -63,16 +57,9 @@ pub(crate) fn check_network(conf_dir: &std::path::Path, bin_dirs: &[PathBuf]) ->
         Ok(l) => l,
         Err(e) => return NetworkStatus::not_ready(format!("invalid CNI configuration: {e}")),
     };
-    let exec = cni::Exec {
-        bin_dirs: bin_dirs.to_vec(),
-        enter_netns: None,
-    };
+    let exec = cni::Exec { bin_dirs: bin_dirs.to_vec(), enter_netns: None };
     match exec.status(&list) {
-        Ok(()) => NetworkStatus {
-            ready: true,
-            message: String::new(),
-            config: Some(Arc::new(list)),
-        },
+        Ok(()) => NetworkStatus { ready: true, message: String::new(), config: Some(Arc::new(list)) },
         Err(e) => NetworkStatus::not_ready(e.to_string()),
     }
 }
@@ -95,9 +82,7 @@ pub(crate) async fn network_monitor(
         // Cheap check: has the chosen file or its content changed?
         let file = cni::find_config(&conf_dir).ok().flatten();
         let unchanged = match (&file, &current.config) {
-            (Some(f), Some(c)) => {
-                *f == c.source && cni::load_config(f).is_ok_and(|l| l == **c)
-            }
+            (Some(f), Some(c)) => *f == c.source && cni::load_config(f).is_ok_and(|l| l == **c),
             (None, None) => true,
             _ => false,
         };
@@ -106,19 +91,14 @@ pub(crate) async fn network_monitor(
         }
         last_full = tokio::time::Instant::now();
         let (dir, bins) = (conf_dir.clone(), bin_dirs.clone());
-        let Ok(status) = tokio::task::spawn_blocking(move || check_network(&dir, &bins)).await
-        else {
+        let Ok(status) = tokio::task::spawn_blocking(move || check_network(&dir, &bins)).await else {
             continue;
         };
         if status != current {
             if status.ready {
                 tracing::info!(
                     "network ready: {}",
-                    status
-                        .config
-                        .as_ref()
-                        .map(|c| c.source.display().to_string())
-                        .unwrap_or_default()
+                    status.config.as_ref().map(|c| c.source.display().to_string()).unwrap_or_default()
                 );
             } else {
                 tracing::warn!("network not ready: {}", status.message);
@@ -165,9 +145,7 @@ fn host_memory_ki() -> Option<u64> {
 }
 
 fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn os_image() -> String {
@@ -260,23 +238,14 @@ pub(crate) fn node_status(
     let address_type = "InternalIP".to_string();
     NodeStatus {
         addresses: Some(vec![
-            NodeAddress {
-                type_: address_type,
-                address: id.ip.to_string(),
-            },
-            NodeAddress {
-                type_: "Hostname".to_string(),
-                address: id.name.clone(),
-            },
+            NodeAddress { type_: address_type, address: id.ip.to_string() },
+            NodeAddress { type_: "Hostname".to_string(), address: id.name.clone() },
         ]),
         allocatable: Some(resources.clone()),
         capacity: Some(resources),
         conditions: Some(conditions),
         node_info: Some(NodeSystemInfo {
-            architecture: node_labels(id)
-                .get("kubernetes.io/arch")
-                .cloned()
-                .unwrap_or_default(),
+            architecture: node_labels(id).get("kubernetes.io/arch").cloned().unwrap_or_default(),
             boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
             container_runtime_version: format!("weft-e2e://{}", env!("CARGO_PKG_VERSION")),
             kernel_version: read_trimmed("/proc/sys/kernel/osrelease"),
@@ -361,13 +330,9 @@ pub(crate) async fn renew_lease(client: &Client, id: &NodeIdentity, node_uid: &s
     let mut value = serde_json::to_value(&lease)?;
     value["apiVersion"] = "coordination.k8s.io/v1".into();
     value["kind"] = "Lease".into();
-    api.patch(
-        &id.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&value),
-    )
-    .await
-    .with_context(|| format!("renewing Lease kube-node-lease/{}", id.name))?;
+    api.patch(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&value))
+        .await
+        .with_context(|| format!("renewing Lease kube-node-lease/{}", id.name))?;
     Ok(())
 }
 
@@ -436,11 +401,7 @@ mod tests {
 
     #[test]
     fn status_reports_address_capacity_and_readiness() {
-        let ready = NetworkStatus {
-            ready: true,
-            message: String::new(),
-            config: None,
-        };
+        let ready = NetworkStatus { ready: true, message: String::new(), config: None };
         let t0 = Timestamp::from_second(1_000).unwrap();
         let s = node_status(&id(), &ready, &[], t0);
         let addrs = s.addresses.clone().unwrap();
@@ -455,24 +416,14 @@ mod tests {
         // Same status later: heartbeat moves, transition time stays.
         let t1 = Timestamp::from_second(1_010).unwrap();
         let s2 = node_status(&id(), &ready, &conds, t1);
-        let r2 = s2
-            .conditions
-            .unwrap()
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
+        let r2 = s2.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(r2.last_heartbeat_time, Some(Time(t1)));
         assert_eq!(r2.last_transition_time, Some(Time(t0)));
 
         // Network gone: NotReady with the runtime's message, new transition time.
         let not_ready = NetworkStatus::not_ready("cni plugin not initialized".into());
         let s3 = node_status(&id(), &not_ready, &conds, t1);
-        let r3 = s3
-            .conditions
-            .unwrap()
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .unwrap();
+        let r3 = s3.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(r3.status, "False");
         assert_eq!(r3.reason.as_deref(), Some("KubeletNotReady"));
         assert!(r3.message.unwrap().contains("cni plugin not initialized"));

@@ -79,21 +79,13 @@ pub(crate) struct PodManager {
 }
 
 fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
 impl PodManager {
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        PodManager {
-            ctx,
-            workers: HashMap::new(),
-            done_tx,
-            done_rx,
-        }
+        PodManager { ctx, workers: HashMap::new(), done_tx, done_rx }
     }
 
     /// A pod was added or changed.
@@ -115,11 +107,7 @@ impl PodManager {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let key = sandbox::pod_key(&namespace, &name);
         // A pod with the same name that is still terminating goes first (as in the kubelet).
-        let predecessor = self
-            .workers
-            .values()
-            .find(|w| w.key == key)
-            .map(|w| w.finished.clone());
+        let predecessor = self.workers.values().find(|w| w.key == key).map(|w| w.finished.clone());
         let (desired_tx, desired_rx) = watch::channel(Desired::Run(Arc::new(pod)));
         let (finished_tx, finished_rx) = watch::channel(());
         let ctx = self.ctx.clone();
@@ -137,15 +125,7 @@ impl PodManager {
             drop(finished_tx);
             let _ = done.send(uid2);
         });
-        self.workers.insert(
-            uid,
-            WorkerHandle {
-                key,
-                desired: desired_tx,
-                finished: finished_rx,
-                join,
-            },
-        );
+        self.workers.insert(uid, WorkerHandle { key, desired: desired_tx, finished: finished_rx, join });
     }
 
     /// A pod object is gone.
@@ -189,20 +169,16 @@ fn grace_of(pod: &Pod) -> Duration {
     let secs = pod
         .metadata
         .deletion_grace_period_seconds
-        .or_else(|| {
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.termination_grace_period_seconds)
-        })
+        .or_else(|| pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
         .unwrap_or(30);
     Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
 
 fn end_of(desired: &Desired) -> Option<End> {
     match desired {
-        Desired::Run(p) if p.metadata.deletion_timestamp.is_some() => Some(End::Delete {
-            grace: grace_of(p),
-        }),
+        Desired::Run(p) if p.metadata.deletion_timestamp.is_some() => {
+            Some(End::Delete { grace: grace_of(p) })
+        }
         Desired::Run(_) => None,
         Desired::Gone => Some(End::Gone),
         Desired::Shutdown => Some(End::Shutdown),
@@ -271,10 +247,7 @@ impl CRt {
 
 fn waiting_state(reason: &str, message: Option<String>) -> ContainerState {
     ContainerState {
-        waiting: Some(ContainerStateWaiting {
-            reason: Some(reason.to_string()),
-            message,
-        }),
+        waiting: Some(ContainerStateWaiting { reason: Some(reason.to_string()), message }),
         ..Default::default()
     }
 }
@@ -325,39 +298,28 @@ impl PodRt {
         if entry.0 != ok {
             *entry = (ok, now);
         }
-        let mut c = json!({
+        // Explicit nulls: the patch merges into the existing condition of that type, so a
+        // reason or message that no longer applies must be removed.
+        json!({
             "type": type_,
             "status": if ok { "True" } else { "False" },
             "lastProbeTime": null,
             "lastTransitionTime": Time(entry.1),
-        });
-        if let Some(r) = reason {
-            c["reason"] = Value::String(r);
-        }
-        if let Some(m) = message {
-            c["message"] = Value::String(m);
-        }
-        c
+            "reason": reason,
+            "message": message,
+        })
     }
 
     /// The strategic merge patch of the pod status (with the UID as precondition).
     fn status_patch(&mut self, uid: &str, restart_policy: &str) -> Value {
         let phase = self.phase(restart_policy);
         let terminal = matches!(phase, "Succeeded" | "Failed");
-        let unready: Vec<String> = self
-            .main
-            .iter()
-            .filter(|c| !c.ready)
-            .map(|c| c.name.clone())
-            .collect();
+        let unready: Vec<String> = self.main.iter().filter(|c| !c.ready).map(|c| c.name.clone()).collect();
         let incomplete: Vec<String> = self
             .init
             .iter()
             .filter(|c| {
-                c.state
-                    .terminated
-                    .as_ref()
-                    .is_none_or(|t| t.exit_code != 0)
+                c.state.terminated.as_ref().is_none_or(|t| t.exit_code != 0)
                     && !(c.started && c.state.running.is_some())
             })
             .map(|c| c.name.clone())
@@ -457,11 +419,7 @@ impl Shared {
         let recorder = self.ctx.recorder.clone();
         let reference = self.pod.object_ref(&());
         let ev = KEvent {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
+            type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_string(),
             note: Some(note.chars().take(1000).collect()),
             action: reason.to_string(),
@@ -503,12 +461,7 @@ impl Worker {
             sandbox_message: None,
             initialized: spec.init_containers.as_ref().is_none_or(Vec::is_empty),
             init_failed: false,
-            init: spec
-                .init_containers
-                .iter()
-                .flatten()
-                .map(CRt::new)
-                .collect(),
+            init: spec.init_containers.iter().flatten().map(CRt::new).collect(),
             main: spec.containers.iter().map(CRt::new).collect(),
             transitions: HashMap::new(),
         };
@@ -636,20 +589,14 @@ impl Worker {
         sh.update_record(|_| {});
         let (netns, pid) = (sh.netns.clone(), std::process::id());
         let sh2 = sh.clone();
-        tokio::task::spawn_blocking(move || {
-            sandbox::attach_netns(&sh2.ctx.host_mnt, &netns, pid)
-        })
-        .await??;
+        tokio::task::spawn_blocking(move || sandbox::attach_netns(&sh2.ctx.host_mnt, &netns, pid)).await??;
         self.write_dns_files(None)?;
         let ips = vec![sh.ctx.node_ip];
         sh.update_record(|r| r.pod_ips = ips.iter().map(ToString::to_string).collect());
         Ok(ips)
     }
 
-    async fn setup_pod_network(
-        &self,
-        config: &cni::NetworkConfigList,
-    ) -> anyhow::Result<Vec<IpAddr>> {
+    async fn setup_pod_network(&self, config: &cni::NetworkConfigList) -> anyhow::Result<Vec<IpAddr>> {
         let sh = &self.sh;
         let container_id = spec::sandbox_id(&sh.uid);
         let mut caps = serde_json::Map::new();
@@ -672,10 +619,7 @@ impl Worker {
         let rec2 = record.clone();
         let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
             sandbox::create_netns(&sh2.ctx.host_mnt, &netns)?;
-            let exec = cni::Exec {
-                bin_dirs: rec2.bin_dirs.clone(),
-                enter_netns: None,
-            };
+            let exec = cni::Exec { bin_dirs: rec2.bin_dirs.clone(), enter_netns: None };
             Ok(exec.add(&list, &rec2.runtime_conf(&netns))?)
         })
         .await??;
@@ -713,20 +657,17 @@ impl Worker {
             sandbox::write_netns_etc(&sh.netns, "resolv.conf", &text)?;
         }
         if let Some(ip) = pod_ip.filter(|_| !sh.host_network) {
-            let fqdn = spec.subdomain.as_ref().filter(|s| !s.is_empty()).map(|sub| {
-                format!(
-                    "{}.{sub}.{}.svc.{}",
-                    sh.hostname, sh.namespace, sh.ctx.cluster_domain
-                )
-            });
+            let fqdn =
+                spec.subdomain.as_ref().filter(|s| !s.is_empty()).map(|sub| {
+                    format!("{}.{sub}.{}.svc.{}", sh.hostname, sh.namespace, sh.ctx.cluster_domain)
+                });
             let aliases: Vec<(String, Vec<String>)> = spec
                 .host_aliases
                 .iter()
                 .flatten()
                 .map(|a| (a.ip.clone(), a.hostnames.clone().unwrap_or_default()))
                 .collect();
-            let hosts =
-                spec::pod_hosts_file(Some(&ip.to_string()), &sh.hostname, fqdn.as_deref(), &aliases);
+            let hosts = spec::pod_hosts_file(Some(&ip.to_string()), &sh.hostname, fqdn.as_deref(), &aliases);
             sandbox::write_netns_etc(&sh.netns, "hosts", &hosts)?;
         }
         Ok(())
@@ -795,10 +736,7 @@ impl Worker {
         let api: Api<Pod> = Api::namespaced(sh.ctx.client.clone(), &sh.namespace);
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(sh.uid.clone()),
-                resource_version: None,
-            }),
+            preconditions: Some(Preconditions { uid: Some(sh.uid.clone()), resource_version: None }),
             ..Default::default()
         };
         for attempt in 0..5 {
@@ -806,11 +744,7 @@ impl Worker {
                 Ok(_) => return,
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
                 Err(e) => {
-                    tracing::warn!(
-                        "pod {}/{}: deleting (attempt {attempt}): {e}",
-                        sh.namespace,
-                        sh.name
-                    );
+                    tracing::warn!("pod {}/{}: deleting (attempt {attempt}): {e}", sh.namespace, sh.name);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -830,10 +764,7 @@ async fn status_writer(sh: Arc<Shared>) {
             if last.as_ref() == Some(&body) {
                 break;
             }
-            match api
-                .patch_status(&sh.name, &PatchParams::default(), &Patch::Strategic(&body))
-                .await
-            {
+            match api.patch_status(&sh.name, &PatchParams::default(), &Patch::Strategic(&body)).await {
                 Ok(_) => {
                     last = Some(body);
                     break;
@@ -1020,20 +951,12 @@ async fn fetch_env_sources(
     let mut sources = spec::EnvSources::default();
     let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     for name in cms {
-        let cm = cm_api
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("getting configmap {name:?}: {e}"))?;
-        sources
-            .config_maps
-            .insert(name, cm.map(|cm| cm.data.unwrap_or_default()));
+        let cm = cm_api.get_opt(&name).await.map_err(|e| format!("getting configmap {name:?}: {e}"))?;
+        sources.config_maps.insert(name, cm.map(|cm| cm.data.unwrap_or_default()));
     }
     let secret_api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     for name in secrets {
-        let s = secret_api
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("getting secret {name:?}: {e}"))?;
+        let s = secret_api.get_opt(&name).await.map_err(|e| format!("getting secret {name:?}: {e}"))?;
         let data = s.map(|s| {
             let mut out: std::collections::BTreeMap<String, String> = s
                 .data
@@ -1049,36 +972,23 @@ async fn fetch_env_sources(
     Ok(sources)
 }
 
-async fn prepare(
-    sh: &Shared,
-    c: &Container,
-    base: &[(String, String)],
-) -> Result<Prepared, PrepareError> {
+async fn prepare(sh: &Shared, c: &Container, base: &[(String, String)]) -> Result<Prepared, PrepareError> {
     let image = c.image.clone().unwrap_or_default();
     let workload = spec::classify_image(&image).map_err(|message| PrepareError {
         reason: "ImageNotSupported",
         message,
         retry: false,
     })?;
-    let config_error = |message: String| PrepareError {
-        reason: "CreateContainerConfigError",
-        message,
-        retry: true,
-    };
-    let sources = fetch_env_sources(&sh.ctx.client, &sh.namespace, c)
-        .await
-        .map_err(config_error)?;
+    let config_error =
+        |message: String| PrepareError { reason: "CreateContainerConfigError", message, retry: true };
+    let sources = fetch_env_sources(&sh.ctx.client, &sh.namespace, c).await.map_err(config_error)?;
     let pod_ips = lock(&sh.status).pod_ips.clone();
     let facts = spec::PodFacts::from_pod(&sh.pod, &sh.ctx.node_name, &sh.ctx.node_ip.to_string(), &pod_ips);
     let mut env = spec::build_env(c, &facts, base, &sources).map_err(config_error)?;
     if !env.iter().any(|(k, _)| k == "HOME") {
         env.push(("HOME".into(), "/root".into()));
     }
-    let path = env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
     let command = spec::expand_all(c.command.as_deref().unwrap_or_default(), &env);
     let args = spec::expand_all(c.args.as_deref().unwrap_or_default(), &env);
     if workload == Workload::Whoami && !sh.ctx.whoami.is_file() {
@@ -1092,14 +1002,9 @@ async fn prepare(
         });
     }
     let whoami = sh.ctx.whoami.display().to_string();
-    let argv = spec::container_argv(&workload, &command, &args, &whoami, &|n| {
-        sandbox::is_executable(n, &path)
-    })
-    .map_err(|message| PrepareError {
-        reason: "CreateContainerError",
-        message,
-        retry: false,
-    })?;
+    let argv =
+        spec::container_argv(&workload, &command, &args, &whoami, &|n| sandbox::is_executable(n, &path))
+            .map_err(|message| PrepareError { reason: "CreateContainerError", message, retry: false })?;
     let cwd = PathBuf::from(c.working_dir.as_deref().filter(|w| !w.is_empty()).unwrap_or("/"));
     if !cwd.is_dir() {
         return Err(PrepareError {
@@ -1114,17 +1019,8 @@ async fn prepare(
     Ok(Prepared { argv, env, cwd })
 }
 
-fn spawn_container(
-    sh: &Shared,
-    name: &str,
-    p: &Prepared,
-) -> Result<tokio::process::Child, String> {
-    let path = p
-        .env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_default();
+fn spawn_container(sh: &Shared, name: &str, p: &Prepared) -> Result<tokio::process::Child, String> {
+    let path = p.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or_default();
     let argv0 = p.argv.first().map(String::as_str).unwrap_or_default();
     if !sandbox::is_executable(argv0, path) {
         return Err(format!(
@@ -1140,10 +1036,7 @@ fn spawn_container(
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = sandbox::container_command(&sh.netns, &sh.hostname, &p.argv, &p.env);
-    cmd.current_dir(&p.cwd)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
+    cmd.current_dir(&p.cwd).stdin(Stdio::null()).stdout(log).stderr(log2);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(false);
@@ -1175,16 +1068,8 @@ fn exit_code(status: Option<std::process::ExitStatus>) -> (i32, Option<i32>) {
 }
 
 enum Outcome {
-    Exited {
-        code: i32,
-        signal: Option<i32>,
-        reason: &'static str,
-        message: Option<String>,
-    },
-    Stopped {
-        code: i32,
-        signal: Option<i32>,
-    },
+    Exited { code: i32, signal: Option<i32>, reason: &'static str, message: Option<String> },
+    Stopped { code: i32, signal: Option<i32> },
 }
 
 /// Runs one container per its restart policy until it is done (`Some(exit code)`) or stopped
@@ -1208,7 +1093,13 @@ async fn supervise(
             Ok(p) => p,
             Err(e) => {
                 if last_error.as_ref() != Some(&e.message) {
-                    tracing::warn!("pod {}/{} container {name}: {}: {}", sh.namespace, sh.name, e.reason, e.message);
+                    tracing::warn!(
+                        "pod {}/{} container {name}: {}: {}",
+                        sh.namespace,
+                        sh.name,
+                        e.reason,
+                        e.message
+                    );
                     sh.event(true, "Failed", format!("Error: {}: {}", e.reason, e.message));
                     last_error = Some(e.message.clone());
                 }
@@ -1225,31 +1116,19 @@ async fn supervise(
         let started_at = Timestamp::now();
         let started = Instant::now();
         let outcome = match spawn_container(&sh, &name, &prepared) {
-            Err(message) => Outcome::Exited {
-                code: 128,
-                signal: None,
-                reason: "StartError",
-                message: Some(message),
-            },
-            Ok(child) => run_instance(&sh, slot, &container, child, started_at, &mut stop).await,
+            Err(message) => {
+                Outcome::Exited { code: 128, signal: None, reason: "StartError", message: Some(message) }
+            }
+            Ok(child) => {
+                run_instance(&sh, slot, &container, &prepared.env, child, started_at, &mut stop).await
+            }
         };
-        let container_id = lock(&sh.status)
-            .slot(slot)
-            .and_then(|c| c.container_id.clone());
+        let container_id = lock(&sh.status).slot(slot).and_then(|c| c.container_id.clone());
         let (code, signal, reason, message, stopped) = match outcome {
-            Outcome::Exited {
-                code,
-                signal,
-                reason,
-                message,
-            } => (code, signal, reason, message, false),
-            Outcome::Stopped { code, signal } => (
-                code,
-                signal,
-                if code == 0 { "Completed" } else { "Error" },
-                None,
-                true,
-            ),
+            Outcome::Exited { code, signal, reason, message } => (code, signal, reason, message, false),
+            Outcome::Stopped { code, signal } => {
+                (code, signal, if code == 0 { "Completed" } else { "Error" }, None, true)
+            }
         };
         if let Some(m) = &message {
             sh.event(true, "Failed", format!("Error: {m}"));
@@ -1310,6 +1189,7 @@ async fn run_instance(
     sh: &Arc<Shared>,
     slot: Slot,
     container: &Container,
+    env: &[(String, String)],
     mut child: tokio::process::Child,
     started_at: Timestamp,
     stop: &mut watch::Receiver<Option<Duration>>,
@@ -1318,20 +1198,20 @@ async fn run_instance(
     let pid = child.id().unwrap_or(0);
     sh.update_record(|r| {
         r.processes.insert(name.clone(), ProcRef::of(pid).into());
+        // `exec` runs with the first container's environment, as `kubectl exec` would.
+        if slot == Slot::Main(0) {
+            r.exec_env = env.to_vec();
+        }
     });
     let restart_count = lock(&sh.status).slot(slot).map_or(0, |c| c.restart_count);
-    let container_id = format!(
-        "weft://{}-{name}-{restart_count}",
-        spec::sandbox_id(&sh.uid)
-    );
+    let container_id = format!("weft://{}-{name}-{restart_count}", spec::sandbox_id(&sh.uid));
     let has_startup = container.startup_probe.is_some();
     let has_readiness = container.readiness_probe.is_some();
-    let image_id = format!("weft-builtin://{}", spec::image_repository(container.image.as_deref().unwrap_or_default()));
+    let image_id =
+        format!("weft-builtin://{}", spec::image_repository(container.image.as_deref().unwrap_or_default()));
     sh.update_container(slot, |c| {
         c.state = ContainerState {
-            running: Some(ContainerStateRunning {
-                started_at: Some(Time(started_at)),
-            }),
+            running: Some(ContainerStateRunning { started_at: Some(Time(started_at)) }),
             ..Default::default()
         };
         c.container_id = Some(container_id.clone());
@@ -1382,11 +1262,7 @@ async fn probe_once(
     p: &k8s_openapi::api::core::v1::Probe,
     timeout: Duration,
 ) -> Result<(), String> {
-    let pod_ip = lock(&sh.status)
-        .pod_ips
-        .first()
-        .copied()
-        .unwrap_or(sh.ctx.node_ip);
+    let pod_ip = lock(&sh.status).pod_ips.first().copied().unwrap_or(sh.ctx.node_ip);
     let ports = container.ports.clone().unwrap_or_default();
     match probe::action(p, pod_ip, &ports)? {
         probe::Action::Exec { argv } => {
@@ -1473,12 +1349,7 @@ async fn probe_loop(
     }
 }
 
-async fn probe_container(
-    sh: Arc<Shared>,
-    slot: Slot,
-    container: Container,
-    kill: mpsc::Sender<String>,
-) {
+async fn probe_container(sh: Arc<Shared>, slot: Slot, container: Container, kill: mpsc::Sender<String>) {
     if let Some(p) = &container.startup_probe {
         if let Err(why) = probe_loop(&sh, slot, &container, p, ProbeKind::Startup).await {
             let _ = kill.send(why).await;
@@ -1507,9 +1378,7 @@ async fn probe_container(
 
 /// Where pods' logs live: `<state-dir>/pods/<namespace>_<name>/<container>.log`.
 pub(crate) fn log_file(state_dir: &Path, namespace: &str, pod: &str, container: &str) -> PathBuf {
-    sandbox::pods_dir(state_dir)
-        .join(sandbox::pod_key(namespace, pod))
-        .join(format!("{container}.log"))
+    sandbox::pods_dir(state_dir).join(sandbox::pod_key(namespace, pod)).join(format!("{container}.log"))
 }
 
 #[cfg(test)]
@@ -1533,20 +1402,11 @@ mod tests {
     }
 
     fn container(name: &str) -> CRt {
-        CRt::new(&Container {
-            name: name.into(),
-            image: Some("busybox".into()),
-            ..Default::default()
-        })
+        CRt::new(&Container { name: name.into(), image: Some("busybox".into()), ..Default::default() })
     }
 
     fn cond<'a>(patch: &'a Value, t: &str) -> &'a Value {
-        patch["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == t)
-            .unwrap()
+        patch["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()
     }
 
     #[test]
@@ -1564,16 +1424,10 @@ mod tests {
         assert_eq!(p["metadata"]["uid"], "uid-1");
         assert_eq!(p["status"]["phase"], "Running");
         assert_eq!(p["status"]["podIP"], "10.244.1.5");
-        assert_eq!(
-            p["status"]["podIPs"],
-            json!([{"$patch": "replace"}, {"ip": "10.244.1.5"}])
-        );
+        assert_eq!(p["status"]["podIPs"], json!([{"$patch": "replace"}, {"ip": "10.244.1.5"}]));
         assert_eq!(p["status"]["hostIP"], "172.18.0.11");
         assert_eq!(cond(&p, "Ready")["status"], "False");
-        assert_eq!(
-            cond(&p, "Ready")["message"],
-            "containers with unready status: [app]"
-        );
+        assert_eq!(cond(&p, "Ready")["message"], "containers with unready status: [app]");
         assert_eq!(cond(&p, "PodScheduled")["status"], "True");
         assert_eq!(cond(&p, "Initialized")["status"], "True");
         let cs = &p["status"]["containerStatuses"][0];
@@ -1588,9 +1442,13 @@ mod tests {
         let p2 = rt.status_patch("uid-1", "Always");
         assert_eq!(cond(&p2, "Ready")["status"], "True");
         assert_eq!(cond(&p2, "ContainersReady")["status"], "True");
-        assert!(cond(&p2, "Ready").get("message").is_none());
+        assert!(cond(&p2, "Ready")["message"].is_null());
+        assert!(cond(&p2, "Ready")["reason"].is_null());
         // Unchanged conditions keep their transition time.
-        assert_eq!(cond(&p2, "PodScheduled")["lastTransitionTime"], cond(&p, "PodScheduled")["lastTransitionTime"]);
+        assert_eq!(
+            cond(&p2, "PodScheduled")["lastTransitionTime"],
+            cond(&p, "PodScheduled")["lastTransitionTime"]
+        );
         let _ = before;
     }
 
@@ -1601,10 +1459,7 @@ mod tests {
         let mut rt = rt_with(vec![c]);
         let p = rt.status_patch("u", "Always");
         assert_eq!(p["status"]["phase"], "Pending");
-        assert_eq!(
-            p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
-            "ImageNotSupported"
-        );
+        assert_eq!(p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"], "ImageNotSupported");
     }
 
     #[test]

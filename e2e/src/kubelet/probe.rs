@@ -21,16 +21,10 @@ pub(crate) struct Timing {
 
 pub(crate) fn timing(p: &Probe) -> Timing {
     let secs = |v: Option<i32>, default: u64, min: u64| {
-        Duration::from_secs(
-            v.and_then(|v| u64::try_from(v).ok())
-                .unwrap_or(default)
-                .max(min),
-        )
+        Duration::from_secs(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(default).max(min))
     };
     let count = |v: Option<i32>, default: u32| {
-        v.and_then(|v| u32::try_from(v).ok())
-            .filter(|v| *v > 0)
-            .unwrap_or(default)
+        v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0).unwrap_or(default)
     };
     Timing {
         initial_delay: secs(p.initial_delay_seconds, 0, 0),
@@ -61,11 +55,7 @@ pub(crate) fn resolve_port(port: &IntOrString, ports: &[ContainerPort]) -> Resul
 /// The HTTP request a probe sends.
 pub(crate) fn http_request(host_header: &str, path: &str, headers: &[(String, String)]) -> String {
     let path = if path.is_empty() { "/" } else { path };
-    let path = if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("/{path}")
-    };
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
     let mut req = format!("GET {path} HTTP/1.1\r\n");
     let has = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
     if !has("host") {
@@ -99,19 +89,9 @@ pub(crate) fn status_code(head: &[u8]) -> Option<u16> {
 /// What one probe attempt does.
 #[derive(Debug, Clone)]
 pub(crate) enum Action {
-    Http {
-        addr: SocketAddr,
-        host_header: String,
-        path: String,
-        headers: Vec<(String, String)>,
-        https: bool,
-    },
-    Tcp {
-        addr: SocketAddr,
-    },
-    Exec {
-        argv: Vec<String>,
-    },
+    Http { addr: SocketAddr, host_header: String, path: String, headers: Vec<(String, String)>, https: bool },
+    Tcp { addr: SocketAddr },
+    Exec { argv: Vec<String> },
 }
 
 /// Turns a probe spec into an action against `pod_ip`.
@@ -119,18 +99,14 @@ pub(crate) fn action(p: &Probe, pod_ip: IpAddr, ports: &[ContainerPort]) -> Resu
     if let Some(h) = &p.http_get {
         let port = resolve_port(&h.port, ports)?;
         let ip = match h.host.as_deref().filter(|s| !s.is_empty()) {
-            Some(host) => host
-                .parse::<IpAddr>()
-                .map_err(|_| format!("httpGet host {host:?} is not an IP address"))?,
+            Some(host) => {
+                host.parse::<IpAddr>().map_err(|_| format!("httpGet host {host:?} is not an IP address"))?
+            }
             None => pod_ip,
         };
         let addr = SocketAddr::new(ip, port);
-        let headers: Vec<(String, String)> = h
-            .http_headers
-            .iter()
-            .flatten()
-            .map(|hh| (hh.name.clone(), hh.value.clone()))
-            .collect();
+        let headers: Vec<(String, String)> =
+            h.http_headers.iter().flatten().map(|hh| (hh.name.clone(), hh.value.clone())).collect();
         return Ok(Action::Http {
             addr,
             host_header: addr.to_string(),
@@ -141,21 +117,12 @@ pub(crate) fn action(p: &Probe, pod_ip: IpAddr, ports: &[ContainerPort]) -> Resu
     }
     if let Some(t) = &p.tcp_socket {
         let port = resolve_port(&t.port, ports)?;
-        let ip = t
-            .host
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .and_then(|h| h.parse().ok())
-            .unwrap_or(pod_ip);
-        return Ok(Action::Tcp {
-            addr: SocketAddr::new(ip, port),
-        });
+        let ip = t.host.as_deref().filter(|s| !s.is_empty()).and_then(|h| h.parse().ok()).unwrap_or(pod_ip);
+        return Ok(Action::Tcp { addr: SocketAddr::new(ip, port) });
     }
     if let Some(g) = &p.grpc {
         let port = u16::try_from(g.port).map_err(|_| format!("invalid port {}", g.port))?;
-        return Ok(Action::Tcp {
-            addr: SocketAddr::new(pod_ip, port),
-        });
+        return Ok(Action::Tcp { addr: SocketAddr::new(pod_ip, port) });
     }
     if let Some(e) = &p.exec {
         let argv = e.command.clone().unwrap_or_default();
@@ -171,17 +138,10 @@ pub(crate) fn action(p: &Probe, pod_ip: IpAddr, ports: &[ContainerPort]) -> Resu
 pub(crate) async fn run_network(action: &Action, timeout: Duration) -> Result<(), String> {
     let attempt = async {
         match action {
-            Action::Tcp { addr } => TcpStream::connect(addr)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("dial tcp {addr}: {e}")),
-            Action::Http {
-                addr,
-                host_header,
-                path,
-                headers,
-                https,
-            } => {
+            Action::Tcp { addr } => {
+                TcpStream::connect(addr).await.map(|_| ()).map_err(|e| format!("dial tcp {addr}: {e}"))
+            }
+            Action::Http { addr, host_header, path, headers, https } => {
                 let mut s = TcpStream::connect(addr)
                     .await
                     .map_err(|e| format!("Get \"http://{addr}{path}\": {e}"))?;
@@ -230,22 +190,16 @@ mod tests {
         assert_eq!(t.timeout, Duration::from_secs(1));
         assert_eq!(t.failure_threshold, 3);
         assert_eq!(t.success_threshold, 1);
-        let t = timing(&Probe {
-            period_seconds: Some(1),
-            initial_delay_seconds: Some(2),
-            ..Default::default()
-        });
+        let t =
+            timing(&Probe { period_seconds: Some(1), initial_delay_seconds: Some(2), ..Default::default() });
         assert_eq!(t.period, Duration::from_secs(1));
         assert_eq!(t.initial_delay, Duration::from_secs(2));
     }
 
     #[test]
     fn named_ports_resolve() {
-        let ports = vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: 8080,
-            ..Default::default()
-        }];
+        let ports =
+            vec![ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() }];
         assert_eq!(resolve_port(&IntOrString::String("http".into()), &ports), Ok(8080));
         assert_eq!(resolve_port(&IntOrString::Int(80), &ports), Ok(80));
         assert!(resolve_port(&IntOrString::String("grpc".into()), &ports).is_err());
@@ -265,10 +219,7 @@ mod tests {
     fn actions_target_the_pod() {
         let pod_ip: IpAddr = "10.0.0.5".parse().unwrap();
         let p = Probe {
-            http_get: Some(HTTPGetAction {
-                port: IntOrString::Int(80),
-                ..Default::default()
-            }),
+            http_get: Some(HTTPGetAction { port: IntOrString::Int(80), ..Default::default() }),
             ..Default::default()
         };
         match action(&p, pod_ip, &[]).unwrap() {
@@ -279,10 +230,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let p = Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::Int(53),
-                host: None,
-            }),
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(53), host: None }),
             ..Default::default()
         };
         assert!(matches!(action(&p, pod_ip, &[]).unwrap(), Action::Tcp { .. }));
@@ -317,10 +265,7 @@ mod tests {
         assert_eq!(run_network(&http, Duration::from_secs(2)).await, Ok(()));
         let err = run_network(&http, Duration::from_secs(2)).await.unwrap_err();
         assert!(err.contains("503"), "{err}");
-        assert_eq!(
-            run_network(&Action::Tcp { addr }, Duration::from_secs(2)).await,
-            Ok(())
-        );
+        assert_eq!(run_network(&Action::Tcp { addr }, Duration::from_secs(2)).await, Ok(()));
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()

@@ -55,9 +55,7 @@ impl HostMountNs {
                         "running in a private mount namespace; pod network namespaces are \
                          created in the mount namespace of the parent process {parent}"
                     );
-                    HostMountNs {
-                        held: Some(std::sync::Arc::new(f)),
-                    }
+                    HostMountNs { held: Some(std::sync::Arc::new(f)) }
                 }
                 Err(e) => {
                     tracing::warn!("cannot hold {path}: {e}; pod namespaces may be invisible");
@@ -73,13 +71,9 @@ impl HostMountNs {
         match &self.held {
             Some(f) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!(
-                    "--mount=/proc/{}/fd/{}",
-                    std::process::id(),
-                    f.as_raw_fd()
-                ))
-                .arg("--")
-                .arg(program);
+                c.arg(format!("--mount=/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+                    .arg("--")
+                    .arg(program);
                 c
             }
             None => Command::new(program),
@@ -88,16 +82,9 @@ impl HostMountNs {
 }
 
 fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {what}"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -149,10 +136,7 @@ pub(crate) fn write_netns_etc(netns: &str, file: &str, content: &str) -> Result<
 }
 
 pub(crate) fn write_atomic(path: &Path, content: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     {
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(content)?;
@@ -167,11 +151,7 @@ pub(crate) fn current_netns_name() -> Option<String> {
     fs::read_dir(NETNS_RUN_DIR)
         .ok()?
         .filter_map(Result::ok)
-        .filter(|e| {
-            !e.file_name()
-                .to_string_lossy()
-                .starts_with(super::spec::NETNS_PREFIX)
-        })
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(super::spec::NETNS_PREFIX))
         .find(|e| fs::metadata(e.path()).is_ok_and(|m| m.ino() == ours))
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
@@ -193,10 +173,7 @@ pub(crate) struct ProcRef {
 
 impl ProcRef {
     pub(crate) fn of(pid: u32) -> Self {
-        ProcRef {
-            pid,
-            start_time: proc_start_time(pid).unwrap_or(0),
-        }
+        ProcRef { pid, start_time: proc_start_time(pid).unwrap_or(0) }
     }
 
     /// Whether the process still exists (not a zombie) and is the one recorded.
@@ -230,10 +207,7 @@ fn proc_start_time(pid: u32) -> Option<u64> {
 /// Sends `signal` to the process group led by `pid` (the container processes are started as
 /// group leaders). A missing group is not an error.
 pub(crate) fn signal_group(pid: u32, signal: rustix::process::Signal) {
-    let Some(p) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
+    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
         return;
     };
     let _ = rustix::process::kill_process_group(p, signal);
@@ -305,6 +279,9 @@ pub struct PodRecord {
     pub pod_ips: Vec<String>,
     /// Running container processes by container name.
     pub processes: BTreeMap<String, ProcRecordRef>,
+    /// The environment of the first container (what `exec` runs with).
+    #[serde(default)]
+    pub exec_env: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) cni: Option<CniRecord>,
 }
@@ -319,19 +296,13 @@ pub struct ProcRecordRef {
 
 impl From<ProcRef> for ProcRecordRef {
     fn from(p: ProcRef) -> Self {
-        ProcRecordRef {
-            pid: p.pid,
-            start_time: p.start_time,
-        }
+        ProcRecordRef { pid: p.pid, start_time: p.start_time }
     }
 }
 
 impl From<ProcRecordRef> for ProcRef {
     fn from(p: ProcRecordRef) -> Self {
-        ProcRef {
-            pid: p.pid,
-            start_time: p.start_time,
-        }
+        ProcRef { pid: p.pid, start_time: p.start_time }
     }
 }
 
@@ -394,13 +365,9 @@ pub(crate) fn teardown_record(host: &HostMountNs, rec: &PodRecord, grace: Durati
             None => Some(None),
         };
         if let Some(enter_netns) = enter {
-            let exec = cni::Exec {
-                bin_dirs: c.bin_dirs.clone(),
-                enter_netns,
-            };
-            let res = c
-                .list()
-                .and_then(|l| Ok(exec.del(&l, &c.runtime_conf(&rec.netns), c.result.as_ref())?));
+            let exec = cni::Exec { bin_dirs: c.bin_dirs.clone(), enter_netns };
+            let res =
+                c.list().and_then(|l| Ok(exec.del(&l, &c.runtime_conf(&rec.netns), c.result.as_ref())?));
             if let Err(e) = res {
                 problems.push(format!("CNI DEL for {}/{}: {e}", rec.namespace, rec.name));
             }
@@ -456,21 +423,22 @@ pub(crate) fn cleanup_state_with(host: &HostMountNs, state_dir: &Path) -> Result
 
 /// Whether `name` resolves to an executable with `path` (a `PATH` value).
 pub(crate) fn is_executable(name: &str, path: &str) -> bool {
-    let exec = |p: &Path| {
-        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let exec = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if name.contains('/') {
         return exec(Path::new(name));
     }
-    path.split(':')
-        .filter(|d| !d.is_empty())
-        .any(|d| exec(&Path::new(d).join(name)))
+    path.split(':').filter(|d| !d.is_empty()).any(|d| exec(&Path::new(d).join(name)))
 }
 
 /// The command that runs `argv` inside a pod: its network namespace and /etc/netns files
 /// (`ip netns exec`), a UTS namespace with the pod's hostname, and a clean environment (`PATH`,
 /// `HOSTNAME`, `HOME`, and `TERM` when set). The caller picks stdio.
 pub fn pod_exec_command(netns: &str, hostname: &str, argv: &[String]) -> Command {
+    container_command(netns, hostname, argv, &exec_base_env(hostname))
+}
+
+/// `PATH`, `HOSTNAME`, `HOME`, and `TERM` when set.
+pub(crate) fn exec_base_env(hostname: &str) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_string(), DEFAULT_PATH.to_string()),
         ("HOSTNAME".to_string(), hostname.to_string()),
@@ -479,7 +447,7 @@ pub fn pod_exec_command(netns: &str, hostname: &str, argv: &[String]) -> Command
     if let Ok(term) = std::env::var("TERM") {
         env.push(("TERM".into(), term));
     }
-    container_command(netns, hostname, argv, &env)
+    env
 }
 
 pub(crate) fn container_command(
@@ -517,10 +485,7 @@ mod tests {
         let me = ProcRef::of(std::process::id());
         assert!(me.start_time > 0);
         assert!(me.is_alive());
-        let other = ProcRef {
-            pid: me.pid,
-            start_time: me.start_time + 1,
-        };
+        let other = ProcRef { pid: me.pid, start_time: me.start_time + 1 };
         assert!(!other.is_alive());
     }
 
@@ -550,7 +515,11 @@ mod tests {
         assert!(is_executable("sh", DEFAULT_PATH));
         assert!(is_executable("/bin/sh", ""));
         assert!(!is_executable("definitely-not-a-command-xyz", DEFAULT_PATH));
-        assert!(!is_executable("/etc/hostname", DEFAULT_PATH));
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        fs::write(&plain, "x").unwrap();
+        fs::set_permissions(&plain, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(!is_executable(&plain.display().to_string(), DEFAULT_PATH));
     }
 
     #[test]

@@ -19,22 +19,15 @@ pub(crate) const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
 /// (dashes dropped, lower case). A `hostNetwork` pod gets the same name, attached to the node's
 /// namespace, so the rule holds for every pod.
 pub fn pod_netns_name(uid: &str) -> String {
-    let hex: String = uid
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .map(|c| c.to_ascii_lowercase())
-        .take(12)
-        .collect();
+    let hex: String =
+        uid.chars().filter(char::is_ascii_hexdigit).map(|c| c.to_ascii_lowercase()).take(12).collect();
     format!("{NETNS_PREFIX}{hex}")
 }
 
 /// The sandbox id given to CNI as `CNI_CONTAINERID` (and `K8S_POD_INFRA_CONTAINER_ID`): the UID's hex
 /// digits, so it is unique per pod and stable across runner restarts.
 pub(crate) fn sandbox_id(uid: &str) -> String {
-    uid.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+    uid.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect()
 }
 
 /// `CNI_ARGS` as container runtimes pass it for Kubernetes pods.
@@ -94,14 +87,10 @@ pub(crate) fn classify_image(image: &str) -> Result<Workload, String> {
     let repo = image_repository(image);
     match repo.as_str() {
         "traefik/whoami" => Ok(Workload::Whoami),
-        "nicolaka/netshoot" => Ok(Workload::HostTools {
-            image: "nicolaka/netshoot",
-        }),
+        "nicolaka/netshoot" => Ok(Workload::HostTools { image: "nicolaka/netshoot" }),
         "busybox" => Ok(Workload::HostTools { image: "busybox" }),
         "alpine" => Ok(Workload::HostTools { image: "alpine" }),
-        "curlimages/curl" => Ok(Workload::HostTools {
-            image: "curlimages/curl",
-        }),
+        "curlimages/curl" => Ok(Workload::HostTools { image: "curlimages/curl" }),
         "ubuntu" => Ok(Workload::HostTools { image: "ubuntu" }),
         "debian" => Ok(Workload::HostTools { image: "debian" }),
         "registry.k8s.io/pause" | "k8s.gcr.io/pause" => Ok(Workload::Pause),
@@ -151,12 +140,8 @@ pub(crate) fn container_argv(
             }
             // curlimages/curl's entrypoint runs `curl "$@"` when the first argument is an option
             // or not a command.
-            if *image == "curlimages/curl"
-                && (args[0].starts_with('-') || !is_executable(&args[0]))
-            {
-                return Ok(std::iter::once("curl".to_string())
-                    .chain(args.iter().cloned())
-                    .collect());
+            if *image == "curlimages/curl" && (args[0].starts_with('-') || !is_executable(&args[0])) {
+                return Ok(std::iter::once("curl".to_string()).chain(args.iter().cloned()).collect());
             }
             Ok(args.to_vec())
         }
@@ -329,19 +314,9 @@ pub(crate) fn build_env(
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let (kind, name, optional, data) = if let Some(cm) = &from.config_map_ref {
-            (
-                "configmap",
-                &cm.name,
-                cm.optional.unwrap_or(false),
-                sources.config_maps.get(&cm.name),
-            )
+            ("configmap", &cm.name, cm.optional.unwrap_or(false), sources.config_maps.get(&cm.name))
         } else if let Some(s) = &from.secret_ref {
-            (
-                "secret",
-                &s.name,
-                s.optional.unwrap_or(false),
-                sources.secrets.get(&s.name),
-            )
+            ("secret", &s.name, s.optional.unwrap_or(false), sources.secrets.get(&s.name))
         } else {
             continue;
         };
@@ -355,12 +330,7 @@ pub(crate) fn build_env(
             _ => return Err(format!("{kind} {name:?} not found")),
         }
     }
-    for EnvVar {
-        name,
-        value,
-        value_from,
-    } in container.env.iter().flatten()
-    {
+    for EnvVar { name, value, value_from } in container.env.iter().flatten() {
         let resolved = if let Some(from) = value_from {
             if let Some(f) = &from.field_ref {
                 Some(field_ref_value(&f.field_path, facts)?)
@@ -397,21 +367,14 @@ pub(crate) fn build_env(
                     _ => return Err(format!("secret {:?} not found", r.name)),
                 }
             } else if from.resource_field_ref.is_some() {
-                return Err(format!(
-                    "env {name}: resourceFieldRef is not supported by the weft-e2e runner"
-                ));
+                return Err(format!("env {name}: resourceFieldRef is not supported by the weft-e2e runner"));
             } else {
                 None
             }
         } else {
             let raw = value.clone().unwrap_or_default();
             let snapshot = env.clone();
-            Some(expand(&raw, &|k| {
-                snapshot
-                    .iter()
-                    .find(|(key, _)| key == k)
-                    .map(|(_, v)| v.clone())
-            }))
+            Some(expand(&raw, &|k| snapshot.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())))
         };
         if let Some(v) = resolved {
             set(&mut env, name.clone(), v);
@@ -504,11 +467,7 @@ pub(crate) fn pod_resolv_conf(inputs: DnsInputs<'_>) -> Option<ResolvConf> {
             let d = inputs.cluster_domain;
             ResolvConf {
                 nameservers: cluster_dns.into_iter().map(str::to_string).collect(),
-                searches: vec![
-                    format!("{}.svc.{d}", inputs.namespace),
-                    format!("svc.{d}"),
-                    d.to_string(),
-                ],
+                searches: vec![format!("{}.svc.{d}", inputs.namespace), format!("svc.{d}"), d.to_string()],
                 options: vec!["ndots:5".into()],
             }
         }
@@ -537,8 +496,7 @@ pub(crate) fn pod_resolv_conf(inputs: DnsInputs<'_>) -> Option<ResolvConf> {
                 None => opt.name.clone().unwrap_or_default(),
             };
             let key = opt.name.clone().unwrap_or_default();
-            rc.options
-                .retain(|o| o.split(':').next().unwrap_or(o) != key.as_str());
+            rc.options.retain(|o| o.split(':').next().unwrap_or(o) != key.as_str());
             rc.options.push(rendered);
         }
     }
@@ -582,7 +540,9 @@ pub(crate) enum PhaseInput {
     /// Waiting to restart after having run.
     Restarting,
     Running,
-    Terminated { exit_code: i32 },
+    Terminated {
+        exit_code: i32,
+    },
 }
 
 /// The pod phase, following the kubelet's `getPhase`.
@@ -683,10 +643,7 @@ mod tests {
 
     #[test]
     fn netns_name_is_deterministic_from_uid() {
-        assert_eq!(
-            pod_netns_name("8F0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b"),
-            "wp-8f0e1c2a3b4d"
-        );
+        assert_eq!(pod_netns_name("8F0e1c2a-3b4d-4e5f-8a9b-0c1d2e3f4a5b"), "wp-8f0e1c2a3b4d");
         assert_eq!(sandbox_id("8f0e1c2a-3b4d"), "8f0e1c2a3b4d");
     }
 
@@ -710,33 +667,18 @@ mod tests {
     #[test]
     fn image_names_are_normalised() {
         assert_eq!(image_repository("traefik/whoami:v1.10"), "traefik/whoami");
-        assert_eq!(
-            image_repository("docker.io/traefik/whoami@sha256:abc"),
-            "traefik/whoami"
-        );
+        assert_eq!(image_repository("docker.io/traefik/whoami@sha256:abc"), "traefik/whoami");
         assert_eq!(image_repository("docker.io/library/busybox:1.36"), "busybox");
         assert_eq!(image_repository("BUSYBOX"), "busybox");
-        assert_eq!(
-            image_repository("localhost:5000/busybox:1"),
-            "localhost:5000/busybox"
-        );
-        assert_eq!(
-            image_repository("registry.k8s.io/pause:3.10"),
-            "registry.k8s.io/pause"
-        );
+        assert_eq!(image_repository("localhost:5000/busybox:1"), "localhost:5000/busybox");
+        assert_eq!(image_repository("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause");
     }
 
     #[test]
     fn images_map_to_workloads_and_unknown_ones_are_refused() {
         assert_eq!(classify_image("traefik/whoami"), Ok(Workload::Whoami));
-        assert!(matches!(
-            classify_image("nicolaka/netshoot:v0.13"),
-            Ok(Workload::HostTools { .. })
-        ));
-        assert_eq!(
-            classify_image("registry.k8s.io/pause:3.10"),
-            Ok(Workload::Pause)
-        );
+        assert!(matches!(classify_image("nicolaka/netshoot:v0.13"), Ok(Workload::HostTools { .. })));
+        assert_eq!(classify_image("registry.k8s.io/pause:3.10"), Ok(Workload::Pause));
         let err = classify_image("nginx:1.27").unwrap_err();
         assert!(err.contains("nginx:1.27") && err.contains("traefik/whoami"), "{err}");
         // A look-alike on another registry is a different image.
@@ -748,21 +690,13 @@ mod tests {
         let yes = |_: &str| true;
         let no = |_: &str| false;
         let tools = Workload::HostTools { image: "busybox" };
-        assert_eq!(
-            container_argv(&tools, &[], &[], "/w", &yes).unwrap(),
-            s(&["sleep", "infinity"])
-        );
+        assert_eq!(container_argv(&tools, &[], &[], "/w", &yes).unwrap(), s(&["sleep", "infinity"]));
         assert_eq!(
             container_argv(&tools, &s(&["sh", "-c"]), &s(&["echo hi"]), "/w", &yes).unwrap(),
             s(&["sh", "-c", "echo hi"])
         );
-        assert_eq!(
-            container_argv(&tools, &[], &s(&["sleep", "5"]), "/w", &yes).unwrap(),
-            s(&["sleep", "5"])
-        );
-        let curl = Workload::HostTools {
-            image: "curlimages/curl",
-        };
+        assert_eq!(container_argv(&tools, &[], &s(&["sleep", "5"]), "/w", &yes).unwrap(), s(&["sleep", "5"]));
+        let curl = Workload::HostTools { image: "curlimages/curl" };
         assert_eq!(
             container_argv(&curl, &[], &s(&["-s", "http://x"]), "/w", &yes).unwrap(),
             s(&["curl", "-s", "http://x"])
@@ -772,8 +706,7 @@ mod tests {
             s(&["curl", "http://x"])
         );
         assert_eq!(
-            container_argv(&Workload::Whoami, &[], &s(&["--port", "8080"]), "/bin/w", &yes)
-                .unwrap(),
+            container_argv(&Workload::Whoami, &[], &s(&["--port", "8080"]), "/bin/w", &yes).unwrap(),
             s(&["/bin/w", "--port", "8080"])
         );
         assert_eq!(
@@ -817,21 +750,14 @@ mod tests {
             name: name.into(),
             value: None,
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: path.into(),
-                    api_version: None,
-                }),
+                field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
                 ..Default::default()
             }),
         }
     }
 
     fn val(name: &str, v: &str) -> EnvVar {
-        EnvVar {
-            name: name.into(),
-            value: Some(v.into()),
-            value_from: None,
-        }
+        EnvVar { name: name.into(), value: Some(v.into()), value_from: None }
     }
 
     #[test]
@@ -839,10 +765,7 @@ mod tests {
         let container = Container {
             name: "c".into(),
             env_from: Some(vec![EnvFromSource {
-                config_map_ref: Some(ConfigMapEnvSource {
-                    name: "cfg".into(),
-                    optional: None,
-                }),
+                config_map_ref: Some(ConfigMapEnvSource { name: "cfg".into(), optional: None }),
                 prefix: Some("CFG_".into()),
                 secret_ref: None,
             }]),
@@ -871,10 +794,7 @@ mod tests {
         assert_eq!(cms, s(&["cfg"]));
         assert!(secrets.is_empty());
         let mut sources = EnvSources::default();
-        sources.config_maps.insert(
-            "cfg".into(),
-            Some([("mode".to_string(), "fast".to_string())].into()),
-        );
+        sources.config_maps.insert("cfg".into(), Some([("mode".to_string(), "fast".to_string())].into()));
         let base = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
         let env = build_env(&container, &facts(), &base, &sources).unwrap();
         let get = |k: &str| env.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
@@ -886,19 +806,13 @@ mod tests {
         assert_eq!(get("APP"), Some("web"));
         assert_eq!(get("MODE"), Some("fast"));
         assert_eq!(get("GREETING"), Some("hi web-0 on n1 $(MISSING)"));
-        assert_eq!(
-            expand_all(&s(&["echo", "$(POD_NAME)"]), &env),
-            s(&["echo", "web-0"])
-        );
+        assert_eq!(expand_all(&s(&["echo", "$(POD_NAME)"]), &env), s(&["echo", "web-0"]));
 
         sources.config_maps.insert("cfg".into(), None);
         let err = build_env(&container, &facts(), &base, &sources).unwrap_err();
         assert!(err.contains("cfg"), "{err}");
-        let bad = Container {
-            name: "c".into(),
-            env: Some(vec![field("X", "status.phase")]),
-            ..Default::default()
-        };
+        let bad =
+            Container { name: "c".into(), env: Some(vec![field("X", "status.phase")]), ..Default::default() };
         assert!(build_env(&bad, &facts(), &base, &EnvSources::default()).is_err());
     }
 
@@ -924,11 +838,7 @@ mod tests {
         );
         // hostNetwork pods keep the node's file unless they ask for the cluster DNS.
         assert_eq!(dns(None, true, None), None);
-        assert!(
-            dns(Some("ClusterFirstWithHostNet"), true, None)
-                .unwrap()
-                .contains("nameserver 10.96.0.10")
-        );
+        assert!(dns(Some("ClusterFirstWithHostNet"), true, None).unwrap().contains("nameserver 10.96.0.10"));
         assert_eq!(
             dns(Some("Default"), false, None).unwrap(),
             "search corp.example\nnameserver 1.1.1.1\noptions edns0\n"
@@ -937,14 +847,8 @@ mod tests {
             nameservers: Some(s(&["9.9.9.9"])),
             searches: Some(s(&["x.test"])),
             options: Some(vec![
-                PodDNSConfigOption {
-                    name: Some("ndots".into()),
-                    value: Some("2".into()),
-                },
-                PodDNSConfigOption {
-                    name: Some("single-request".into()),
-                    value: None,
-                },
+                PodDNSConfigOption { name: Some("ndots".into()), value: Some("2".into()) },
+                PodDNSConfigOption { name: Some("single-request".into()), value: None },
             ]),
         };
         assert_eq!(
@@ -991,22 +895,10 @@ mod tests {
         assert_eq!(pod_phase("Always", true, false, &[Running, Waiting]), "Pending");
         assert_eq!(pod_phase("Always", true, false, &[Running, Restarting]), "Running");
         assert_eq!(pod_phase("Always", true, false, &[Restarting]), "Running");
-        assert_eq!(
-            pod_phase("Never", true, false, &[Terminated { exit_code: 0 }]),
-            "Succeeded"
-        );
-        assert_eq!(
-            pod_phase("Never", true, false, &[Terminated { exit_code: 1 }]),
-            "Failed"
-        );
-        assert_eq!(
-            pod_phase("OnFailure", true, false, &[Terminated { exit_code: 0 }]),
-            "Succeeded"
-        );
-        assert_eq!(
-            pod_phase("OnFailure", true, false, &[Restarting]),
-            "Running"
-        );
+        assert_eq!(pod_phase("Never", true, false, &[Terminated { exit_code: 0 }]), "Succeeded");
+        assert_eq!(pod_phase("Never", true, false, &[Terminated { exit_code: 1 }]), "Failed");
+        assert_eq!(pod_phase("OnFailure", true, false, &[Terminated { exit_code: 0 }]), "Succeeded");
+        assert_eq!(pod_phase("OnFailure", true, false, &[Restarting]), "Running");
         assert!(should_restart("Always", 0));
         assert!(!should_restart("OnFailure", 0));
         assert!(should_restart("OnFailure", 2));

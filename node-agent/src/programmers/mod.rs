@@ -68,7 +68,11 @@ impl Programmer {
         if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
             return Ok(false);
         }
-        write_atomic(&path, text.as_bytes()).map_err(|source| ProgramError::Io { programmer: self.name, path, source })?;
+        write_atomic(&path, text.as_bytes()).map_err(|source| ProgramError::Io {
+            programmer: self.name,
+            path,
+            source,
+        })?;
         Ok(true)
     }
 }
@@ -76,7 +80,11 @@ impl Programmer {
 /// Runs every programmer whose kinds changed (all of them when `changed` is `None`). Returns the
 /// names of those that failed with their errors; the others are applied regardless, so one broken
 /// part never holds back the rest.
-pub fn apply_all(plan: &PlanState, changed: Option<&ChangedKinds>, state_dir: &Path) -> Vec<(String, ProgramError)> {
+pub fn apply_all(
+    plan: &PlanState,
+    changed: Option<&ChangedKinds>,
+    state_dir: &Path,
+) -> Vec<(String, ProgramError)> {
     let mut failures = Vec::new();
     for programmer in PROGRAMMERS {
         if changed.is_some_and(|c| !programmer.kinds.iter().any(|k| c.contains(k))) {
@@ -96,7 +104,11 @@ fn decode<M: prost::Message + Default>(programmer: &'static str, r: &Resource) -
     r.decode().map_err(|source| ProgramError::Decode { programmer, name: r.name.clone(), source })
 }
 
-fn single<M: prost::Message + Default>(programmer: &'static str, plan: &PlanState, kind: Kind) -> Result<Option<M>, ProgramError> {
+fn single<M: prost::Message + Default>(
+    programmer: &'static str,
+    plan: &PlanState,
+    kind: Kind,
+) -> Result<Option<M>, ProgramError> {
     plan.of_kind(kind).next().map(|r| decode(programmer, r)).transpose()
 }
 
@@ -126,7 +138,8 @@ fn render_ipam(plan: &PlanState) -> Result<String, ProgramError> {
     let mut out = String::new();
     if let Some(node) = single::<pb::NodePlan>("ipam", plan, Kind::Node)? {
         for block in node.blocks {
-            let _ = writeln!(out, "block {} pool {} natOutgoing {}", block.cidr, block.pool, block.nat_outgoing);
+            let _ =
+                writeln!(out, "block {} pool {} natOutgoing {}", block.cidr, block.pool, block.nat_outgoing);
         }
     }
     Ok(out)

@@ -36,6 +36,8 @@ fn parse_args() -> anyhow::Result<Args> {
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
+    // show crds/ rather than operator/../crds/ in messages
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
     Ok(Args { check, dir })
 }
 
@@ -44,8 +46,7 @@ fn run() -> anyhow::Result<ExitCode> {
     let files = render_crd_files()?;
 
     if !args.check {
-        std::fs::create_dir_all(&args.dir)
-            .with_context(|| format!("creating {}", args.dir.display()))?;
+        std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
         for file in &files {
             let path = args.dir.join(&file.file_name);
             let current = std::fs::read_to_string(&path).ok();
@@ -72,10 +73,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let generated = files.iter().any(|f| f.file_name == name);
             if name.ends_with(".yaml") && !generated {
-                problems.push(format!(
-                    "extra (no CRD type generates it): {}",
-                    entry.path().display()
-                ));
+                problems.push(format!("extra (no CRD type generates it): {}", entry.path().display()));
             }
         }
     }

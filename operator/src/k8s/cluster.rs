@@ -11,8 +11,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
@@ -102,8 +102,20 @@ pub struct StatusInputs {
 /// Starts one watcher per resource type, sending to `tx`.
 pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
     let cfg = watcher::Config::default;
-    spawn_watch(Api::<core::Node>::all(client.clone()), cfg(), |o| Object::Node(Box::new(o)), ObjectKind::Node, tx);
-    spawn_watch(Api::<core::Service>::all(client.clone()), cfg(), |o| Object::Service(Box::new(o)), ObjectKind::Service, tx);
+    spawn_watch(
+        Api::<core::Node>::all(client.clone()),
+        cfg(),
+        |o| Object::Node(Box::new(o)),
+        ObjectKind::Node,
+        tx,
+    );
+    spawn_watch(
+        Api::<core::Service>::all(client.clone()),
+        cfg(),
+        |o| Object::Service(Box::new(o)),
+        ObjectKind::Service,
+        tx,
+    );
     spawn_watch(
         Api::<discovery::EndpointSlice>::all(client.clone()),
         cfg(),
@@ -111,8 +123,20 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         ObjectKind::Slice,
         tx,
     );
-    spawn_watch(Api::<api::IPBlock>::all(client.clone()), cfg(), |o| Object::Block(Box::new(o)), ObjectKind::Block, tx);
-    spawn_watch(Api::<api::IPPool>::all(client.clone()), cfg(), |o| Object::Pool(Box::new(o)), ObjectKind::Pool, tx);
+    spawn_watch(
+        Api::<api::IPBlock>::all(client.clone()),
+        cfg(),
+        |o| Object::Block(Box::new(o)),
+        ObjectKind::Block,
+        tx,
+    );
+    spawn_watch(
+        Api::<api::IPPool>::all(client.clone()),
+        cfg(),
+        |o| Object::Pool(Box::new(o)),
+        ObjectKind::Pool,
+        tx,
+    );
     spawn_watch(
         Api::<api::NetworkConfig>::all(client.clone()),
         cfg(),
@@ -196,8 +220,11 @@ impl ClusterView {
             ClusterEvent::Deleted(o) => self.delete(o),
             ClusterEvent::Listed(kind, objects) => {
                 let listed: HashSet<ObjectKey> = objects.iter().map(Object::key).collect();
-                let gone: Vec<ObjectKey> =
-                    self.known.get(&kind).map(|k| k.difference(&listed).cloned().collect()).unwrap_or_default();
+                let gone: Vec<ObjectKey> = self
+                    .known
+                    .get(&kind)
+                    .map(|k| k.difference(&listed).cloned().collect())
+                    .unwrap_or_default();
                 for key in gone {
                     self.delete_key(kind, &key);
                 }
@@ -300,7 +327,8 @@ impl ClusterView {
     }
 
     fn resolve_namespace(&mut self, namespace: &str) {
-        let keys: Vec<ObjectKey> = self.services.keys().filter(|k| k.namespace == namespace).cloned().collect();
+        let keys: Vec<ObjectKey> =
+            self.services.keys().filter(|k| k.namespace == namespace).cloned().collect();
         for key in keys {
             self.resolve_service(&key);
         }

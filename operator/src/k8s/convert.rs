@@ -15,12 +15,15 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 pub fn node(node: &core::Node) -> model::Node {
-    let ip = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .and_then(|addrs| addrs.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok()));
-    model::Node { name: node.name_any(), ip, zone: node.labels().get(ZONE_LABEL).cloned(), labels: node.labels().clone() }
+    let ip = node.status.as_ref().and_then(|s| s.addresses.as_ref()).and_then(|addrs| {
+        addrs.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok())
+    });
+    model::Node {
+        name: node.name_any(),
+        ip,
+        zone: node.labels().get(ZONE_LABEL).cloned(),
+        labels: node.labels().clone(),
+    }
 }
 
 fn protocol(p: Option<&str>) -> model::Protocol {

@@ -114,7 +114,6 @@ impl PolicyIndex {
         }
         out
     }
-
 }
 
 #[cfg(test)]
@@ -145,7 +144,10 @@ mod tests {
         assert_eq!(index.resolve(&svc, &labels).map(|p| p.key.name.as_str()), Some("old"));
         let matches = index.matches([(&svc, &labels)]);
         assert_eq!(matches[&ObjectKey::new("ns", "old")].applied, BTreeSet::from(["web".to_string()]));
-        assert_eq!(matches[&ObjectKey::new("ns", "young")].lost_to.get("web").map(String::as_str), Some("old"));
+        assert_eq!(
+            matches[&ObjectKey::new("ns", "young")].lost_to.get("web").map(String::as_str),
+            Some("old")
+        );
     }
 
     #[test]

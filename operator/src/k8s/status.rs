@@ -19,13 +19,19 @@ use weft_api::v1alpha1::{self as api, network_config::NodePlanState};
 use super::cluster::StatusInputs;
 use super::policy::PolicyMatch;
 use crate::plan::model::ObjectKey;
-use crate::server::store::NodeConvergence;
 use crate::server::PlanStore;
+use crate::server::store::NodeConvergence;
 
 const FIELD_MANAGER: &str = "weft-operator";
 const MAX_LAGGING: usize = 10;
 
-fn condition(type_: &str, holds: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+fn condition(
+    type_: &str,
+    holds: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
     new_condition(type_, cond::status_str(holds), reason, message, generation, Timestamp::now())
 }
 
@@ -71,11 +77,21 @@ pub fn network_status(
             types::READY,
             false,
             reasons::PLAN_REJECTED,
-            format!("{} node(s) could not apply their plan ({}); see `kubectl get events`", rejected.len(), names.join(", ")),
+            format!(
+                "{} node(s) could not apply their plan ({}); see `kubectl get events`",
+                rejected.len(),
+                names.join(", ")
+            ),
             observed,
         )
     } else if converged == nodes.len() {
-        condition(types::READY, true, reasons::CONVERGED, format!("all {converged} nodes run the newest plan"), observed)
+        condition(
+            types::READY,
+            true,
+            reasons::CONVERGED,
+            format!("all {converged} nodes run the newest plan"),
+            observed,
+        )
     } else {
         condition(
             types::READY,
@@ -98,7 +114,11 @@ pub fn network_status(
 
 /// A pool's status from the blocks handed out of it. Used addresses come from the agents' IPAM,
 /// which does not report yet, so they are 0 for now.
-pub fn pool_status(pool: &api::IPPool, all_pools: &[api::IPPool], blocks: &[api::IPBlock]) -> api::IPPoolStatus {
+pub fn pool_status(
+    pool: &api::IPPool,
+    all_pools: &[api::IPPool],
+    blocks: &[api::IPBlock],
+) -> api::IPPoolStatus {
     let old = pool.status.clone().unwrap_or_default();
     let observed = pool.metadata.generation;
     let name = pool.name_any();
@@ -106,7 +126,10 @@ pub fn pool_status(pool: &api::IPPool, all_pools: &[api::IPPool], blocks: &[api:
         let msg = format!("spec.cidr {:?} is not an IPv4 CIDR", pool.spec.cidr);
         return api::IPPoolStatus {
             observed_generation: observed,
-            conditions: merge_conditions(&old.conditions, vec![condition(types::READY, false, reasons::INVALID_SPEC, msg, observed)]),
+            conditions: merge_conditions(
+                &old.conditions,
+                vec![condition(types::READY, false, reasons::INVALID_SPEC, msg, observed)],
+            ),
             ..Default::default()
         };
     };
@@ -129,13 +152,23 @@ pub fn pool_status(pool: &api::IPPool, all_pools: &[api::IPPool], blocks: &[api:
         })
         .collect();
     let overlapping = if overlaps.is_empty() {
-        condition(types::OVERLAPPING, false, reasons::NO_OVERLAP, "no other pool shares these addresses", observed)
+        condition(
+            types::OVERLAPPING,
+            false,
+            reasons::NO_OVERLAP,
+            "no other pool shares these addresses",
+            observed,
+        )
     } else {
         condition(
             types::OVERLAPPING,
             true,
             reasons::CIDR_OVERLAP,
-            format!("{} overlaps pool {}; no blocks are handed out of either until one changes", pool.spec.cidr, overlaps.join(", ")),
+            format!(
+                "{} overlaps pool {}; no blocks are handed out of either until one changes",
+                pool.spec.cidr,
+                overlaps.join(", ")
+            ),
             observed,
         )
     };
@@ -144,14 +177,29 @@ pub fn pool_status(pool: &api::IPPool, all_pools: &[api::IPPool], blocks: &[api:
             types::EXHAUSTED,
             true,
             reasons::NO_FREE_BLOCKS,
-            format!("all {total_blocks} blocks of /{} are handed out; add a pool or a larger CIDR", pool.spec.block_size),
+            format!(
+                "all {total_blocks} blocks of /{} are handed out; add a pool or a larger CIDR",
+                pool.spec.block_size
+            ),
             observed,
         )
     } else {
-        condition(types::EXHAUSTED, false, reasons::BLOCKS_AVAILABLE, format!("{} of {total_blocks} blocks free", total_blocks - allocated), observed)
+        condition(
+            types::EXHAUSTED,
+            false,
+            reasons::BLOCKS_AVAILABLE,
+            format!("{} of {total_blocks} blocks free", total_blocks - allocated),
+            observed,
+        )
     };
     let ready = if pool.spec.disabled {
-        condition(types::READY, false, reasons::DISABLED, "the pool is disabled: no new blocks are handed out", observed)
+        condition(
+            types::READY,
+            false,
+            reasons::DISABLED,
+            "the pool is disabled: no new blocks are handed out",
+            observed,
+        )
     } else if !overlaps.is_empty() {
         condition(types::READY, false, reasons::CIDR_OVERLAP, "the pool overlaps another pool", observed)
     } else {
@@ -177,19 +225,39 @@ pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -
     let empty = PolicyMatch::default();
     let matched = matched.unwrap_or(&empty);
     let conflicted = if matched.lost_to.is_empty() {
-        condition(types::CONFLICTED, false, reasons::NO_CONFLICT, "no older policy selects the same Services", observed)
+        condition(
+            types::CONFLICTED,
+            false,
+            reasons::NO_CONFLICT,
+            "no older policy selects the same Services",
+            observed,
+        )
     } else {
-        let detail: Vec<String> =
-            matched.lost_to.iter().take(5).map(|(svc, winner)| format!("{svc} follows older policy {winner}")).collect();
+        let detail: Vec<String> = matched
+            .lost_to
+            .iter()
+            .take(5)
+            .map(|(svc, winner)| format!("{svc} follows older policy {winner}"))
+            .collect();
         condition(
             types::CONFLICTED,
             true,
             reasons::OLDER_POLICY_WINS,
-            format!("{} Service(s) selected by an older policy: {}", matched.lost_to.len(), detail.join(", ")),
+            format!(
+                "{} Service(s) selected by an older policy: {}",
+                matched.lost_to.len(),
+                detail.join(", ")
+            ),
             observed,
         )
     };
-    let ready = condition(types::READY, true, reasons::RECONCILED, format!("applies to {} Service(s)", matched.applied.len()), observed);
+    let ready = condition(
+        types::READY,
+        true,
+        reasons::RECONCILED,
+        format!("applies to {} Service(s)", matched.applied.len()),
+        observed,
+    );
     api::ProxyPolicyStatus {
         observed_generation: observed,
         conditions: merge_conditions(&old.conditions, vec![ready, conflicted]),
@@ -232,7 +300,8 @@ pub async fn run(
     mut inputs: watch::Receiver<StatusInputs>,
     mut leader: watch::Receiver<bool>,
 ) {
-    let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
     let mut reported_nacks: HashSet<(String, u64)> = HashSet::new();
     let mut reported_overlaps: HashSet<String> = HashSet::new();
     loop {
@@ -244,7 +313,8 @@ pub async fn run(
         }
         let snapshot = inputs.borrow_and_update().clone();
         if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
-            write_all(&client, &store, &snapshot, &recorder, &mut reported_nacks, &mut reported_overlaps).await;
+            write_all(&client, &store, &snapshot, &recorder, &mut reported_nacks, &mut reported_overlaps)
+                .await;
         }
         tokio::select! {
             _ = inputs.changed() => {}
@@ -275,7 +345,14 @@ async fn write_all(
             if let Some((version, error)) = &node.report.nack
                 && reported_nacks.insert((node.node.clone(), *version))
             {
-                publish(recorder, config, EventType::Warning, reasons::PLAN_REJECTED, format!("node {}: {error}", node.node)).await;
+                publish(
+                    recorder,
+                    config,
+                    EventType::Warning,
+                    reasons::PLAN_REJECTED,
+                    format!("node {}: {error}", node.node),
+                )
+                .await;
             }
         }
     }
@@ -284,7 +361,9 @@ async fn write_all(
         let overlapping = cond::is_condition_true(&status.conditions, types::OVERLAPPING);
         let name = pool.name_any();
         if overlapping && reported_overlaps.insert(name.clone()) {
-            let message = cond::find_condition(&status.conditions, types::OVERLAPPING).map(|c| c.message.clone()).unwrap_or_default();
+            let message = cond::find_condition(&status.conditions, types::OVERLAPPING)
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
             publish(recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message).await;
         } else if !overlapping {
             reported_overlaps.remove(&name);
@@ -308,7 +387,13 @@ async fn write_all(
     }
 }
 
-async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, object: &K, type_: EventType, reason: &str, note: String) {
+async fn publish<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    object: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = KubeEvent {
         type_,
         reason: reason.into(),
@@ -340,7 +425,8 @@ mod tests {
     fn overlapping_pools_are_flagged_with_the_other_pool_named() {
         let pools = vec![pool("a", "10.244.0.0/16"), pool("b", "10.244.8.0/24")];
         let status = pool_status(&pools[1], &pools, &[]);
-        let c = cond::find_condition(&status.conditions, types::OVERLAPPING).map(|c| (c.status.clone(), c.message.clone()));
+        let c = cond::find_condition(&status.conditions, types::OVERLAPPING)
+            .map(|c| (c.status.clone(), c.message.clone()));
         let (holds, message) = c.unwrap_or_default();
         assert_eq!(holds, "True");
         assert!(message.contains("a (10.244.0.0/16)"), "{message}");
@@ -367,17 +453,26 @@ mod tests {
     fn network_status_names_the_nodes_that_rejected_their_plan() {
         let config = api::NetworkConfig::new("default", Default::default());
         let nodes = vec![
-            NodeConvergence { node: "n1".into(), desired_version: 7, report: AgentReport { acked_version: 7, ..Default::default() } },
+            NodeConvergence {
+                node: "n1".into(),
+                desired_version: 7,
+                report: AgentReport { acked_version: 7, ..Default::default() },
+            },
             NodeConvergence {
                 node: "n2".into(),
                 desired_version: 7,
-                report: AgentReport { acked_version: 5, nack: Some((7, "bad cni dir".into())), connected: true, last_seen: None },
+                report: AgentReport {
+                    acked_version: 5,
+                    nack: Some((7, "bad cni dir".into())),
+                    connected: true,
+                    last_seen: None,
+                },
             },
         ];
         let status = network_status(&config, &nodes, 12);
         assert_eq!(status.converged.as_deref(), Some("1/2"));
         assert_eq!(status.plan_version, Some(12));
-        let ready = cond::find_condition(&status.conditions, types::READY).cloned().unwrap_or_default();
+        let ready = cond::find_condition(&status.conditions, types::READY).expect("Ready condition");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reasons::PLAN_REJECTED));
         assert!(ready.message.contains("n2"));
         assert_eq!(status.lagging_nodes[0].message.as_deref(), Some("plan rejected: bad cni dir"));
@@ -394,13 +489,16 @@ mod tests {
 
     #[test]
     fn a_conflicted_policy_says_which_policy_wins() {
-        let policy = api::ProxyPolicy::new("young", Default::default());
+        let spec: api::ProxyPolicySpec =
+            serde_json::from_value(serde_json::json!({"selector": {"matchLabels": {"app": "web"}}}))
+                .expect("spec");
+        let policy = api::ProxyPolicy::new("young", spec);
         let matched = PolicyMatch {
             applied: BTreeSet::new(),
             lost_to: BTreeMap::from([("web".to_string(), "old".to_string())]),
         };
         let status = policy_status(&policy, Some(&matched));
-        let c = cond::find_condition(&status.conditions, types::CONFLICTED).cloned().unwrap_or_default();
+        let c = cond::find_condition(&status.conditions, types::CONFLICTED).expect("Conflicted condition");
         assert_eq!(c.status, "True");
         assert!(c.message.contains("web follows older policy old"), "{}", c.message);
     }

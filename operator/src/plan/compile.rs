@@ -218,7 +218,13 @@ impl Compiler {
         out
     }
 
-    fn emit_global<M: prost::Message>(&mut self, out: &mut Vec<Update>, kind: Kind, name: &str, payload: Option<M>) {
+    fn emit_global<M: prost::Message>(
+        &mut self,
+        out: &mut Vec<Update>,
+        kind: Kind,
+        name: &str,
+        payload: Option<M>,
+    ) {
         let key = ResourceKey::new(kind, name);
         match payload {
             Some(payload) => {
@@ -242,7 +248,11 @@ impl Compiler {
             self.emit_global::<pb::PeerNode>(out, Kind::Peer, name, None);
             let scope = Scope::Node(name.to_string());
             if self.emitted_node.remove(name).is_some() {
-                out.push(Update { scope: scope.clone(), key: ResourceKey::new(Kind::Node, NODE), resource: None });
+                out.push(Update {
+                    scope: scope.clone(),
+                    key: ResourceKey::new(Kind::Node, NODE),
+                    resource: None,
+                });
             }
             for (key, emitted) in &mut self.emitted_services {
                 if let Emitted::PerNode(map) = emitted
@@ -370,8 +380,11 @@ impl Compiler {
         let mut variants: HashMap<u64, Arc<Resource>> = HashMap::new();
         let mut emitted = HashMap::with_capacity(self.nodes.len());
         for node in self.nodes.values() {
-            let resource =
-                Resource::encode(Kind::Service, name.clone(), &service_payload(service, &endpoints, Some(node)));
+            let resource = Resource::encode(
+                Kind::Service,
+                name.clone(),
+                &service_payload(service, &endpoints, Some(node)),
+            );
             let resource = variants.entry(resource.version).or_insert_with(|| Arc::new(resource)).clone();
             if previous_nodes.remove(&node.name) != Some(resource.version) {
                 out.push(Update {
@@ -449,7 +462,11 @@ fn retract(out: &mut Vec<Update>, key: &ResourceKey, previous: Option<Emitted>) 
         Some(Emitted::PerNode(nodes)) => {
             let mut nodes: Vec<String> = nodes.into_keys().collect();
             nodes.sort();
-            out.extend(nodes.into_iter().map(|n| Update { scope: Scope::Node(n), key: key.clone(), resource: None }));
+            out.extend(nodes.into_iter().map(|n| Update {
+                scope: Scope::Node(n),
+                key: key.clone(),
+                resource: None,
+            }));
         }
     }
 }
@@ -481,7 +498,10 @@ fn service_message(service: &Service, ports: Vec<pb::ServicePort>) -> pb::Servic
         external_ips: service.external_ips.iter().copied().map(u32::from).collect(),
         load_balancer_ips: service.load_balancer_ips.iter().copied().map(u32::from).collect(),
         ports,
-        affinity_timeout_seconds: policy.affinity_timeout_seconds.or(service.affinity_timeout_seconds).unwrap_or(0),
+        affinity_timeout_seconds: policy
+            .affinity_timeout_seconds
+            .or(service.affinity_timeout_seconds)
+            .unwrap_or(0),
         external_local: service.external_local,
         internal_local: service.internal_local,
         masquerade: match policy.masquerade {

@@ -12,7 +12,12 @@ use super::{Compiler, Scope, Update};
 use crate::server::PlanStore;
 
 fn node(name: &str, zone: &str, last: u8) -> Node {
-    Node { name: name.into(), ip: Some(Ipv4Addr::new(172, 18, 0, last)), zone: Some(zone.into()), labels: BTreeMap::new() }
+    Node {
+        name: name.into(),
+        ip: Some(Ipv4Addr::new(172, 18, 0, last)),
+        zone: Some(zone.into()),
+        labels: BTreeMap::new(),
+    }
 }
 
 fn service(name: &str) -> Service {
@@ -60,7 +65,8 @@ fn slice(service: &str, suffix: &str, endpoints: Vec<Endpoint>) -> EndpointSlice
 /// The endpoints of `service` in `node`'s plan, as "ip:port[flags]".
 fn endpoints_seen(store: &PlanStore, node: &str, service: &str) -> Vec<String> {
     let plan = store.plan_of(node).unwrap_or_default();
-    let Some(r) = plan.iter().find(|r| r.kind() == Kind::Service && r.name == format!("default/{service}")) else {
+    let Some(r) = plan.iter().find(|r| r.kind() == Kind::Service && r.name == format!("default/{service}"))
+    else {
         return vec![];
     };
     let svc: pb::Service = r.decode().unwrap_or_default();
@@ -149,7 +155,11 @@ fn prefer_same_zone_keeps_traffic_in_zone_and_falls_back_when_the_zone_has_none(
     ]);
     assert_eq!(endpoints_seen(&store, "n1", "web"), ["10.244.0.1:80/4"]);
     assert_eq!(endpoints_seen(&store, "n2", "web"), ["10.244.0.2:80/4"]);
-    assert_eq!(endpoints_seen(&store, "n3", "web"), ["10.244.0.1:80/0", "10.244.0.2:80/0"], "zone c has none: all");
+    assert_eq!(
+        endpoints_seen(&store, "n3", "web"),
+        ["10.244.0.1:80/0", "10.244.0.2:80/0"],
+        "zone c has none: all"
+    );
 }
 
 #[test]
@@ -162,7 +172,11 @@ fn a_deleted_node_leaves_the_plan_entirely() {
         Change::Node(node("n1", "a", 1)),
         Change::Node(node("n2", "a", 2)),
         Change::Service(svc),
-        Change::Block(Block { cidr: "10.244.0.0/26".parse().unwrap_or_default(), pool: "p".into(), node: "n2".into() }),
+        Change::Block(Block {
+            cidr: "10.244.0.0/26".parse().unwrap_or_default(),
+            pool: "p".into(),
+            node: "n2".into(),
+        }),
     ] {
         compiler.apply(change);
     }
@@ -184,17 +198,29 @@ fn arb_change() -> impl Strategy<Value = Change> {
         (node_name.clone(), prop::sample::select(vec!["z1", "z2"]), 1u8..5)
             .prop_map(|(n, z, ip)| Change::Node(node(n, z, ip))),
         node_name.clone().prop_map(|n| Change::NodeDeleted(n.into())),
-        (svc_name.clone(), any::<bool>(), any::<bool>(), prop::sample::select(vec![0u8, 1, 2]), prop::option::of(30000u16..30003))
+        (
+            svc_name.clone(),
+            any::<bool>(),
+            any::<bool>(),
+            prop::sample::select(vec![0u8, 1, 2]),
+            prop::option::of(30000u16..30003)
+        )
             .prop_map(|(s, etp, itp, topo, np)| {
                 let mut svc = service(s);
                 svc.external_local = etp;
                 svc.internal_local = itp;
                 svc.ports[0].node_port = np;
-                svc.policy.topology = [TopologyMode::None, TopologyMode::PreferSameZone, TopologyMode::PreferSameNode][topo as usize];
+                svc.policy.topology =
+                    [TopologyMode::None, TopologyMode::PreferSameZone, TopologyMode::PreferSameNode]
+                        [topo as usize];
                 Change::Service(svc)
             }),
         svc_name.clone().prop_map(|s| Change::ServiceDeleted(ObjectKey::new("default", s))),
-        (svc_name.clone(), prop::sample::select(vec!["x", "y"]), prop::collection::vec((1u8..8, node_name, any::<bool>()), 0..4))
+        (
+            svc_name.clone(),
+            prop::sample::select(vec!["x", "y"]),
+            prop::collection::vec((1u8..8, node_name, any::<bool>()), 0..4)
+        )
             .prop_map(|(s, suffix, eps)| {
                 let endpoints = eps
                     .into_iter()
@@ -208,12 +234,15 @@ fn arb_change() -> impl Strategy<Value = Change> {
             }),
         (svc_name.clone(), prop::sample::select(vec!["x", "y"]))
             .prop_map(|(s, suffix)| Change::SliceDeleted(ObjectKey::new("default", format!("{s}-{suffix}")))),
-        (0u8..4, prop::sample::select(vec!["n1", "n2", "n3", "n4"])).prop_map(|(i, n)| Change::Block(Block {
-            cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 0, i * 64), 26).unwrap_or_default(),
-            pool: "default".into(),
-            node: n.into(),
-        })),
-        any::<bool>().prop_map(|vxlan| Change::Network(NetworkSettings { vxlan, ..NetworkSettings::default() })),
+        (0u8..4, prop::sample::select(vec!["n1", "n2", "n3", "n4"])).prop_map(|(i, n)| Change::Block(
+            Block {
+                cidr: ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 0, i * 64), 26).unwrap_or_default(),
+                pool: "default".into(),
+                node: n.into(),
+            }
+        )),
+        any::<bool>()
+            .prop_map(|vxlan| Change::Network(NetworkSettings { vxlan, ..NetworkSettings::default() })),
     ]
 }
 
@@ -221,8 +250,11 @@ fn plans(store: &PlanStore, nodes: &[&str]) -> BTreeMap<String, Vec<(String, u64
     nodes
         .iter()
         .filter_map(|n| {
-            let mut plan: Vec<(String, u64)> =
-                store.plan_of(n)?.into_iter().map(|r| (format!("{:?}/{}", r.kind(), r.name), r.version)).collect();
+            let mut plan: Vec<(String, u64)> = store
+                .plan_of(n)?
+                .into_iter()
+                .map(|r| (format!("{:?}/{}", r.kind(), r.name), r.version))
+                .collect();
             plan.sort();
             Some((n.to_string(), plan))
         })

@@ -29,7 +29,11 @@ impl PlanMetrics {
             "Plan messages sent to agents, by kind (current, snapshot, delta)",
             m.messages_sent.clone(),
         );
-        registry.register("plan_bytes_sent", "Encoded bytes of plan messages sent to agents", m.bytes_sent.clone());
+        registry.register(
+            "plan_bytes_sent",
+            "Encoded bytes of plan messages sent to agents",
+            m.bytes_sent.clone(),
+        );
         registry.register("plan_acks", "Plan versions acknowledged by agents", m.acks.clone());
         registry.register("plan_nacks", "Plan versions agents could not apply", m.nacks.clone());
         registry.register("agents_connected", "Agents with an open plan stream", m.agents_connected.clone());

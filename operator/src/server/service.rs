@@ -36,9 +36,13 @@ type PlanStream = Pin<Box<dyn Stream<Item = Result<pb::PlanMessage, Status>> + S
 impl PlanService for PlanServer {
     type WatchStream = PlanStream;
 
-    async fn watch(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<PlanStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<PlanStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
+        let first =
+            inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
         let Some(pb::agent_message::Kind::Hello(hello)) = first.kind else {
             return Err(Status::invalid_argument("the first message on a plan stream must be Hello"));
         };
@@ -55,7 +59,9 @@ impl PlanService for PlanServer {
 
         // Capacity 1: a slow agent backs up here while its queue in the store keeps coalescing.
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(send_loop(self.store.clone(), conn.clone(), tx, self.metrics.clone()).instrument(span.clone()));
+        tokio::spawn(
+            send_loop(self.store.clone(), conn.clone(), tx, self.metrics.clone()).instrument(span.clone()),
+        );
         tokio::spawn(receive_loop(self.store.clone(), conn, inbound, self.metrics.clone()).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -223,13 +223,17 @@ impl PlanStore {
         };
         let version = plan_version(inner.global_mix ^ scope.mix);
         let trace_context = std::mem::take(&mut state.trace_context);
-        let message = |body| pb::PlanMessage { version, generation: inner.generation, body: Some(body), trace_context };
+        let message =
+            |body| pb::PlanMessage { version, generation: inner.generation, body: Some(body), trace_context };
 
         if let Some(hello) = state.hello.take() {
             state.pending.clear();
             state.sent_version = version;
             if hello.version == version {
-                return Some((MessageKind::Current, message(pb::plan_message::Body::Current(pb::Current {}))));
+                return Some((
+                    MessageKind::Current,
+                    message(pb::plan_message::Body::Current(pb::Current {})),
+                ));
             }
             if hello.resources.is_empty() {
                 let resources = inner.resources_of(scope).map(|r| (**r).clone()).collect();
@@ -237,7 +241,8 @@ impl PlanStore {
                 return Some((MessageKind::Snapshot, message(body)));
             }
             // Resume: only the difference from what the agent holds.
-            let held: HashMap<ResourceKey, u64> = hello.resources.iter().map(|r| (r.key(), r.version)).collect();
+            let held: HashMap<ResourceKey, u64> =
+                hello.resources.iter().map(|r| (r.key(), r.version)).collect();
             let upserts = inner
                 .resources_of(scope)
                 .filter(|r| held.get(&r.key()) != Some(&r.version))
@@ -265,7 +270,9 @@ impl PlanStore {
         for (key, resource) in pending {
             match resource {
                 Some(r) => delta.upserts.push((*r).clone()),
-                None => delta.removals.push(pb::ResourceRef { kind: key.kind as i32, name: key.name, version: 0 }),
+                None => {
+                    delta.removals.push(pb::ResourceRef { kind: key.kind as i32, name: key.name, version: 0 })
+                }
             }
         }
         Some((MessageKind::Delta, message(pb::plan_message::Body::Delta(delta))))
@@ -321,5 +328,103 @@ impl PlanStore {
         let inner = self.inner();
         let scope = inner.nodes.get(node)?;
         Some(inner.resources_of(scope).map(|r| (**r).clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::plan::Kind;
+
+    fn peer(name: &str, ip: &str) -> Update {
+        let payload = pb::PeerNode { name: name.into(), node_ip: ip.into(), blocks: vec![] };
+        Update {
+            scope: Scope::All,
+            key: ResourceKey::new(Kind::Peer, name),
+            resource: Some(Arc::new(Resource::encode(Kind::Peer, name, &payload))),
+        }
+    }
+
+    fn node(name: &str) -> Update {
+        let payload = pb::NodePlan { name: name.into(), ..Default::default() };
+        Update {
+            scope: Scope::Node(name.into()),
+            key: ResourceKey::new(Kind::Node, "node"),
+            resource: Some(Arc::new(Resource::encode(Kind::Node, "node", &payload))),
+        }
+    }
+
+    fn hello(node: &str) -> pb::Hello {
+        pb::Hello { node: node.into(), ..Default::default() }
+    }
+
+    fn delta(message: &pb::PlanMessage) -> &pb::Delta {
+        match &message.body {
+            Some(pb::plan_message::Body::Delta(d)) => d,
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slow_agent_gets_the_latest_of_each_resource_once() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1")], HashMap::new());
+        let conn = store.connect(hello("n1"));
+        assert_eq!(store.next_message(&conn).map(|(k, _)| k), Some(MessageKind::Snapshot));
+        for i in 0..100 {
+            store.publish(vec![peer("n2", &format!("172.18.0.{i}"))], HashMap::new());
+        }
+        let (kind, message) = store.next_message(&conn).expect("a delta");
+        assert_eq!(kind, MessageKind::Delta);
+        assert_eq!(delta(&message).upserts.len(), 1, "100 updates of one resource coalesce into one");
+        let last: pb::PeerNode = delta(&message).upserts[0].decode().expect("peer");
+        assert_eq!(last.node_ip, "172.18.0.99");
+        assert_eq!(Some(message.version), store.node_version("n1"));
+        assert!(store.next_message(&conn).is_none());
+    }
+
+    #[test]
+    fn a_change_undone_before_sending_sends_nothing() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1"), peer("n2", "172.18.0.2")], HashMap::new());
+        let conn = store.connect(hello("n1"));
+        assert!(store.next_message(&conn).is_some());
+        store.publish(vec![peer("n2", "172.18.0.3")], HashMap::new());
+        store.publish(vec![peer("n2", "172.18.0.2")], HashMap::new());
+        assert!(store.next_message(&conn).is_none(), "no no-op messages");
+    }
+
+    #[test]
+    fn an_agent_that_holds_the_current_plan_is_told_so_and_one_behind_gets_the_difference() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1"), peer("n2", "172.18.0.2"), peer("n3", "172.18.0.3")], HashMap::new());
+        let plan = store.plan_of("n1").expect("plan");
+        let current = pb::Hello {
+            node: "n1".into(),
+            version: store.node_version("n1").unwrap_or_default(),
+            resources: plan.iter().map(Resource::reference).collect(),
+            agent_version: String::new(),
+        };
+        let conn = store.connect(current.clone());
+        let (kind, message) = store.next_message(&conn).expect("current");
+        assert_eq!(kind, MessageKind::Current);
+        assert!(prost::Message::encoded_len(&message) < 32, "\"you are current\" costs next to nothing");
+
+        store.publish(vec![peer("n3", "172.18.0.33")], HashMap::new());
+        let conn = store.connect(current);
+        let (kind, message) = store.next_message(&conn).expect("delta");
+        assert_eq!(kind, MessageKind::Delta);
+        let names: Vec<&str> = delta(&message).upserts.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["n3"]);
+    }
+
+    #[test]
+    fn an_agent_of_an_unknown_node_waits() {
+        let store = PlanStore::new();
+        store.publish(vec![peer("n2", "172.18.0.2")], HashMap::new());
+        let conn = store.connect(hello("n1"));
+        assert!(store.next_message(&conn).is_none());
+        store.publish(vec![node("n1")], HashMap::new());
+        assert_eq!(store.next_message(&conn).map(|(k, _)| k), Some(MessageKind::Snapshot));
     }
 }
