@@ -269,9 +269,13 @@ impl Cluster {
             self.apply_crds()?;
         }
         if self.state.cni == CniMode::Weft {
-            let default = repo_root().join("config/default");
-            if nodes::has_yaml(&default) {
-                self.kubectl_ok(&["apply", "-R", "-f", &default.to_string_lossy()])?;
+            // What config/README.md installs, minus the operator Deployment and agent DaemonSet:
+            // here they run as processes (operator in the root namespace, agents in the nodes').
+            for part in ["config/namespace.yaml", "config/rbac", "config/default"] {
+                let path = repo_root().join(part);
+                if path.is_file() || nodes::has_yaml(&path) {
+                    self.kubectl_ok(&["apply", "-R", "-f", &path.to_string_lossy()])?;
+                }
             }
             let op = nodes::start_operator(&self.state)?;
             self.record(op)?;
@@ -368,15 +372,25 @@ impl Cluster {
                 "get",
                 "nodes",
                 "-o",
-                r#"jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+                r#"jsonpath={range .items[*]}{.metadata.name}{"\t"}{.status.conditions[?(@.type=="Ready")].status}{"\t"}{.status.conditions[?(@.type=="Ready")].message}{"\n"}{end}"#,
             ]);
-            let ready: Vec<String> = match &out {
-                Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .filter_map(|l| l.strip_suffix("=True").map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let mut ready = Vec::new();
+            let mut why = std::collections::BTreeMap::new();
+            if let Ok(o) = &out
+                && o.status.success()
+            {
+                for line in String::from_utf8_lossy(&o.stdout).lines() {
+                    let mut f = line.splitn(3, '\t');
+                    let (name, status, msg) = (f.next(), f.next(), f.next());
+                    if let (Some(name), Some(status)) = (name, status) {
+                        if status == "True" {
+                            ready.push(name.to_string());
+                        } else {
+                            why.insert(name.to_string(), msg.unwrap_or_default().to_string());
+                        }
+                    }
+                }
+            }
             let missing: Vec<&str> = self
                 .state
                 .nodes
@@ -388,11 +402,18 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let logs: Vec<String> = missing
+                let detail: Vec<String> = missing
                     .iter()
-                    .map(|n| self.state.logs_dir().join(format!("kubelet-{n}.log")).display().to_string())
+                    .map(|n| match why.get(*n) {
+                        Some(m) => format!("{n}: NotReady: {m}"),
+                        None => format!("{n}: not registered"),
+                    })
                     .collect();
-                bail!("nodes not Ready after {timeout:?}: {} (see {})", missing.join(", "), logs.join(", "));
+                bail!(
+                    "nodes not Ready after {timeout:?}:\n  {}\n(the pod runners log to {}/kubelet-<node>.log)",
+                    detail.join("\n  "),
+                    self.state.logs_dir().display()
+                );
             }
             process::reap(&mut self.children);
             std::thread::sleep(Duration::from_millis(500));

@@ -17,17 +17,25 @@ mkdir -p "$BIN"
 log() { printf '[install] %s\n' "$*" >&2; }
 
 debian_packages() {
+  # iputils-ping, netcat-openbsd and tcpdump: what "tool image" pods (netshoot, busybox) are
+  # usually asked to run; they run with the host's tools.
   local pkgs=(iproute2 iptables nftables nginx-light containernetworking-plugins dnsutils curl
-    iperf3 conntrack openssl procps psmisc)
+    iperf3 conntrack openssl procps psmisc util-linux iputils-ping netcat-openbsd tcpdump)
   local missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
+    local had_pid=false
+    [[ -e /run/nginx.pid ]] && had_pid=true
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    # nginx's Debian unit starts a server on :80; the project runs its own.
-    systemctl disable --now nginx >/dev/null 2>&1 || true
-    pkill -x nginx >/dev/null 2>&1 || true
+    # nginx's Debian package starts a server on :80; the project runs its own. Stop only the one
+    # the package just started (by its pid file), never other nginx processes.
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now nginx >/dev/null 2>&1 || true
+    elif ! $had_pid && [[ -s /run/nginx.pid ]]; then
+      kill "$(cat /run/nginx.pid)" >/dev/null 2>&1 || true
+    fi
   fi
 }
 

@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = telemetry::new_registry();
     let metrics = PlanMetrics::register(&mut registry);
+    let status_metrics = status::StatusMetrics::register(&mut registry);
     let readiness = Readiness::new(["cluster-synced", "plan-server"]);
     let admin = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
@@ -82,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     status_rx.mark_unchanged();
-    tokio::spawn(status::run(client.clone(), store.clone(), status_rx, is_leader));
+    tokio::spawn(status::run(client.clone(), store.clone(), status_rx, is_leader, status_metrics));
 
     let server = PlanServer::new(store, metrics).into_service();
     let listener = tokio::net::TcpListener::bind(args.plan_listen)

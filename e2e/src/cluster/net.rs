@@ -140,8 +140,12 @@ pub fn delete_netns(ns: &str) -> Result<()> {
 
 /// Deletes a root-namespace link; missing is fine.
 pub fn delete_link(name: &str) -> Result<()> {
-    if link_exists(name) {
-        ip(&["link", "del", name])?;
+    if link_exists(name)
+        && let Err(e) = ip(&["link", "del", name])
+        // A veth goes away on its own once the namespace of its peer is freed.
+        && link_exists(name)
+    {
+        return Err(e);
     }
     Ok(())
 }

@@ -276,7 +276,7 @@ pub fn claim_index(_lock: &RegistryLock, name: &str, dir: &Path) -> Result<u8> {
                 !ClusterState::state_file(&e.dir).exists() && !super::net::link_exists(&bridge_for(idx))
             }
         };
-        if free && !super::net::link_exists(&bridge_for(idx)) {
+        if free && !super::net::link_exists(&bridge_for(idx)) && ports_free(Ports::for_index(idx)) {
             let entry = RegistryEntry { name: name.to_string(), dir: dir.to_path_buf() };
             let mut f = File::create(entry_path(idx))?;
             f.write_all(serde_json::to_string(&entry)?.as_bytes())?;
@@ -284,6 +284,13 @@ pub fn claim_index(_lock: &RegistryLock, name: &str, dir: &Path) -> Result<u8> {
         }
     }
     bail!("no free cluster index (254 clusters registered in {REGISTRY_DIR}?)")
+}
+
+/// Whether every loopback port of a block can be bound (something else may use them).
+fn ports_free(p: Ports) -> bool {
+    [p.apiserver, p.etcd_client, p.etcd_peer, p.controller_manager, p.scheduler, p.operator_metrics]
+        .into_iter()
+        .all(|port| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok())
 }
 
 pub fn release_index(_lock: &RegistryLock, idx: u8, name: &str) {

@@ -39,9 +39,11 @@
 //!   visible from the root namespace either way.
 //! - **Pod network namespace rule**: `/run/netns/wp-<first 12 hex digits of the pod UID, dashes
 //!   removed>` ([`pod_netns_name`]), for every pod; for a `hostNetwork` pod that name is attached
-//!   to the node's namespace. Run a command in a pod with [`exec_in_pod`] (async, given the
-//!   runner's `--state-dir`), [`exec_in_pod_api`] (async, given a client) or [`pod_exec_command`]
-//!   (a `std::process::Command` for interactive use).
+//!   to the node's namespace. Run a command in a pod (its network namespace, /etc/netns files,
+//!   hostname) with [`exec_in_pod`] (async, output captured, given the runner's `--state-dir`; the
+//!   first container's environment, like `kubectl exec`), [`pod_exec_command_for`] (the same as a
+//!   `std::process::Command` for the caller's stdio), [`exec_in_pod_api`] (async, given a client)
+//!   or [`pod_exec_command`] (given the netns name; a minimal environment).
 //! - **State**: `<state-dir>/pods/<namespace>_<name>.json` ([`PodRecord`]: netns, pod IPs, pids
 //!   with start times, the CNI configuration and result) and `<state-dir>/pods/<namespace>_<name>/`
 //!   (`<container>.log`, `resolv.conf`). [`cleanup_state`] tears down what a crashed runner left
@@ -73,7 +75,7 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
 use sandbox::exec_base_env;
-pub use sandbox::{NETNS_RUN_DIR, PodRecord, ProcRecordRef, cleanup_state, pod_exec_command};
+pub use sandbox::{CniRecord, NETNS_RUN_DIR, PodRecord, ProcRecordRef, cleanup_state, pod_exec_command};
 pub use spec::pod_netns_name;
 
 /// `weft-dev kubelet`: the pod runner of one node.
@@ -286,6 +288,33 @@ pub async fn exec_in_pod(
     pod: &str,
     cmd: &[String],
 ) -> Result<std::process::Output> {
+    let (netns, hostname, env) = exec_target(state_dir, namespace, pod)?;
+    exec_in_netns(&netns, &hostname, &env, &format!("{namespace}/{pod}"), cmd).await
+}
+
+/// The command [`exec_in_pod`] runs, for callers that want their own stdio (interactive use):
+/// `cmd` in pod `namespace/pod` of the node whose runner uses `state_dir`, with the pod's
+/// hostname and its first container's environment.
+pub fn pod_exec_command_for(
+    state_dir: &std::path::Path,
+    namespace: &str,
+    pod: &str,
+    cmd: &[String],
+) -> Result<std::process::Command> {
+    let (netns, hostname, env) = exec_target(state_dir, namespace, pod)?;
+    if !sandbox::netns_path(&netns).exists() {
+        bail!(
+            "pod {namespace}/{pod} has no network namespace {} (yet)",
+            sandbox::netns_path(&netns).display()
+        );
+    }
+    Ok(sandbox::container_command(&netns, &hostname, cmd, &env))
+}
+
+/// (netns, hostname, environment) of an exec.
+type ExecTarget = (String, String, Vec<(String, String)>);
+
+fn exec_target(state_dir: &std::path::Path, namespace: &str, pod: &str) -> Result<ExecTarget> {
     let path = sandbox::record_path(state_dir, namespace, pod);
     let rec: PodRecord = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
@@ -301,7 +330,7 @@ pub async fn exec_in_pod(
     } else if let Ok(term) = std::env::var("TERM") {
         env.push(("TERM".into(), term));
     }
-    exec_in_netns(&rec.netns, &hostname, &env, &format!("{namespace}/{pod}"), cmd).await
+    Ok((rec.netns, hostname, env))
 }
 
 /// [`exec_in_pod`] finding the pod through the API server instead (its UID gives the namespace

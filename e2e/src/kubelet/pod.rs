@@ -1130,7 +1130,9 @@ async fn supervise(
                 (code, signal, if code == 0 { "Completed" } else { "Error" }, None, true)
             }
         };
-        if let Some(m) = &message {
+        if reason == "StartError"
+            && let Some(m) = &message
+        {
             sh.event(true, "Failed", format!("Error: {m}"));
         }
         let terminated = ContainerState {

@@ -228,11 +228,11 @@ fn stop_foreign(p: ProcRef, grace: Duration) {
     signal_group(p.pid, rustix::process::Signal::KILL);
 }
 
-/// What the runner needs to DEL a pod's network attachment: the configuration ADD used and its
-/// result.
+/// What the runner needs to DEL a pod's network attachment: the configuration ADD used, the
+/// attachment parameters and ADD's result.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct CniRecord {
+pub struct CniRecord {
     pub conflist: Value,
     pub conflist_path: PathBuf,
     pub bin_dirs: Vec<PathBuf>,
@@ -282,8 +282,9 @@ pub struct PodRecord {
     /// The environment of the first container (what `exec` runs with).
     #[serde(default)]
     pub exec_env: Vec<(String, String)>,
+    /// The pod's CNI attachment (none for hostNetwork pods and once torn down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) cni: Option<CniRecord>,
+    pub cni: Option<CniRecord>,
 }
 
 /// A recorded container process.

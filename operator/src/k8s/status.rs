@@ -9,6 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -293,19 +294,49 @@ where
     api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
 }
 
+/// Leadership and status writes, so an admin can see which replica writes.
+#[derive(Debug, Clone, Default)]
+pub struct StatusMetrics {
+    pub leader: Gauge,
+    pub writes: Counter,
+    pub write_errors: Counter,
+}
+
+impl StatusMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and writes status",
+            m.leader.clone(),
+        );
+        registry.register("status_writes", "Status patches written to custom resources", m.writes.clone());
+        registry.register(
+            "status_write_errors",
+            "Status patches the API server refused",
+            m.write_errors.clone(),
+        );
+        m
+    }
+}
+
 /// Writes status while this replica leads; idles otherwise.
 pub async fn run(
     client: Client,
     store: Arc<PlanStore>,
     mut inputs: watch::Receiver<StatusInputs>,
     mut leader: watch::Receiver<bool>,
+    metrics: StatusMetrics,
 ) {
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    let writer = Writer { client: &client, recorder: &recorder, metrics: &metrics };
     let mut reported_nacks: HashSet<(String, u64)> = HashSet::new();
     let mut reported_overlaps: HashSet<String> = HashSet::new();
     loop {
-        if !*leader.borrow_and_update() {
+        let leading = *leader.borrow_and_update();
+        metrics.leader.set(i64::from(leading));
+        if !leading {
             if leader.changed().await.is_err() {
                 return;
             }
@@ -313,8 +344,7 @@ pub async fn run(
         }
         let snapshot = inputs.borrow_and_update().clone();
         if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
-            write_all(&client, &store, &snapshot, &recorder, &mut reported_nacks, &mut reported_overlaps)
-                .await;
+            writer.write_all(&store, &snapshot, &mut reported_nacks, &mut reported_overlaps).await;
         }
         tokio::select! {
             _ = inputs.changed() => {}
@@ -324,64 +354,83 @@ pub async fn run(
     }
 }
 
-async fn write_all(
-    client: &Client,
-    store: &PlanStore,
-    inputs: &StatusInputs,
-    recorder: &Recorder,
-    reported_nacks: &mut HashSet<(String, u64)>,
-    reported_overlaps: &mut HashSet<String>,
-) {
-    let nodes = store.convergence();
-    if let Some(config) = &inputs.network {
-        let status = network_status(config, &nodes, store.generation());
-        if !same_status(config.status.as_ref(), &status) {
-            let api: Api<api::NetworkConfig> = Api::all(client.clone());
-            if let Err(e) = patch_status(&api, &config.name_any(), &status).await {
-                warn!(error = %e, "cannot write NetworkConfig status");
+struct Writer<'a> {
+    client: &'a Client,
+    recorder: &'a Recorder,
+    metrics: &'a StatusMetrics,
+}
+
+impl Writer<'_> {
+    async fn patch<K>(&self, api: Api<K>, name: &str, status: &impl Serialize)
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        match patch_status(&api, name, status).await {
+            Ok(()) => {
+                self.metrics.writes.inc();
+            }
+            Err(e) => {
+                self.metrics.write_errors.inc();
+                warn!(error = %e, kind = %K::kind(&()), name, "cannot write status");
             }
         }
-        for node in &nodes {
-            if let Some((version, error)) = &node.report.nack
-                && reported_nacks.insert((node.node.clone(), *version))
-            {
-                publish(
-                    recorder,
-                    config,
-                    EventType::Warning,
-                    reasons::PLAN_REJECTED,
-                    format!("node {}: {error}", node.node),
+    }
+
+    async fn write_all(
+        &self,
+        store: &PlanStore,
+        inputs: &StatusInputs,
+        reported_nacks: &mut HashSet<(String, u64)>,
+        reported_overlaps: &mut HashSet<String>,
+    ) {
+        let (client, recorder) = (self.client, self.recorder);
+        let nodes = store.convergence();
+        if let Some(config) = &inputs.network {
+            let status = network_status(config, &nodes, store.generation());
+            if !same_status(config.status.as_ref(), &status) {
+                self.patch(Api::<api::NetworkConfig>::all(client.clone()), &config.name_any(), &status).await;
+            }
+            for node in &nodes {
+                if let Some((version, error)) = &node.report.nack
+                    && reported_nacks.insert((node.node.clone(), *version))
+                {
+                    publish(
+                        recorder,
+                        config,
+                        EventType::Warning,
+                        reasons::PLAN_REJECTED,
+                        format!("node {}: {error}", node.node),
+                    )
+                    .await;
+                }
+            }
+        }
+        for pool in &inputs.pools {
+            let status = pool_status(pool, &inputs.pools, &inputs.blocks);
+            let overlapping = cond::is_condition_true(&status.conditions, types::OVERLAPPING);
+            let name = pool.name_any();
+            if overlapping && reported_overlaps.insert(name.clone()) {
+                let message = cond::find_condition(&status.conditions, types::OVERLAPPING)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                publish(recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message).await;
+            } else if !overlapping {
+                reported_overlaps.remove(&name);
+            }
+            if !same_status(pool.status.as_ref(), &status) {
+                self.patch(Api::<api::IPPool>::all(client.clone()), &name, &status).await;
+            }
+        }
+        for policy in &inputs.policies {
+            let key = ObjectKey::new(policy.namespace().unwrap_or_default(), policy.name_any());
+            let status = policy_status(policy, inputs.policy_matches.get(&key));
+            if !same_status(policy.status.as_ref(), &status) {
+                self.patch(
+                    Api::<api::ProxyPolicy>::namespaced(client.clone(), &key.namespace),
+                    &key.name,
+                    &status,
                 )
                 .await;
-            }
-        }
-    }
-    for pool in &inputs.pools {
-        let status = pool_status(pool, &inputs.pools, &inputs.blocks);
-        let overlapping = cond::is_condition_true(&status.conditions, types::OVERLAPPING);
-        let name = pool.name_any();
-        if overlapping && reported_overlaps.insert(name.clone()) {
-            let message = cond::find_condition(&status.conditions, types::OVERLAPPING)
-                .map(|c| c.message.clone())
-                .unwrap_or_default();
-            publish(recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message).await;
-        } else if !overlapping {
-            reported_overlaps.remove(&name);
-        }
-        if !same_status(pool.status.as_ref(), &status) {
-            let api: Api<api::IPPool> = Api::all(client.clone());
-            if let Err(e) = patch_status(&api, &name, &status).await {
-                warn!(error = %e, pool = %name, "cannot write IPPool status");
-            }
-        }
-    }
-    for policy in &inputs.policies {
-        let key = ObjectKey::new(policy.namespace().unwrap_or_default(), policy.name_any());
-        let status = policy_status(policy, inputs.policy_matches.get(&key));
-        if !same_status(policy.status.as_ref(), &status) {
-            let api: Api<api::ProxyPolicy> = Api::namespaced(client.clone(), &key.namespace);
-            if let Err(e) = patch_status(&api, &key.name, &status).await {
-                warn!(error = %e, policy = %key, "cannot write ProxyPolicy status");
             }
         }
     }
