@@ -3,4 +3,5 @@
 
 pub mod plan;
 pub mod telemetry;
+#[cfg(feature = "crds")]
 pub mod v1alpha1;

@@ -33,10 +33,13 @@ use anyhow::{Context as _, Result, bail};
 
 pub use process::ProcRecord;
 pub use state::{
-    CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState, POD_CIDR, Ports,
-    SERVICE_CIDR,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState,
+    PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
-pub use testing::{Fatal, PodOptions, TestCluster, TestNamespace, TestOptions, client_for, wait_for};
+pub use testing::{
+    Fatal, PodOptions, ReplicaGuard, TestCluster, TestNamespace, TestOptions, client_for, http_get,
+    metric_value, metrics_text, wait_for,
+};
 
 use pki::Pki;
 
@@ -118,6 +121,10 @@ pub struct UpOptions {
     /// Nodes to create.
     pub nodes: u8,
     pub cni: CniMode,
+    /// Run Weft: apply `config/namespace.yaml`, `config/rbac/`, `config/default/`, start
+    /// `weft-operator` in the root namespace and one `weft-agent` per node. Independent of the
+    /// CNI (default true).
+    pub weft: bool,
     /// Default: [`tools_bin_dir`].
     pub tools_bin_dir: Option<PathBuf>,
     /// Default: [`default_weft_bin_dir`].
@@ -138,6 +145,7 @@ impl Default for UpOptions {
             dir: None,
             nodes: 3,
             cni: CniMode::Reference,
+            weft: true,
             tools_bin_dir: None,
             weft_bin_dir: None,
             apply_crds: true,
@@ -163,10 +171,12 @@ fn progress(msg: impl std::fmt::Display) {
 }
 
 impl Cluster {
-    /// Brings a cluster up: bridge, certificates, control plane (waits for `/readyz`), CRDs, the
-    /// Weft operator in Weft mode, and the nodes. Anything half-built is torn down on error.
+    /// Brings a cluster up: bridge, certificates, control plane (waits for `/readyz`), CRDs, Weft
+    /// (its configuration and operator, unless `weft` is off), and the nodes (each with its pod
+    /// runner and, with Weft, its agent). Anything half-built is torn down on error.
     pub fn up(opts: &UpOptions) -> Result<Cluster> {
         state::validate_name(&opts.name)?;
+        opts.cni.check_available()?;
         if net::run("id", ["-u"]).map(|s| s.trim() != "0").unwrap_or(true) {
             bail!("the local cluster needs root (it creates network namespaces, veths and bridges)");
         }
@@ -203,6 +213,7 @@ impl Cluster {
             name: opts.name.clone(),
             idx,
             cni: opts.cni,
+            weft: opts.weft,
             dir: dir.clone(),
             tools_bin_dir: tools,
             weft_bin_dir: weft_bin,
@@ -268,7 +279,7 @@ impl Cluster {
         if opts.apply_crds {
             self.apply_crds()?;
         }
-        if self.state.cni == CniMode::Weft {
+        if self.state.weft {
             // What config/README.md installs, minus the operator Deployment and agent DaemonSet:
             // here they run as processes (operator in the root namespace, agents in the nodes').
             for part in ["config/namespace.yaml", "config/rbac", "config/default"] {
@@ -277,6 +288,12 @@ impl Cluster {
                     self.kubectl_ok(&["apply", "-R", "-f", &path.to_string_lossy()])?;
                 }
             }
+            progress(format_args!(
+                "cluster {}: weft-operator (plans on {}, metrics on http://{}/metrics)",
+                self.state.name,
+                self.state.plan_addr(),
+                self.state.operator_metrics_addr()
+            ));
             let op = nodes::start_operator(&self.state)?;
             self.record(op)?;
         }
@@ -344,7 +361,7 @@ impl Cluster {
     }
 
     /// Adds a node: namespace, identity, CNI configuration (reference mode), the pod runner and,
-    /// in Weft mode, the agent. Does not wait for the Node to be Ready.
+    /// when Weft runs, the agent. Does not wait for the Node to be Ready.
     pub fn add_node(&mut self) -> Result<NodeState> {
         let node = nodes::plan(&self.state)?;
         self.state.nodes.push(node.clone());
@@ -356,7 +373,7 @@ impl Cluster {
         nodes::create(&self.state, &node, &self.pki())?;
         let k = nodes::start_kubelet(&self.state, &node)?;
         self.record(k)?;
-        if self.state.cni == CniMode::Weft {
+        if self.state.weft {
             let a = nodes::start_agent(&self.state, &node)?;
             self.record(a)?;
         }
@@ -499,6 +516,52 @@ impl Cluster {
         self.state.processes.iter().map(|p| (p.clone(), p.is_alive())).collect()
     }
 
+    /// Stops the recorded process `name` (`weft-operator`, `agent-node-1`, …) as `down` would —
+    /// SIGTERM to it and its process group, `grace` to exit, then SIGKILL — and forgets it, so
+    /// the cluster no longer counts it as one of its processes.
+    pub fn stop_process(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
+        let Some(pos) = self.state.processes.iter().position(|p| p.name == name) else {
+            let known: Vec<&str> = self.state.processes.iter().map(|p| p.name.as_str()).collect();
+            bail!("cluster {} has no process named {name} (it has: {})", self.state.name, known.join(", "));
+        };
+        let record = self.state.processes[pos].clone();
+        let started = Instant::now();
+        let was_running = record.is_alive();
+        let exited_on_sigterm = if was_running {
+            let mut pids = vec![record.pid];
+            pids.extend(process::descendants(&[record.pid]));
+            process::terminate(&pids, grace, &mut self.children)
+        } else {
+            false
+        };
+        self.state.processes.remove(pos);
+        self.state.save()?;
+        Ok(Stopped { record, was_running, exited_on_sigterm, took: started.elapsed() })
+    }
+
+    /// Starts one more `weft-operator` replica in the root namespace, as a Deployment's second
+    /// pod would run: `--identity <identity>`, its plan server and metrics on free loopback ports,
+    /// the admin kubeconfig, its log in `logs/weft-operator-<identity>.log`. It is recorded as a
+    /// process of the cluster (named `weft-operator-<identity>`), so `down` and the test reaper
+    /// stop it too; [`Cluster::stop_process`] stops it earlier.
+    pub fn start_operator_replica(&mut self, identity: &str) -> Result<OperatorReplica> {
+        if !self.state.weft {
+            bail!("cluster {} runs without Weft", self.state.name);
+        }
+        let name = format!("weft-operator-{identity}");
+        if self.state.processes.iter().any(|p| p.name == name) {
+            bail!("cluster {} already runs {name}", self.state.name);
+        }
+        let plan_addr = free_loopback_addr()?;
+        let metrics_addr = free_loopback_addr()?;
+        let log = self.state.logs_dir().join(format!("{name}.log"));
+        let p = nodes::operator_launch(&self.state, &name, plan_addr, metrics_addr, log.clone())?
+            .args(["--identity", identity])
+            .spawn()?;
+        self.record(p)?;
+        Ok(OperatorReplica { name, identity: identity.to_string(), plan_addr, metrics_addr, log })
+    }
+
     /// Stops every process (node side first), removes the namespaces, veths and bridge, and the
     /// bulky state (etcd, node directories); keeps `logs/` and moves `state.json` to
     /// `state.down.json`. Synchronous, idempotent and best effort: it carries on past failures
@@ -522,7 +585,7 @@ impl Cluster {
         let recs: Vec<ProcRecord> =
             self.state.processes.iter().filter(|p| p.pid != me && p.is_alive()).cloned().collect();
         let (node_side, control): (Vec<ProcRecord>, Vec<ProcRecord>) =
-            recs.into_iter().partition(|p| p.netns.is_some() || p.name == "weft-operator");
+            recs.into_iter().partition(|p| p.netns.is_some() || p.name.starts_with("weft-operator"));
         let node_pids: Vec<u32> = node_side.iter().map(|p| p.pid).collect();
         let control_pids: Vec<u32> = control.iter().map(|p| p.pid).collect();
         let mut node_all = node_pids.clone();
@@ -591,6 +654,36 @@ impl Cluster {
             bail!("tearing down cluster {}: {}", self.state.name, errors.join("; "))
         }
     }
+}
+
+/// What [`Cluster::stop_process`] did.
+#[derive(Clone, Debug)]
+pub struct Stopped {
+    pub record: ProcRecord,
+    /// False when it had already exited.
+    pub was_running: bool,
+    /// Whether it exited within the grace period after SIGTERM (false: it was SIGKILLed).
+    pub exited_on_sigterm: bool,
+    pub took: Duration,
+}
+
+/// An extra operator replica started by [`Cluster::start_operator_replica`].
+#[derive(Clone, Debug)]
+pub struct OperatorReplica {
+    /// Its process name in the cluster's records (`weft-operator-<identity>`).
+    pub name: String,
+    /// Its identity in the leader Lease.
+    pub identity: String,
+    pub plan_addr: std::net::SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: std::net::SocketAddr,
+    pub log: PathBuf,
+}
+
+/// A loopback address with a port nothing listens on right now.
+fn free_loopback_addr() -> Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+    Ok(l.local_addr()?)
 }
 
 /// Tears down the cluster whose state is in `dir` (what `weft-dev down` and the reaper do).

@@ -127,3 +127,72 @@ impl PlanState {
             .map_err(|source| PlanError::Write { path, source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str, ip: &str) -> Resource {
+        Resource::encode(
+            Kind::Peer,
+            name,
+            &pb::PeerNode { name: name.into(), node_ip: ip.into(), blocks: vec![] },
+        )
+    }
+
+    fn message(resources: &[Resource], body: Body) -> pb::PlanMessage {
+        pb::PlanMessage {
+            version: pb::plan_version_of(resources),
+            generation: 1,
+            body: Some(body),
+            trace_context: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_replaces_and_a_delta_patches_reporting_what_changed() {
+        let (a, b, b2) = (peer("a", "172.18.0.1"), peer("b", "172.18.0.2"), peer("b", "172.18.0.22"));
+        let snapshot =
+            message(&[a.clone(), b.clone()], Body::Snapshot(pb::Snapshot { resources: vec![a.clone(), b] }));
+        let (state, changed) = PlanState::default().apply(&snapshot).expect("snapshot");
+        assert_eq!(state.resources.len(), 2);
+        assert_eq!(changed, ChangedKinds::from([Kind::Peer]));
+
+        let delta = message(
+            &[b2.clone()],
+            Body::Delta(pb::Delta { upserts: vec![b2.clone()], removals: vec![a.reference()] }),
+        );
+        let (next, changed) = state.apply(&delta).expect("delta");
+        assert_eq!(next.resources.values().cloned().collect::<Vec<_>>(), vec![b2]);
+        assert_eq!(changed, ChangedKinds::from([Kind::Peer]));
+        assert_eq!(next.version, delta.version);
+
+        let current = pb::PlanMessage { body: Some(Body::Current(pb::Current {})), ..delta };
+        let (same, changed) = next.apply(&current).expect("current");
+        assert_eq!(same, next);
+        assert!(changed.is_empty());
+    }
+
+    #[test]
+    fn a_delta_that_does_not_fit_the_plan_held_is_refused() {
+        let a = peer("a", "172.18.0.1");
+        // The operator believes the agent also holds "b": the announced version includes it.
+        let mut wrong = message(&[a.clone(), peer("b", "172.18.0.2")], Body::Delta(pb::Delta::default()));
+        wrong.body = Some(Body::Delta(pb::Delta { upserts: vec![a], removals: vec![] }));
+        assert!(matches!(PlanState::default().apply(&wrong), Err(PlanError::VersionMismatch { .. })));
+    }
+
+    #[test]
+    fn the_plan_survives_a_restart() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let a = peer("a", "172.18.0.1");
+        let snapshot =
+            message(std::slice::from_ref(&a), Body::Snapshot(pb::Snapshot { resources: vec![a.clone()] }));
+        let (state, _) = PlanState::default().apply(&snapshot).expect("snapshot");
+        state.save(dir.path()).expect("save");
+        assert_eq!(PlanState::load(dir.path()).expect("load"), state);
+        assert_eq!(PlanState::load(&dir.path().join("missing")).expect("empty"), PlanState::default());
+        std::fs::write(dir.path().join("plan.pb"), b"\xff\xff\xff").expect("write");
+        assert!(matches!(PlanState::load(dir.path()), Err(PlanError::Decode { .. })));
+    }
+}

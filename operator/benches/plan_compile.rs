@@ -49,7 +49,7 @@ fn cluster(nodes: usize) -> Vec<Change> {
         }));
     }
     for s in 0..SERVICES {
-        let local = s % LOCAL_EVERY == 0;
+        let local = s.is_multiple_of(LOCAL_EVERY);
         changes.push(Change::Service(Service {
             key: ObjectKey::new(format!("ns-{}", s % 100), format!("svc-{s}")),
             cluster_ip: Some(Ipv4Addr::from(0x0A60_0000u32 + s as u32 + 1)),
@@ -166,7 +166,7 @@ fn run(nodes: usize) {
     let rounds = 300;
     for round in 0..rounds {
         let s = 1 + (round * 7) % (SERVICES - 1);
-        let s = if s % LOCAL_EVERY == 0 { s + 1 } else { s };
+        let s = if s.is_multiple_of(LOCAL_EVERY) { s + 1 } else { s };
         let started = Instant::now();
         compiler.apply(Change::Slice(slice(nodes, s, Some(round % ENDPOINTS_PER_SERVICE))));
         let updates = compiler.flush();

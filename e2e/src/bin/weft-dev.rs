@@ -1,7 +1,7 @@
 //! `weft-dev`: the local cluster for people and scripts, like kind.
 //!
 //! ```text
-//! weft-dev up [--nodes 3] [--cni reference|weft] [--name dev]   control plane, nodes, samples
+//! weft-dev up [--nodes 3] [--name dev] [--no-weft]              control plane, Weft, nodes, samples
 //! weft-dev down [--name dev | --all]                             stop and remove everything
 //! weft-dev status                                               clusters, processes, nodes
 //! weft-dev node add                                             one more node
@@ -41,16 +41,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Bring up the control plane, nodes, CRDs (and Weft in `--cni weft` mode) and sample
-    /// workloads; prints how to use kubectl against it.
+    /// Bring up the control plane, CRDs, Weft (config/, weft-operator, one weft-agent per node),
+    /// the nodes and sample workloads; prints how to use kubectl against it.
     Up {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: u8,
-        /// `reference`: the reference bridge/host-local plugins; `weft`: weft-operator and one
-        /// weft-agent per node.
+        /// Which CNI gives pods their network. Only `reference` works for now (`weft` needs the
+        /// weft-cni plugin of the pod-networking issue).
         #[arg(long, value_enum, default_value_t = CniMode::Reference)]
         cni: CniMode,
+        /// Run without Weft: no config/, no weft-operator, no weft-agents.
+        #[arg(long)]
+        no_weft: bool,
         /// Cluster name (defaults to --cluster).
         #[arg(long)]
         name: Option<String>,
@@ -167,8 +170,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Cmd::Up { nodes, cni, name, no_samples } => {
-            up(name.unwrap_or(cli.cluster), nodes, cni, !no_samples).await?;
+        Cmd::Up { nodes, cni, no_weft, name, no_samples } => {
+            cni.check_available()?;
+            up(name.unwrap_or(cli.cluster), nodes, cni, !no_weft, !no_samples).await?;
         }
         Cmd::Down { name, all } => {
             let name = name.unwrap_or(cli.cluster);
@@ -210,7 +214,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(name: String, nodes: u8, cni: CniMode, samples: bool) -> Result<()> {
+async fn up(name: String, nodes: u8, cni: CniMode, weft: bool, samples: bool) -> Result<()> {
     let dir = cluster::weft_dir().join(&name);
     if let Ok(existing) = Cluster::open_dir(&dir) {
         if existing.processes().iter().all(|(_, alive)| *alive) {
@@ -221,7 +225,7 @@ async fn up(name: String, nodes: u8, cni: CniMode, samples: bool) -> Result<()> 
         eprintln!("cluster {name} is partly down; removing it before starting again");
         tokio::task::spawn_blocking(move || cluster::teardown_dir(&dir)).await??;
     }
-    let opts = UpOptions { name: name.clone(), nodes, cni, ..UpOptions::default() };
+    let opts = UpOptions { name: name.clone(), nodes, cni, weft, ..UpOptions::default() };
     let c = tokio::task::spawn_blocking(move || Cluster::up(&opts)).await??;
     std::fs::copy(c.kubeconfig(), dev_kubeconfig())
         .with_context(|| format!("writing {}", dev_kubeconfig().display()))?;
@@ -246,39 +250,86 @@ async fn up(name: String, nodes: u8, cni: CniMode, samples: bool) -> Result<()> 
             }
         }
     }
+    if c.state().weft && has_crd(&c, "networkconfigs.weft.io") {
+        // Every agent has applied the newest plan (the samples' Services included).
+        let waited =
+            c.kubectl(&["wait", "--for=condition=Ready", "--timeout=90s", "networkconfig/default"])?;
+        if !waited.status.success() {
+            eprintln!(
+                "warning: Weft has not converged yet (see {}): {}",
+                c.state().logs_dir().join("weft-operator.log").display(),
+                String::from_utf8_lossy(&waited.stderr).trim()
+            );
+        }
+    }
     print_summary(&c);
     Ok(())
 }
 
-fn print_summary(c: &Cluster) {
-    let s = c.state();
-    println!();
-    println!(
-        "cluster {}: API server https://127.0.0.1:{} (nodes reach it at https://{}:{}), underlay {} on bridge {}, CNI {}",
-        s.name,
-        s.ports.apiserver,
-        s.bridge_ip,
-        s.ports.apiserver,
-        s.subnet(),
-        s.bridge,
-        s.cni
-    );
-    let have_ippools = c.kubectl(&["get", "crd", "ippools.weft.io"]).is_ok_and(|o| o.status.success());
-    let what = if have_ippools { "nodes,ippools" } else { "nodes" };
-    println!("$ kubectl get {what} -o wide");
-    match c.kubectl(&["get", what, "-o", "wide"]) {
+fn has_crd(c: &Cluster, crd: &str) -> bool {
+    c.kubectl(&["get", "crd", crd]).is_ok_and(|o| o.status.success())
+}
+
+/// Prints `$ kubectl <args>` and its output.
+fn show_kubectl(c: &Cluster, args: &[&str]) {
+    println!("$ kubectl {}", args.join(" "));
+    match c.kubectl(args) {
         Ok(o) => {
             print!("{}", String::from_utf8_lossy(&o.stdout));
             eprint!("{}", String::from_utf8_lossy(&o.stderr));
         }
         Err(e) => eprintln!("{e:#}"),
     }
-    if let Ok(o) = c.kubectl(&["get", "pods", "-A", "-o", "wide"]) {
-        println!("$ kubectl get pods -A -o wide");
-        print!("{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// Where Weft's operator and agents of a cluster are and what they recorded.
+fn print_weft(s: &cluster::ClusterState) {
+    if !s.weft {
+        println!("weft: not running (brought up with --no-weft)");
+        return;
     }
+    println!(
+        "weft: weft-operator serves plans on {} (metrics http://{}/metrics, log {})",
+        s.plan_addr(),
+        s.operator_metrics_addr(),
+        s.logs_dir().join("weft-operator.log").display()
+    );
+    for n in &s.nodes {
+        println!(
+            "weft: agent-{} in netns {} (metrics http://{}:{}/metrics), records its programming in {}/*.txt",
+            n.name,
+            n.netns,
+            n.ip,
+            cluster::AGENT_METRICS_PORT,
+            n.agent_state_dir.join("programmed").display()
+        );
+    }
+    println!(
+        "weft: agents only record what their plan asks (no CNI, routes or proxy rules of their own yet)"
+    );
+}
+
+fn print_summary(c: &Cluster) {
+    let s = c.state();
     println!();
+    println!(
+        "cluster {}: API server https://127.0.0.1:{} (nodes reach it at https://{}:{}), underlay {} on bridge {}, CNI {}, Weft {}",
+        s.name,
+        s.ports.apiserver,
+        s.bridge_ip,
+        s.ports.apiserver,
+        s.subnet(),
+        s.bridge,
+        s.cni,
+        if s.weft { "on" } else { "off" }
+    );
+    print_weft(s);
     println!("logs: {}", s.logs_dir().display());
+    println!();
+    show_kubectl(c, &["get", "pods", "-A", "-o", "wide"]);
+    let what = if has_crd(c, "networkconfigs.weft.io") { "nodes,ippools,networkconfig" } else { "nodes" };
+    show_kubectl(c, &["get", what]);
+    println!();
     let kubeconfig = if s.dir == cluster::weft_dir().join(&s.name) && dev_kubeconfig().exists() {
         dev_kubeconfig()
     } else {
@@ -320,14 +371,15 @@ fn status(name: &str) -> Result<()> {
         let c = Cluster::open_dir(&dir)?;
         let s = c.state();
         println!(
-            "cluster {} ({}): index {}, underlay {} on {}, API server https://127.0.0.1:{}, CNI {}",
+            "cluster {} ({}): index {}, underlay {} on {}, API server https://127.0.0.1:{}, CNI {}, Weft {}",
             s.name,
             dir.display(),
             s.idx,
             s.subnet(),
             s.bridge,
             s.ports.apiserver,
-            s.cni
+            s.cni,
+            if s.weft { "on" } else { "off" }
         );
         for (p, alive) in c.processes() {
             let state = if alive { "running" } else { "NOT RUNNING" };
@@ -340,10 +392,17 @@ fn status(name: &str) -> Result<()> {
                 n.name, n.ip, n.zone, n.pod_cidr, n.netns
             );
         }
-        if s.name == name
-            && let Ok(o) = c.kubectl(&["get", "nodes", "-o", "wide"])
-        {
-            print!("{}", String::from_utf8_lossy(&o.stdout));
+        print_weft(s);
+        if s.name == name {
+            if let Ok(o) = c.kubectl(&["get", "nodes", "-o", "wide"]) {
+                print!("{}", String::from_utf8_lossy(&o.stdout));
+            }
+            if s.weft
+                && let Ok(o) = c.kubectl(&["get", "networkconfig"])
+                && o.status.success()
+            {
+                print!("{}", String::from_utf8_lossy(&o.stdout));
+            }
         }
     }
     Ok(())

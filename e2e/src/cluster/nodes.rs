@@ -1,10 +1,10 @@
 //! Nodes: a network namespace on the cluster's bridge, its directories and identity, the
 //! reference CNI configuration and routes (reference mode), and the node-side processes — the
-//! pod runner (`weft-dev kubelet`) and, in Weft mode, `weft-agent`.
+//! pod runner (`weft-dev kubelet`) and, when Weft runs, `weft-agent` — and the operator.
 
 use std::fs;
-use std::net::Ipv4Addr;
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use anyhow::{Context as _, Result, bail};
@@ -14,8 +14,7 @@ use super::net;
 use super::pki::{Pki, write_kubeconfig};
 use super::process::{Launch, ProcRecord};
 use super::state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, PLAN_PORT, POD_CIDR,
-    ZONES,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, POD_CIDR, ZONES,
 };
 
 /// The next node of the cluster (not created yet).
@@ -161,7 +160,7 @@ pub fn start_kubelet(state: &ClusterState, node: &NodeState) -> Result<(ProcReco
     .spawn()
 }
 
-/// Starts `weft-agent` inside the node's namespace (Weft mode).
+/// Starts `weft-agent` inside the node's namespace, connected to the operator's plan server.
 pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
     let agent = state.weft_bin_dir.join("weft-agent");
     if !agent.is_file() {
@@ -174,7 +173,7 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     )
     .netns(&node.netns)
     .args(["--node-name", &node.name])
-    .args(["--operator", &format!("http://{}:{PLAN_PORT}", state.bridge_ip)])
+    .args(["--operator", &format!("http://{}", state.plan_addr())])
     .arg("--state-dir")
     .arg(&node.agent_state_dir)
     .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
@@ -186,19 +185,37 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     .spawn()
 }
 
-/// Starts `weft-operator` in the root namespace (Weft mode).
+/// Starts `weft-operator` in the root namespace: plans on the bridge address (where the agents
+/// connect), metrics on the cluster's loopback operator port.
 pub fn start_operator(state: &ClusterState) -> Result<(ProcRecord, Child)> {
+    operator_launch(
+        state,
+        "weft-operator",
+        state.plan_addr().into(),
+        state.operator_metrics_addr().into(),
+        state.logs_dir().join("weft-operator.log"),
+    )?
+    .spawn()
+}
+
+/// A `weft-operator` in the root namespace with the admin kubeconfig (more arguments may follow).
+pub fn operator_launch(
+    state: &ClusterState,
+    name: &str,
+    plan: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+) -> Result<Launch> {
     let op = state.weft_bin_dir.join("weft-operator");
     if !op.is_file() {
         bail!("{} is missing; build it with `cargo build --workspace --bins`", op.display());
     }
-    Launch::new("weft-operator", op, state.logs_dir().join("weft-operator.log"))
-        .args(["--plan-listen", &format!("{}:{PLAN_PORT}", state.bridge_ip)])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", state.ports.operator_metrics)])
+    Ok(Launch::new(name, op, log)
+        .args(["--plan-listen", &plan.to_string()])
+        .args(["--metrics-listen", &metrics.to_string()])
         .env("KUBECONFIG", state.admin_kubeconfig())
         .env("PATH", path_env(state))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .spawn()
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())))
 }
 
 /// Whether a path is an existing directory with at least one `*.yaml`/`*.yml` file.

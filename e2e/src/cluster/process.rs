@@ -202,12 +202,13 @@ fn alive(pid: u32) -> bool {
 }
 
 /// SIGTERM to `pids` (and the process groups they lead), wait up to `grace` for them to exit,
-/// then SIGKILL the rest. Children of this process are reaped through `children`.
-pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) {
+/// then SIGKILL the rest. Children of this process are reaped through `children`. Returns
+/// whether they all exited on SIGTERM (false when some had to be killed).
+pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) -> bool {
     let me = std::process::id();
     let pids: Vec<u32> = pids.iter().copied().filter(|&p| p != me && p > 1).collect();
     if pids.is_empty() {
-        return;
+        return true;
     }
     let with_groups: Vec<String> = pids.iter().flat_map(|p| [p.to_string(), format!("-{p}")]).collect();
     let _ = Command::new("kill")
@@ -220,7 +221,7 @@ pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) {
     loop {
         reap(children);
         if !pids.iter().any(|&p| alive(p)) {
-            return;
+            return true;
         }
         if Instant::now() >= deadline {
             break;
@@ -239,6 +240,7 @@ pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) {
         std::thread::sleep(Duration::from_millis(20));
     }
     reap(children);
+    false
 }
 
 /// Collects exited children so they do not linger as zombies.

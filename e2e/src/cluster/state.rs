@@ -18,12 +18,26 @@ use super::process::ProcRecord;
 #[serde(rename_all = "lowercase")]
 pub enum CniMode {
     /// The reference `bridge` + `host-local` + `portmap` plugins, with static routes between the
-    /// nodes' pod /24s; no Weft components run.
+    /// nodes' pod /24s. Weft's operator and agents run alongside (see [`ClusterState::weft`]).
     #[default]
     Reference,
-    /// `weft-operator` in the root namespace and one `weft-agent` per node, which writes the CNI
-    /// configuration itself.
+    /// Weft's own `weft-cni` plugin, configured by the agents. Not available yet: `weft-cni` comes
+    /// with the pod-networking issue; [`CniMode::check_available`] refuses it.
     Weft,
+}
+
+impl CniMode {
+    /// Fails for a mode that cannot work yet, with what to use instead.
+    pub fn check_available(self) -> Result<()> {
+        match self {
+            CniMode::Reference => Ok(()),
+            CniMode::Weft => bail!(
+                "--cni weft is not available yet: the weft-cni plugin comes with the pod-networking issue. \
+                 Use --cni reference (the default): Weft's operator and agents run alongside it anyway \
+                 (unless --no-weft)"
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for CniMode {
@@ -114,6 +128,12 @@ impl NodeState {
     pub fn cni_path(&self) -> String {
         format!("{}:{}", self.cni_bin_dir.display(), super::REFERENCE_CNI_BIN_DIR)
     }
+
+    /// What the node's agent recorded for one of its programmers (`cni`, `ipam`, `routes`,
+    /// `proxy`, `dns`): `<agent state dir>/programmed/<programmer>.txt`.
+    pub fn programmed_file(&self, programmer: &str) -> PathBuf {
+        self.agent_state_dir.join("programmed").join(format!("{programmer}.txt"))
+    }
 }
 
 /// Everything about one cluster.
@@ -123,6 +143,10 @@ pub struct ClusterState {
     /// Machine-wide index: underlay `172.18.<idx>.0/24`, ports `20000 + 10·idx …`.
     pub idx: u8,
     pub cni: CniMode,
+    /// Whether Weft runs: `config/` applied, `weft-operator` in the root namespace, one
+    /// `weft-agent` per node (independent of the CNI). Missing in older state files: true.
+    #[serde(default = "default_true")]
+    pub weft: bool,
     /// `.weft/<name>`.
     pub dir: PathBuf,
     /// Where kube-apiserver, etcd, kubectl… live (install.sh's output).
@@ -136,6 +160,10 @@ pub struct ClusterState {
     pub processes: Vec<ProcRecord>,
     /// For test clusters: the pid of the test process that owns it (its reaper watches it).
     pub owner_pid: Option<u32>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl ClusterState {
@@ -188,6 +216,16 @@ impl ClusterState {
 
     pub fn node(&self, name: &str) -> Option<&NodeState> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The operator's plan endpoint, which the agents connect to.
+    pub fn plan_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(self.bridge_ip, PLAN_PORT)
+    }
+
+    /// The operator's `/metrics`, `/healthz` and `/readyz` (loopback).
+    pub fn operator_metrics_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.ports.operator_metrics)
     }
 }
 

@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
-use super::{Cluster, ClusterState, CniMode, NodeState, UpOptions, weft_dir};
+use super::{Cluster, ClusterState, CniMode, NodeState, OperatorReplica, Stopped, UpOptions, weft_dir};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -35,6 +35,9 @@ pub struct TestOptions {
     /// Nodes to start with (default 2).
     pub nodes: u8,
     pub cni: CniMode,
+    /// Run Weft — its configuration, `weft-operator` and one `weft-agent` per node (default
+    /// false: tests of the cluster itself do without).
+    pub weft: bool,
     /// `kubectl apply -f crds/` (default true).
     pub apply_crds: bool,
     /// Where `weft-dev` (and the Weft binaries) are; tests pass
@@ -44,7 +47,7 @@ pub struct TestOptions {
 
 impl Default for TestOptions {
     fn default() -> Self {
-        TestOptions { nodes: 2, cni: CniMode::Reference, apply_crds: true, weft_bin_dir: None }
+        TestOptions { nodes: 2, cni: CniMode::Reference, weft: false, apply_crds: true, weft_bin_dir: None }
     }
 }
 
@@ -56,6 +59,12 @@ impl TestOptions {
 
     pub fn cni(mut self, cni: CniMode) -> Self {
         self.cni = cni;
+        self
+    }
+
+    /// Run Weft's operator and agents (and apply `config/`).
+    pub fn weft(mut self, yes: bool) -> Self {
+        self.weft = yes;
         self
     }
 
@@ -308,6 +317,68 @@ impl TestCluster {
         Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
 
+    /// Stops a process of the cluster by its recorded name (`weft-operator`, `agent-node-1`,
+    /// `kubelet-node-2`, …; `weft-dev status` lists them): SIGTERM, 10 s to exit, then SIGKILL.
+    /// The cluster forgets it, so a deliberately stopped process is not reported as a failure.
+    pub async fn stop_process(&self, name: &str) -> Result<Stopped> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let res = c.stop_process(&name, Duration::from_secs(10));
+            *lock(&inner.state) = c.state().clone();
+            res
+        })
+        .await?
+    }
+
+    /// Starts a second `weft-operator` replica with `--identity <identity>` on free loopback
+    /// ports (see [`Cluster::start_operator_replica`]) and waits until its `/readyz` answers 200.
+    /// The returned guard stops it when dropped, also while a panic unwinds; the cluster's
+    /// teardown (and the reaper) stop it in any case.
+    pub async fn start_operator_replica(&self, identity: &str) -> Result<ReplicaGuard> {
+        let inner = self.inner.clone();
+        let id = identity.to_string();
+        let replica = tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let res = c.start_operator_replica(&id);
+            *lock(&inner.state) = c.state().clone();
+            res
+        })
+        .await??;
+        let guard = ReplicaGuard { replica, inner: self.inner.clone() };
+        let (addr, log) = (guard.metrics_addr, guard.log.clone());
+        wait_for(&format!("{} to be ready", guard.name), Duration::from_secs(60), || {
+            let log = log.clone();
+            async move {
+                let name = format!("operator replica (log {})", log.display());
+                let alive = lock(&self.inner.state).processes.iter().any(|p| p.log == log && p.is_alive());
+                if !alive {
+                    return Err(
+                        Fatal(format!("{name} exited:\n{}", super::process::log_tail(&log, 20))).into()
+                    );
+                }
+                Ok((http_get(addr, "/readyz").await?.0 == 200).then_some(()))
+            }
+        })
+        .await?;
+        Ok(guard)
+    }
+
+    /// The `/metrics` text of the cluster's operator (OpenMetrics).
+    pub async fn operator_metrics(&self) -> Result<String> {
+        metrics_text(self.state().operator_metrics_addr().into()).await
+    }
+
+    /// What the agent of `node` recorded for `programmer` (`proxy`, `routes`, `ipam`, `cni`,
+    /// `dns`): the text of `<agent state dir>/programmed/<programmer>.txt`.
+    pub async fn programmed(&self, node: &str, programmer: &str) -> Result<String> {
+        let state = self.state();
+        let node = state.node(node).with_context(|| format!("no node {node} in this cluster"))?;
+        let path = node.programmed_file(programmer);
+        tokio::fs::read_to_string(&path).await.with_context(|| format!("reading {}", path.display()))
+    }
+
     /// See [`wait_for`].
     pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, f: F) -> Result<T>
     where
@@ -325,6 +396,7 @@ async fn start_inner(opts: TestOptions, owned: bool) -> Result<Inner> {
         name,
         nodes: opts.nodes,
         cni: opts.cni,
+        weft: opts.weft,
         tools_bin_dir: None,
         weft_bin_dir: opts.weft_bin_dir,
         apply_crds: opts.apply_crds,
@@ -398,6 +470,80 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A second operator replica; stopped (SIGTERM, then SIGKILL) and forgotten when dropped.
+#[derive(Debug)]
+pub struct ReplicaGuard {
+    replica: OperatorReplica,
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for ReplicaGuard {
+    type Target = OperatorReplica;
+    fn deref(&self) -> &OperatorReplica {
+        &self.replica
+    }
+}
+
+impl ReplicaGuard {
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        metrics_text(self.replica.metrics_addr).await
+    }
+}
+
+impl Drop for ReplicaGuard {
+    fn drop(&mut self) {
+        let mut c = lock(&self.inner.cluster);
+        if c.state().processes.iter().any(|p| p.name == self.replica.name)
+            && let Err(e) = c.stop_process(&self.replica.name, Duration::from_secs(5))
+        {
+            eprintln!("stopping {}: {e:#}", self.replica.name);
+        }
+        *lock(&self.inner.state) = c.state().clone();
+    }
+}
+
+/// A plain HTTP/1.0 GET (metrics and health endpoints): the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::AsyncReadExt as _;
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .with_context(|| format!("GET http://{addr}{path} timed out"))?
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET http://{addr}{path}: no HTTP status in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// `GET /metrics`, which must answer 200.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> Result<String> {
+    let (code, body) = http_get(addr, "/metrics").await?;
+    if code != 200 {
+        bail!("GET http://{addr}/metrics: HTTP {code}: {body}");
+    }
+    Ok(body)
+}
+
+/// The value of an unlabelled sample (`weft_leader 1`, `weft_status_writes_total 3`) in a
+/// Prometheus/OpenMetrics text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
 }
 
 /// An error that stops [`wait_for`] at once (the condition can no longer become true).

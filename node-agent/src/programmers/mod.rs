@@ -206,3 +206,93 @@ fn flags(e: &pb::Endpoint) -> String {
 fn render_dns(plan: &PlanState) -> Result<String, ProgramError> {
     Ok(single::<pb::DnsSettings>("dns", plan, Kind::Dns)?.map(|d| format!("{d:#?}\n")).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(resources: Vec<Resource>) -> PlanState {
+        PlanState {
+            version: 1,
+            generation: 1,
+            resources: resources.into_iter().map(|r| (r.key(), r)).collect(),
+        }
+    }
+
+    fn service() -> Resource {
+        let svc = pb::Service {
+            cluster_ip: u32::from(std::net::Ipv4Addr::new(10, 96, 0, 50)),
+            ports: vec![pb::ServicePort {
+                name: "http".into(),
+                protocol: pb::Protocol::Tcp as i32,
+                port: 9000,
+                node_port: 30123,
+                endpoints: vec![
+                    pb::Endpoint {
+                        ip: u32::from(std::net::Ipv4Addr::new(10, 244, 1, 5)),
+                        port: 80,
+                        flags: 0,
+                    },
+                    pb::Endpoint {
+                        ip: u32::from(std::net::Ipv4Addr::new(10, 244, 2, 7)),
+                        port: 80,
+                        flags: pb::EndpointFlag::EndpointTerminating as u32
+                            | pb::EndpointFlag::EndpointLocal as u32,
+                    },
+                ],
+            }],
+            ..Default::default()
+        };
+        Resource::encode(Kind::Service, "default/web", &svc)
+    }
+
+    #[test]
+    fn the_proxy_recorder_lists_each_service_port_and_its_endpoints() {
+        insta::assert_snapshot!(render_proxy(&plan(vec![service()])).expect("render"), @"service default/web 10.96.0.50:9000 Tcp nodePort 30123 -> [10.244.1.5:80 10.244.2.7:80,terminating,local]\n");
+    }
+
+    #[test]
+    fn routes_skip_the_node_itself() {
+        let node =
+            Resource::encode(Kind::Node, "node", &pb::NodePlan { name: "n1".into(), ..Default::default() });
+        let peers = ["n1", "n2"].map(|n| {
+            Resource::encode(
+                Kind::Peer,
+                n,
+                &pb::PeerNode {
+                    name: n.into(),
+                    node_ip: format!("172.18.0.{}", &n[1..]),
+                    blocks: vec![format!("10.244.{}.0/26", &n[1..])],
+                },
+            )
+        });
+        let text = render_routes(&plan([vec![node], peers.to_vec()].concat())).expect("render");
+        insta::assert_snapshot!(text, @"route 10.244.2.0/26 via 172.18.0.2 (n2)\n");
+    }
+
+    #[test]
+    fn a_relative_cni_dir_is_refused_with_a_clear_error_and_an_unchanged_plan_writes_nothing() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let net = |conf: &str| {
+            Resource::encode(
+                Kind::Network,
+                "network",
+                &pb::NetworkSettings {
+                    cni_conf_dir: conf.into(),
+                    cni_bin_dir: "/opt/cni/bin".into(),
+                    ..Default::default()
+                },
+            )
+        };
+        let failures = apply_all(&plan(vec![net("etc/cni")]), None, dir.path());
+        assert_eq!(failures.len(), 1);
+        assert_eq!(
+            failures[0].1.to_string(),
+            "cni: the CNI conf dir must be an absolute path, got \"etc/cni\""
+        );
+        let good = plan(vec![net("/etc/cni/net.d"), service()]);
+        assert!(apply_all(&good, None, dir.path()).is_empty());
+        let cni = &PROGRAMMERS[0];
+        assert!(!cni.apply(&good, dir.path()).expect("apply"), "unchanged: nothing rewritten");
+    }
+}
