@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use weft_api::telemetry::{self, AdminState, Readiness};
-use weft_operator::k8s::{cluster, status};
+use weft_operator::k8s::{cluster, ipam, status};
 use weft_operator::server::metrics::PlanMetrics;
 use weft_operator::server::{PlanServer, PlanStore};
 
@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     status_rx.mark_unchanged();
+    tokio::spawn(ipam::run(client.clone(), store.clone(), status_rx.clone(), is_leader.clone()));
     tokio::spawn(status::run(client.clone(), store.clone(), status_rx, is_leader, status_metrics));
 
     let server = PlanServer::new(store, metrics).into_service();

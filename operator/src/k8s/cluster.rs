@@ -90,6 +90,8 @@ pub enum ClusterEvent {
 /// What the leader needs to write status; published after every compile.
 #[derive(Debug, Clone, Default)]
 pub struct StatusInputs {
+    /// Node names and labels (for IPPool node selectors).
+    pub nodes: BTreeMap<String, BTreeMap<String, String>>,
     pub pools: Vec<api::IPPool>,
     pub blocks: Vec<api::IPBlock>,
     pub network: Option<api::NetworkConfig>,
@@ -202,6 +204,7 @@ pub struct ClusterView {
     /// Services as converted, before their policy is applied, with their labels.
     services: BTreeMap<ObjectKey, (crate::plan::model::Service, BTreeMap<String, String>)>,
     known: HashMap<ObjectKind, HashSet<ObjectKey>>,
+    nodes: BTreeMap<String, BTreeMap<String, String>>,
     pools: BTreeMap<ObjectKey, api::IPPool>,
     blocks: BTreeMap<ObjectKey, api::IPBlock>,
     network: Option<api::NetworkConfig>,
@@ -240,7 +243,10 @@ impl ClusterView {
         let key = object.key();
         self.known.entry(object.kind()).or_default().insert(key.clone());
         match object {
-            Object::Node(n) => self.compiler.apply(Change::Node(convert::node(&n))),
+            Object::Node(n) => {
+                self.nodes.insert(key.name.clone(), n.labels().clone());
+                self.compiler.apply(Change::Node(convert::node(&n)));
+            }
             Object::Service(s) => match convert::service(&s) {
                 Some(model) => {
                     self.services.insert(key.clone(), (model, s.labels().clone()));
@@ -290,7 +296,10 @@ impl ClusterView {
             known.remove(key);
         }
         match kind {
-            ObjectKind::Node => self.compiler.apply(Change::NodeDeleted(key.name.clone())),
+            ObjectKind::Node => {
+                self.nodes.remove(&key.name);
+                self.compiler.apply(Change::NodeDeleted(key.name.clone()));
+            }
             ObjectKind::Service => {
                 self.services.remove(key);
                 self.compiler.apply(Change::ServiceDeleted(key.clone()));
@@ -340,6 +349,7 @@ impl ClusterView {
 
     pub fn status_inputs(&self) -> StatusInputs {
         StatusInputs {
+            nodes: self.nodes.clone(),
             pools: self.pools.values().cloned().collect(),
             blocks: self.blocks.values().cloned().collect(),
             network: self.network.clone(),

@@ -3,5 +3,6 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod ipam;
 pub mod policy;
 pub mod status;

@@ -1,7 +1,7 @@
 //! Status and Events, written by the leader only. Desired statuses are computed by pure functions
 //! (tested below); writing patches only what differs, so a steady cluster causes no writes.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use weft_api::v1alpha1::conditions::{self as cond, Condition, new_condition, rea
 use weft_api::v1alpha1::{self as api, network_config::NodePlanState};
 
 use super::cluster::StatusInputs;
+use super::ipam::{PoolView, pool_views};
 use super::policy::PolicyMatch;
 use crate::plan::model::ObjectKey;
 use crate::server::PlanStore;
@@ -113,12 +114,12 @@ pub fn network_status(
     }
 }
 
-/// A pool's status from the blocks handed out of it. Used addresses come from the agents' IPAM,
-/// which does not report yet, so they are 0 for now.
+/// A pool's status from the blocks handed out of it and the addresses the agents report in use.
 pub fn pool_status(
     pool: &api::IPPool,
-    all_pools: &[api::IPPool],
+    view: &PoolView,
     blocks: &[api::IPBlock],
+    usage: &HashMap<String, u32>,
 ) -> api::IPPoolStatus {
     let old = pool.status.clone().unwrap_or_default();
     let observed = pool.metadata.generation;
@@ -141,17 +142,9 @@ pub fn pool_status(
     let allocated = u32::try_from(mine.len()).unwrap_or(u32::MAX);
     let nodes: BTreeSet<&str> = mine.iter().map(|b| b.spec.node.as_str()).collect();
     let total_addresses = 1u64 << (32 - prefix);
-    let used_addresses = 0u64;
-
-    let overlaps: Vec<String> = all_pools
-        .iter()
-        .filter(|other| other.name_any() != name)
-        .filter_map(|other| {
-            let theirs = other.spec.cidr.parse::<ipnet::Ipv4Net>().ok()?;
-            (theirs.contains(&cidr.network()) || cidr.contains(&theirs.network()))
-                .then(|| format!("{} ({})", other.name_any(), other.spec.cidr))
-        })
-        .collect();
+    let used_addresses: u64 =
+        mine.iter().map(|b| u64::from(usage.get(&b.spec.cidr).copied().unwrap_or(0))).sum();
+    let overlaps = &view.overlaps;
     let overlapping = if overlaps.is_empty() {
         condition(
             types::OVERLAPPING,
@@ -405,8 +398,10 @@ impl Writer<'_> {
                 }
             }
         }
-        for pool in &inputs.pools {
-            let status = pool_status(pool, &inputs.pools, &inputs.blocks);
+        let views = pool_views(&inputs.pools);
+        let usage = store.ipam_usage();
+        for (pool, view) in inputs.pools.iter().zip(&views) {
+            let status = pool_status(pool, view, &inputs.blocks, &usage);
             let overlapping = cond::is_condition_true(&status.conditions, types::OVERLAPPING);
             let name = pool.name_any();
             if overlapping && reported_overlaps.insert(name.clone()) {
@@ -473,7 +468,7 @@ mod tests {
     #[test]
     fn overlapping_pools_are_flagged_with_the_other_pool_named() {
         let pools = vec![pool("a", "10.244.0.0/16"), pool("b", "10.244.8.0/24")];
-        let status = pool_status(&pools[1], &pools, &[]);
+        let status = pool_status(&pools[1], &pool_views(&pools)[1], &[], &HashMap::new());
         let c = cond::find_condition(&status.conditions, types::OVERLAPPING)
             .map(|c| (c.status.clone(), c.message.clone()));
         let (holds, message) = c.unwrap_or_default();
@@ -492,9 +487,11 @@ mod tests {
             api::IPBlock::for_node("10.244.0.128/26", "a", "n2"),
             api::IPBlock::for_node("10.9.0.0/26", "other", "n3"),
         ];
-        let status = pool_status(&p, std::slice::from_ref(&p), &blocks);
+        let usage = HashMap::from([("10.244.0.0/26".to_string(), 10), ("10.9.0.0/26".to_string(), 50)]);
+        let status = pool_status(&p, &pool_views(std::slice::from_ref(&p))[0], &blocks, &usage);
         assert_eq!((status.total_blocks, status.allocated_blocks, status.nodes), (4, 3, 2));
-        assert_eq!(status.total_addresses, 256);
+        assert_eq!((status.total_addresses, status.used_addresses, status.free_addresses), (256, 10, 246));
+        assert_eq!(status.used_percent, 3);
         assert!(!cond::is_condition_true(&status.conditions, types::EXHAUSTED));
     }
 
@@ -514,7 +511,7 @@ mod tests {
                     acked_version: 5,
                     nack: Some((7, "bad cni dir".into())),
                     connected: true,
-                    last_seen: None,
+                    ..Default::default()
                 },
             },
         ];

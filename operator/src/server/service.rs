@@ -116,6 +116,7 @@ async fn receive_loop(
                     warn!(version = nack.version, error = %nack.error, "agent could not apply its plan");
                     store.nack(&conn.node, nack.version, nack.error);
                 }
+                Some(pb::agent_message::Kind::Ipam(report)) => store.ipam_report(&conn.node, report.blocks),
                 Some(pb::agent_message::Kind::Hello(_)) | None => {
                     warn!("ignoring an unexpected message on an open plan stream");
                 }

@@ -27,6 +27,8 @@ pub struct AgentReport {
     pub nack: Option<(u64, String)>,
     pub connected: bool,
     pub last_seen: Option<Instant>,
+    /// Addresses in use per block (CIDR), as the agent last reported.
+    pub ipam: HashMap<String, u32>,
 }
 
 /// Convergence of one node, for status and metrics.
@@ -291,6 +293,19 @@ impl PlanStore {
         let report = inner.reports.entry(node.to_string()).or_default();
         report.nack = Some((version, error));
         report.last_seen = Some(Instant::now());
+    }
+
+    pub fn ipam_report(&self, node: &str, blocks: Vec<pb::BlockUsage>) {
+        let mut inner = self.inner();
+        let report = inner.reports.entry(node.to_string()).or_default();
+        report.ipam = blocks.into_iter().map(|b| (b.cidr, b.used)).collect();
+        report.last_seen = Some(Instant::now());
+    }
+
+    /// Addresses in use per block (CIDR) across all nodes, as their agents reported.
+    pub fn ipam_usage(&self) -> HashMap<String, u32> {
+        let inner = self.inner();
+        inner.reports.values().flat_map(|r| r.ipam.iter().map(|(c, u)| (c.clone(), *u))).collect()
     }
 
     pub fn generation(&self) -> u64 {
