@@ -35,6 +35,7 @@ pub enum Object {
     Pool(Box<api::IPPool>),
     Network(Box<api::NetworkConfig>),
     Policy(Box<api::ProxyPolicy>),
+    Pod(Box<core::Pod>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,9 +47,10 @@ pub enum ObjectKind {
     Pool,
     Network,
     Policy,
+    Pod,
 }
 
-pub const ALL_KINDS: usize = 7;
+pub const ALL_KINDS: usize = 8;
 
 impl Object {
     fn kind(&self) -> ObjectKind {
@@ -60,6 +62,7 @@ impl Object {
             Object::Pool(_) => ObjectKind::Pool,
             Object::Network(_) => ObjectKind::Network,
             Object::Policy(_) => ObjectKind::Policy,
+            Object::Pod(_) => ObjectKind::Pod,
         }
     }
 
@@ -75,6 +78,7 @@ impl Object {
             Object::Pool(o) => key_of(o.as_ref()),
             Object::Network(o) => key_of(o.as_ref()),
             Object::Policy(o) => key_of(o.as_ref()),
+            Object::Pod(o) => key_of(o.as_ref()),
         }
     }
 }
@@ -144,6 +148,13 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         cfg(),
         |o| Object::Network(Box::new(o)),
         ObjectKind::Network,
+        tx,
+    );
+    spawn_watch(
+        Api::<core::Pod>::all(client.clone()),
+        cfg(),
+        |o| Object::Pod(Box::new(o)),
+        ObjectKind::Pod,
         tx,
     );
     spawn_watch(
@@ -278,6 +289,10 @@ impl ClusterView {
                     self.network = Some(*n);
                 }
             }
+            Object::Pod(p) => match convert::pod(&p) {
+                Some(model) => self.compiler.apply(Change::Pod(model)),
+                None => self.compiler.apply(Change::PodDeleted(key)),
+            },
             Object::Policy(p) => {
                 self.policies.upsert(Policy::from_object(&p));
                 self.policy_objects.insert(key.clone(), *p);
@@ -320,6 +335,7 @@ impl ClusterView {
                     self.compiler.apply(Change::Network(Default::default()));
                 }
             }
+            ObjectKind::Pod => self.compiler.apply(Change::PodDeleted(key.clone())),
             ObjectKind::Policy => {
                 self.policies.remove(key);
                 self.policy_objects.remove(key);

@@ -138,6 +138,22 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Option<model::Endpoin
     })
 }
 
+/// `None` for pods that hold no pod address: not scheduled yet, host network, or finished.
+pub fn pod(pod: &core::Pod) -> Option<model::Pod> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone()?;
+    let finished =
+        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    if spec.host_network == Some(true) || finished {
+        return None;
+    }
+    Some(model::Pod {
+        key: ObjectKey::new(pod.namespace().unwrap_or_default(), pod.name_any()),
+        uid: pod.uid().unwrap_or_default(),
+        node,
+    })
+}
+
 pub fn block(block: &api::IPBlock) -> Option<model::Block> {
     Some(model::Block {
         cidr: block.spec.cidr.parse().ok()?,

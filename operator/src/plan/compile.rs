@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use weft_api::plan::{self as pb, Kind, Resource, ResourceKey};
 
 use super::model::{
-    Block, Change, EndpointSlice, Masquerade, NetworkSettings, Node, ObjectKey, Pool, Protocol, Service,
+    Block, Change, EndpointSlice, Masquerade, NetworkSettings, Node, ObjectKey, Pod, Pool, Protocol, Service,
     TargetPort, TopologyMode,
 };
 
@@ -46,6 +46,7 @@ enum Emitted {
 pub const NETWORK: &str = "network";
 pub const DNS: &str = "dns";
 pub const NODE: &str = "node";
+pub const PODS: &str = "pods";
 
 #[derive(Debug, Default)]
 pub struct Compiler {
@@ -57,10 +58,13 @@ pub struct Compiler {
     services: HashMap<ObjectKey, Service>,
     slices: HashMap<ObjectKey, EndpointSlice>,
     slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    pods: HashMap<ObjectKey, Pod>,
+    pods_by_node: HashMap<String, BTreeSet<ObjectKey>>,
 
     // Emitted state, to send only what changed.
     emitted_global: HashMap<ResourceKey, u64>,
-    emitted_node: HashMap<String, u64>,
+    /// Versions of each node's own resources (its NodePlan and its pods).
+    emitted_node: HashMap<String, [u64; 2]>,
     emitted_services: HashMap<ObjectKey, Emitted>,
     per_node_services: HashSet<ObjectKey>,
 
@@ -176,6 +180,28 @@ impl Compiler {
                 self.slices.insert(slice.key.clone(), slice);
                 self.dirty_services.insert(service);
             }
+            Change::Pod(pod) => {
+                if let Some(old) = self.pods.get(&pod.key) {
+                    if *old == pod {
+                        return;
+                    }
+                    if let Some(set) = self.pods_by_node.get_mut(&old.node) {
+                        set.remove(&pod.key);
+                    }
+                    self.dirty_nodes.insert(old.node.clone());
+                }
+                self.pods_by_node.entry(pod.node.clone()).or_default().insert(pod.key.clone());
+                self.dirty_nodes.insert(pod.node.clone());
+                self.pods.insert(pod.key.clone(), pod);
+            }
+            Change::PodDeleted(key) => {
+                if let Some(old) = self.pods.remove(&key) {
+                    if let Some(set) = self.pods_by_node.get_mut(&old.node) {
+                        set.remove(&key);
+                    }
+                    self.dirty_nodes.insert(old.node);
+                }
+            }
             Change::SliceDeleted(key) => {
                 if let Some(old) = self.slices.remove(&key) {
                     let service = ObjectKey::new(&old.key.namespace, &old.service);
@@ -248,11 +274,9 @@ impl Compiler {
             self.emit_global::<pb::PeerNode>(out, Kind::Peer, name, None);
             let scope = Scope::Node(name.to_string());
             if self.emitted_node.remove(name).is_some() {
-                out.push(Update {
-                    scope: scope.clone(),
-                    key: ResourceKey::new(Kind::Node, NODE),
-                    resource: None,
-                });
+                for key in [ResourceKey::new(Kind::Node, NODE), ResourceKey::new(Kind::Pods, PODS)] {
+                    out.push(Update { scope: scope.clone(), key, resource: None });
+                }
             }
             for (key, emitted) in &mut self.emitted_services {
                 if let Emitted::PerNode(map) = emitted
@@ -290,13 +314,31 @@ impl Compiler {
             node_ip,
             blocks: blocks.iter().map(|b| b.cidr.to_string()).collect(),
         });
-        let resource = Resource::encode(Kind::Node, NODE, &plan);
-        if self.emitted_node.insert(name.to_string(), resource.version) != Some(resource.version) {
-            out.push(Update {
-                scope: Scope::Node(name.to_string()),
-                key: ResourceKey::new(Kind::Node, NODE),
-                resource: Some(Arc::new(resource)),
-            });
+        let pods = pb::NodePods {
+            pods: self
+                .pods_by_node
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.pods.get(k))
+                .map(|p| pb::PodRef {
+                    namespace: p.key.namespace.clone(),
+                    name: p.key.name.clone(),
+                    uid: p.uid.clone(),
+                })
+                .collect(),
+        };
+        let own = [Resource::encode(Kind::Node, NODE, &plan), Resource::encode(Kind::Pods, PODS, &pods)];
+        let versions = [own[0].version, own[1].version];
+        let previous = self.emitted_node.insert(name.to_string(), versions);
+        for (i, resource) in own.into_iter().enumerate() {
+            if previous.is_none_or(|p| p[i] != resource.version) {
+                out.push(Update {
+                    scope: Scope::Node(name.to_string()),
+                    key: resource.key(),
+                    resource: Some(Arc::new(resource)),
+                });
+            }
         }
         self.emit_global(out, Kind::Peer, name, peer);
     }

@@ -34,6 +34,14 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A pod bound to a node (host-network pods are left out: they hold no pod address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub key: ObjectKey,
+    pub uid: String,
+    pub node: String,
+}
+
 /// A block of pod addresses owned by a node (an `IPBlock` object).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
@@ -217,4 +225,6 @@ pub enum Change {
     Slice(EndpointSlice),
     SliceDeleted(ObjectKey),
     Network(NetworkSettings),
+    Pod(Pod),
+    PodDeleted(ObjectKey),
 }
