@@ -12,23 +12,30 @@ pub use generated::*;
 use bytes::Bytes;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Identifies a resource within a node's plan.
+/// Identifies a resource within a node's plan. The kind is kept as its wire value, so an agent
+/// that does not know a newer kind still holds it and computes the same plan version as the
+/// operator (an older agent must survive a newer operator during a rolling upgrade).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResourceKey {
-    pub kind: Kind,
+    pub kind: i32,
     pub name: String,
 }
 
 impl ResourceKey {
     pub fn new(kind: Kind, name: impl Into<String>) -> Self {
-        Self { kind, name: name.into() }
+        Self { kind: kind as i32, name: name.into() }
+    }
+
+    /// The kind, or `Unspecified` for one this build does not know.
+    pub fn kind(&self) -> Kind {
+        Kind::try_from(self.kind).unwrap_or(Kind::Unspecified)
     }
 
     /// The key's contribution to a plan version together with a resource version: plan versions
     /// combine these by XOR, so one resource changing updates the plan version in O(1).
     pub fn mix(&self, version: u64) -> u64 {
         let mut buf = Vec::with_capacity(self.name.len() + 12);
-        buf.extend_from_slice(&(self.kind as i32).to_le_bytes());
+        buf.extend_from_slice(&self.kind.to_le_bytes());
         buf.extend_from_slice(self.name.as_bytes());
         buf.extend_from_slice(&version.to_le_bytes());
         xxh3_64(&buf)
@@ -46,7 +53,7 @@ impl Resource {
     }
 
     pub fn key(&self) -> ResourceKey {
-        ResourceKey { kind: self.kind(), name: self.name.clone() }
+        ResourceKey { kind: self.kind, name: self.name.clone() }
     }
 
     pub fn reference(&self) -> ResourceRef {
@@ -61,7 +68,7 @@ impl Resource {
 
 impl ResourceRef {
     pub fn key(&self) -> ResourceKey {
-        ResourceKey { kind: self.kind(), name: self.name.clone() }
+        ResourceKey { kind: self.kind, name: self.name.clone() }
     }
 }
 
@@ -104,6 +111,16 @@ mod tests {
         let c = Resource::encode(Kind::Peer, "n1", &PeerNode { name: "n2".into(), ..Default::default() });
         assert_eq!(a.version, b.version);
         assert_ne!(a.version, c.version);
+    }
+
+    #[test]
+    fn a_kind_unknown_to_this_build_still_counts_in_the_plan_version() {
+        let mut future = Resource::encode(Kind::Peer, "x", &PeerNode::default());
+        future.kind = 99;
+        assert_eq!(future.key().kind(), Kind::Unspecified);
+        let mut other = future.clone();
+        other.kind = 98;
+        assert_ne!(plan_version_of([&future]), plan_version_of([&other]));
     }
 
     #[test]

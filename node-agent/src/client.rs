@@ -68,8 +68,13 @@ pub async fn run(
         let started = Instant::now();
         tokio::select! {
             result = agent.session() => {
-                if let Err(e) = result {
-                    debug!(error = %e, "plan stream ended");
+                let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+                // Once per outage at WARN: losing the operator is worth an admin's attention,
+                // every failed retry is not.
+                if agent.status.borrow().connected {
+                    warn!(%error, "lost the plan stream; the node stays as programmed and the agent reconnects");
+                } else {
+                    debug!(%error, "cannot reach the operator yet");
                 }
             }
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),

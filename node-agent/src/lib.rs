@@ -6,8 +6,11 @@
 //! while the node keeps serving its last applied state.
 
 pub mod client;
+pub mod cni;
+pub mod ipam;
 pub mod metrics;
 pub mod plan_state;
+pub mod plugin;
 pub mod programmers;
 
 pub use client::{AgentConfig, AgentStatus, run, spawn};

@@ -48,12 +48,12 @@ impl PlanState {
                     snapshot.resources.iter().map(|r| (r.key(), r.clone())).collect();
                 for (key, old) in &self.resources {
                     if fresh.get(key).is_none_or(|r| r.version != old.version) {
-                        changed.insert(key.kind);
+                        changed.insert(key.kind());
                     }
                 }
                 for (key, new) in &fresh {
                     if self.resources.get(key).is_none_or(|r| r.version != new.version) {
-                        changed.insert(key.kind);
+                        changed.insert(key.kind());
                     }
                 }
                 next.resources = fresh;
@@ -67,7 +67,7 @@ impl PlanState {
                 for upsert in &delta.upserts {
                     let key = upsert.key();
                     if next.resources.get(&key).is_none_or(|r| r.version != upsert.version) {
-                        changed.insert(key.kind);
+                        changed.insert(key.kind());
                         next.resources.insert(key, upsert.clone());
                     }
                 }
@@ -88,7 +88,7 @@ impl PlanState {
 
     /// Resources of one kind, in name order.
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
-        self.resources.iter().filter(move |(k, _)| k.kind == kind).map(|(_, r)| r)
+        self.resources.iter().filter(move |(k, _)| k.kind() == kind).map(|(_, r)| r)
     }
 
     fn file(dir: &Path) -> PathBuf {

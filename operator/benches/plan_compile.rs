@@ -1,6 +1,6 @@
 //! Plan compiler benchmark at Kubernetes' scale limits: N nodes × 10,000 Services × 100,000
-//! endpoints (10 a Service), 1% of them NodePort Services with externalTrafficPolicy: Local (the
-//! per-node kind).
+//! endpoints (10 a Service, each a pod), 1% of them NodePort Services with externalTrafficPolicy:
+//! Local (the per-node kind).
 //!
 //! Measures, per node count: the full compile (cluster state in, every node's resources out,
 //! published to the plan store), an incremental change of one endpoint (compile, and compile +
@@ -69,6 +69,14 @@ fn cluster(nodes: usize) -> Vec<Change> {
             policy: ProxyOverrides::default(),
         }));
         changes.push(Change::Slice(slice(nodes, s, None)));
+    }
+    // One pod behind each endpoint: every node's plan lists the pods bound to it.
+    for i in 0..SERVICES * ENDPOINTS_PER_SERVICE {
+        changes.push(Change::Pod(Pod {
+            key: ObjectKey::new(format!("ns-{}", (i / ENDPOINTS_PER_SERVICE) % 100), format!("pod-{i}")),
+            uid: format!("00000000-0000-0000-0000-{i:012}"),
+            node: format!("node-{}", i % nodes),
+        }));
     }
     changes
 }

@@ -74,17 +74,31 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot set up leader election")?;
     let (is_leader, lease_task) = leader.watch().await;
+    // Every task holding a leadership receiver is aborted at shutdown: the Lease manager releases
+    // the Lease only once all receivers are gone.
+    let mut leader_tasks = Vec::new();
     {
         let mut is_leader = is_leader.clone();
-        tokio::spawn(async move {
+        leader_tasks.push(tokio::spawn(async move {
             while is_leader.changed().await.is_ok() {
                 info!(identity = %identity, leader = *is_leader.borrow(), "leadership changed");
             }
-        });
+        }));
     }
     status_rx.mark_unchanged();
-    tokio::spawn(ipam::run(client.clone(), store.clone(), status_rx.clone(), is_leader.clone()));
-    tokio::spawn(status::run(client.clone(), store.clone(), status_rx, is_leader, status_metrics));
+    leader_tasks.push(tokio::spawn(ipam::run(
+        client.clone(),
+        store.clone(),
+        status_rx.clone(),
+        is_leader.clone(),
+    )));
+    leader_tasks.push(tokio::spawn(status::run(
+        client.clone(),
+        store.clone(),
+        status_rx,
+        is_leader,
+        status_metrics,
+    )));
 
     let server = PlanServer::new(store, metrics).into_service();
     let listener = tokio::net::TcpListener::bind(args.plan_listen)
@@ -100,15 +114,19 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => info!("shutting down"),
         _ = terminate() => info!("shutting down"),
     }
-    // Hand the Lease over at once instead of letting it expire.
-    match lease_task.await {
-        Ok(Ok(manager)) => {
-            if let Err(e) = manager.release().await {
-                warn!(error = %e, "cannot release the Lease");
-            }
-        }
-        Ok(Err(e)) => warn!(error = %e, "leader election ended with an error"),
-        Err(e) => warn!(error = %e, "leader election task failed"),
+    // Hand the Lease over at once instead of letting it expire: with every receiver dropped the
+    // manager releases it and returns.
+    for task in &leader_tasks {
+        task.abort();
+    }
+    for task in leader_tasks {
+        let _ = task.await;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(_))) => info!("Lease released"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "leader election ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "leader election task failed"),
+        Err(_) => warn!("the Lease was not released in time; it expires on its own"),
     }
     Ok(())
 }

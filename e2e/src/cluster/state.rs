@@ -18,11 +18,11 @@ use super::process::ProcRecord;
 #[serde(rename_all = "lowercase")]
 pub enum CniMode {
     /// The reference `bridge` + `host-local` + `portmap` plugins, with static routes between the
-    /// nodes' pod /24s. Weft's operator and agents run alongside (see [`ClusterState::weft`]).
+    /// nodes' pod /24s; Weft's operator and agents run alongside.
     #[default]
     Reference,
     /// Weft's own `weft-cni` plugin, configured by the agents. Not available yet: `weft-cni` comes
-    /// with the pod-networking issue; [`CniMode::check_available`] refuses it.
+    /// with the pod-networking issue.
     Weft,
 }
 

@@ -347,16 +347,24 @@ impl TestCluster {
         })
         .await??;
         let guard = ReplicaGuard { replica, inner: self.inner.clone() };
-        let (addr, log) = (guard.metrics_addr, guard.log.clone());
+        let record = self
+            .state()
+            .processes
+            .into_iter()
+            .find(|p| p.name == guard.name)
+            .with_context(|| format!("{} is not recorded", guard.name))?;
+        let addr = guard.metrics_addr;
         wait_for(&format!("{} to be ready", guard.name), Duration::from_secs(60), || {
-            let log = log.clone();
+            let record = record.clone();
             async move {
-                let name = format!("operator replica (log {})", log.display());
-                let alive = lock(&self.inner.state).processes.iter().any(|p| p.log == log && p.is_alive());
-                if !alive {
-                    return Err(
-                        Fatal(format!("{name} exited:\n{}", super::process::log_tail(&log, 20))).into()
-                    );
+                if !record.is_alive() {
+                    let tail = super::process::log_tail(&record.log, 20);
+                    return Err(Fatal(format!(
+                        "{} exited; the end of {}:\n{tail}",
+                        record.name,
+                        record.log.display()
+                    ))
+                    .into());
                 }
                 Ok((http_get(addr, "/readyz").await?.0 == 200).then_some(()))
             }

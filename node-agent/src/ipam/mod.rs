@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+pub(crate) use checkpoint::write_durably;
 pub use checkpoint::{Allocator, CHECKPOINT_FILE, IpamHandle};
 
 /// One CNI attachment: a container's interface on the pod network.
@@ -39,12 +40,29 @@ impl fmt::Display for AttachmentKey {
     }
 }
 
-/// The pod an attachment belongs to, recorded for people and for reporting; empty when the
-/// runtime did not say (`K8S_POD_NAMESPACE` / `K8S_POD_NAME` absent from `CNI_ARGS`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The pod an attachment belongs to, recorded for people, reporting and garbage collection; empty
+/// when the runtime did not say (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_UID` absent from
+/// `CNI_ARGS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
+    #[serde(default)]
+    pub uid: String,
+}
+
+impl PodRef {
+    fn is_unknown(&self) -> bool {
+        self.uid.is_empty() && self.namespace.is_empty() && self.name.is_empty()
+    }
+}
+
+/// The pods bound to this node, from the plan's `NodePods` resource.
+pub fn pods_from_plan(pods: &weft_api::plan::NodePods) -> Vec<PodRef> {
+    pods.pods
+        .iter()
+        .map(|p| PodRef { namespace: p.namespace.clone(), name: p.name.clone(), uid: p.uid.clone() })
+        .collect()
 }
 
 impl fmt::Display for PodRef {
@@ -236,6 +254,28 @@ impl IpamCore {
         let stale: Vec<AttachmentKey> =
             self.allocations.keys().filter(|k| !valid.contains(*k)).cloned().collect();
         stale.into_iter().filter_map(|k| self.release(&k).map(|a| (k, a))).collect()
+    }
+
+    /// The attachments whose pod is not among `live` (matched by UID, or by namespace and name):
+    /// candidates for release once a second observation confirms them. Attachments of an unknown
+    /// pod are never candidates.
+    pub fn stale_by_pods(&self, live: &[PodRef]) -> Vec<AttachmentKey> {
+        let uids: BTreeSet<&str> = live.iter().map(|p| p.uid.as_str()).filter(|u| !u.is_empty()).collect();
+        let names: BTreeSet<(&str, &str)> = live
+            .iter()
+            .filter(|p| !p.name.is_empty())
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        self.allocations
+            .iter()
+            .filter(|(_, a)| {
+                // `uids` holds no empty UID, so an allocation without one never matches by UID.
+                let live = uids.contains(a.pod.uid.as_str())
+                    || names.contains(&(a.pod.namespace.as_str(), a.pod.name.as_str()));
+                !a.pod.is_unknown() && !live
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Use of every block: the plan's blocks, then removed blocks that still have live addresses.

@@ -92,7 +92,7 @@ fn a_cluster_ip_service_goes_to_every_node_once_encoded() {
         Change::Service(service("web")),
         Change::Slice(slice("web", "1", vec![endpoint(1, "n1", "a"), endpoint(2, "n2", "b")])),
     ]);
-    let services: Vec<&Update> = updates.iter().filter(|u| u.key.kind == Kind::Service).collect();
+    let services: Vec<&Update> = updates.iter().filter(|u| u.key.kind() == Kind::Service).collect();
     assert_eq!(services.len(), 1, "one shared resource, not one per node");
     assert_eq!(services[0].scope, Scope::All);
 }

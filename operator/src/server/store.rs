@@ -272,9 +272,7 @@ impl PlanStore {
         for (key, resource) in pending {
             match resource {
                 Some(r) => delta.upserts.push((*r).clone()),
-                None => {
-                    delta.removals.push(pb::ResourceRef { kind: key.kind as i32, name: key.name, version: 0 })
-                }
+                None => delta.removals.push(pb::ResourceRef { kind: key.kind, name: key.name, version: 0 }),
             }
         }
         Some((MessageKind::Delta, message(pb::plan_message::Body::Delta(delta))))
