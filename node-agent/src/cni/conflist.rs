@@ -146,23 +146,20 @@ pub fn install(
 
 fn install_plugin(bin_dir: &Path, source: &Path) -> Result<bool, InstallError> {
     let read_err = |e| InstallError::ReadPlugin { path: source.to_path_buf(), source: e };
-    let mut binary = Vec::new();
-    std::fs::File::open(source).and_then(|mut f| f.read_to_end(&mut binary)).map_err(read_err)?;
     let target = bin_dir.join(PLUGIN_NAME);
-    let same = std::fs::metadata(&target).is_ok_and(|m| m.len() == binary.len() as u64)
-        && std::fs::read(&target).is_ok_and(|old| old == binary);
-    if same {
+    if same_content(source, &target).map_err(read_err)? {
         return Ok(false);
     }
     let write_err = |e| InstallError::WritePlugin { path: target.clone(), source: e };
     std::fs::create_dir_all(bin_dir).map_err(write_err)?;
-    // Written under a temporary name with its final mode, then renamed over the old binary: a
+    // Copied under a temporary name with its final mode, then renamed over the old binary: a
     // runtime executing the old one keeps its inode, and nobody ever runs half a binary.
     let tmp = bin_dir.join(format!(".{PLUGIN_NAME}.tmp"));
     let result = (|| {
         {
+            let mut from = std::fs::File::open(source)?;
             let mut file = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, &binary)?;
+            std::io::copy(&mut from, &mut file)?;
             file.set_permissions(std::fs::Permissions::from_mode(0o755))?;
             file.sync_all()?;
         }
@@ -174,6 +171,38 @@ fn install_plugin(bin_dir: &Path, source: &Path) -> Result<bool, InstallError> {
     }
     result.map_err(write_err)?;
     Ok(true)
+}
+
+/// Whether `target` has the content of `source` (streamed: the binary is large in debug builds);
+/// an error only when `source` cannot be read.
+fn same_content(source: &Path, target: &Path) -> std::io::Result<bool> {
+    let mut from = std::fs::File::open(source)?;
+    let Ok(mut to) = std::fs::File::open(target) else { return Ok(false) };
+    if from.metadata()?.len() != to.metadata().map(|m| m.len()).unwrap_or(u64::MAX) {
+        return Ok(false);
+    }
+    let (mut a, mut b) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = read_full(&mut from, &mut a)?;
+        let m = read_full(&mut to, &mut b).unwrap_or(usize::MAX);
+        if n != m || a[..n] != b[..n] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 #[cfg(test)]
