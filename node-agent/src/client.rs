@@ -13,6 +13,9 @@ use crate::metrics::{AgentMetrics, KindLabel};
 use crate::plan_state::{PlanError, PlanState};
 use crate::programmers;
 
+/// How long the agent gathers IPAM changes before it reports usage to the operator.
+const IPAM_REPORT_DELAY: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_name: String,
@@ -21,6 +24,7 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Delay before retrying a failed apply, and the cap of the reconnect backoff.
     pub retry_interval: Duration,
+    pub cni: programmers::CniOptions,
 }
 
 /// What the agent holds, published for readiness and tests.
@@ -43,6 +47,10 @@ pub enum AgentError {
     Plan(#[from] PlanError),
     #[error("cannot create the state dir {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
+    #[error("IPAM: {0}")]
+    Ipam(#[from] crate::ipam::IpamError),
+    #[error("CNI socket: {0}")]
+    CniSocket(#[from] crate::cni::ServeError),
 }
 
 /// Runs the agent until `shutdown` turns true. Never flushes what it programmed: losing the
@@ -55,8 +63,18 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+    // The allocator and the socket weft-cni asks for addresses: up before any plan, so pods that
+    // kept their addresses across an agent restart are answered at once.
+    let target = programmers::Target {
+        state_dir: config.state_dir.clone(),
+        ipam: crate::ipam::IpamHandle::open(&config.state_dir, &config.node_name)?,
+        cni: config.cni.clone(),
+    };
+    let server = crate::cni::CniServer::bind(&target.socket())?;
+    let cni_task = tokio::spawn(server.run(target.ipam.clone()));
+    let _stop_cni = AbortOnDrop(cni_task);
     let mut agent =
-        Agent { plan: PlanState::load(&config.state_dir)?, applied: false, config, metrics, status };
+        Agent { plan: PlanState::load(&config.state_dir)?, applied: false, config, metrics, status, target };
     if agent.plan.version != 0 {
         info!(version = agent.plan.version, "resuming from the saved plan");
         // The saved plan is what the node was programmed with; re-applying it is idempotent and
@@ -92,8 +110,18 @@ pub async fn run(
     }
 }
 
+/// Stops the CNI socket server with the agent.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Agent {
     config: AgentConfig,
+    target: programmers::Target,
     plan: PlanState,
     /// Whether `plan` is fully applied on the node.
     applied: bool,
@@ -128,6 +156,8 @@ impl Agent {
         self.status.send_modify(|s| s.connected = true);
         self.metrics.connected.set(1);
         info!(operator = %self.config.operator, version = self.plan.version, "plan stream open");
+        let mut ipam_changes = self.target.ipam.subscribe();
+        ipam_changes.mark_changed();
         loop {
             let retry = async {
                 if self.applied || self.plan.version == 0 {
@@ -146,6 +176,21 @@ impl Agent {
                 () = retry => {
                     if let Some(reply) = self.apply(None) {
                         let _ = tx.send(reply).await;
+                    }
+                }
+                Ok(()) = ipam_changes.changed() => {
+                    // Batch a burst of pod starts into one report.
+                    tokio::time::sleep(IPAM_REPORT_DELAY).await;
+                    ipam_changes.mark_unchanged();
+                    let blocks = self
+                        .target
+                        .ipam
+                        .usage()
+                        .into_iter()
+                        .map(|u| pb::BlockUsage { cidr: u.cidr.to_string(), used: u32::try_from(u.used).unwrap_or(u32::MAX) })
+                        .collect();
+                    if tx.send(agent_message(pb::agent_message::Kind::Ipam(pb::IpamReport { blocks }))).await.is_err() {
+                        return Err(SessionError::Closed);
                     }
                 }
             }
@@ -201,7 +246,10 @@ impl Agent {
         }
         let started = Instant::now();
         let span = info_span!("agent.apply", version = self.plan.version);
-        let failures = span.in_scope(|| programmers::apply_all(&self.plan, changed, &self.config.state_dir));
+        // Programmers write files and fsync: keep that off the async workers' backs.
+        let failures = tokio::task::block_in_place(|| {
+            span.in_scope(|| programmers::apply_all(&self.plan, changed, &self.target))
+        });
         self.metrics.apply_duration.observe(started.elapsed().as_secs_f64());
         let version = self.plan.version;
         let reply = if failures.is_empty() {

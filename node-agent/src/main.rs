@@ -28,6 +28,15 @@ struct Args {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "WEFT_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
     metrics_listen: SocketAddr,
+    /// The CNI conf dir, instead of the one in the plan (a node of the local cluster has its own).
+    #[arg(long, env = "WEFT_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The CNI bin dir, instead of the one in the plan.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR")]
+    cni_bin_dir: Option<PathBuf>,
+    /// Leave the CNI configuration alone (another CNI serves the node); only record it.
+    #[arg(long)]
+    no_cni_install: bool,
     /// Delay before retrying a plan that failed to apply.
     #[arg(long, default_value = "5s", value_parser = humantime_duration)]
     retry_interval: Duration,
@@ -62,6 +71,11 @@ async fn main() -> anyhow::Result<()> {
         operator: args.operator,
         state_dir: args.state_dir,
         retry_interval: args.retry_interval,
+        cni: weft_agent::programmers::CniOptions {
+            install: !args.no_cni_install,
+            conf_dir: args.cni_conf_dir,
+            bin_dir: args.cni_bin_dir,
+        },
     };
     let (task, mut status) = client::spawn(config, metrics, stop_rx);
     tokio::spawn(async move {

@@ -177,6 +177,8 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     .arg("--state-dir")
     .arg(&node.agent_state_dir)
     .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
+    // With the reference plugins serving the node, the agent only records its CNI programming.
+    .args(if state.cni == CniMode::Reference { &["--no-cni-install"][..] } else { &[] })
     .env("KUBECONFIG", &node.kubeconfig)
     .env("WEFT_CNI_CONF_DIR", &node.cni_conf_dir)
     .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)

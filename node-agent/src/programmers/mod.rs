@@ -1,11 +1,14 @@
 //! The agent's programmers: one per thing it programs on the node (CNI, IPAM, routes, service
 //! proxy, DNS, ingress).
 //!
-//! NOT YET PROGRAMMING THE NODE: in this first stage every programmer only *records* what the plan
-//! asks of it, as readable text in `<state-dir>/programmed/<name>.txt`, so the whole path from a
-//! cluster change to an acknowledged plan works and can be tested end to end. The issues for pod
-//! networking, the service proxy, DNS and ingress replace each recorder with a real pure `render`
-//! + idempotent `apply`.
+//! Every programmer records what the plan asks of it, as readable text in
+//! `<state-dir>/programmed/<name>.txt`. Two of them also act: `ipam` hands the node's blocks and
+//! pods to the allocator behind `weft-cni`, and `cni` installs the conflist and the plugin when
+//! the agent is told to (`Target::cni.install`).
+//!
+//! NOT YET PROGRAMMING: routes, the service proxy and DNS only record; the issues for pod
+//! networking, the service proxy and DNS replace them with a real pure `render` + idempotent
+//! `apply`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -13,7 +16,31 @@ use std::path::{Path, PathBuf};
 
 use weft_api::plan::{self as pb, Kind, Resource};
 
+use crate::ipam::IpamHandle;
 use crate::plan_state::{ChangedKinds, PlanState};
+
+/// Where the CNI configuration goes; the directories override the plan's (a node of the local
+/// cluster has its own).
+#[derive(Debug, Clone, Default)]
+pub struct CniOptions {
+    pub install: bool,
+    pub conf_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// What the programmers act on.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub state_dir: PathBuf,
+    pub ipam: IpamHandle,
+    pub cni: CniOptions,
+}
+
+impl Target {
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("cni.sock")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
@@ -23,6 +50,10 @@ pub enum ProgramError {
     Invalid { programmer: &'static str, message: String },
     #[error("{programmer}: cannot write {path}: {source}")]
     Io { programmer: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("ipam: {0}")]
+    Ipam(#[from] crate::ipam::IpamError),
+    #[error("cni: {0}")]
+    Install(#[from] crate::cni::InstallError),
 }
 
 /// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
@@ -45,15 +76,27 @@ pub struct Programmer {
     pub name: &'static str,
     pub kinds: &'static [Kind],
     render: fn(&PlanState) -> Result<String, ProgramError>,
+    /// What the programmer does to the node besides recording, if anything.
+    act: Option<fn(&PlanState, &Target) -> Result<(), ProgramError>>,
 }
 
 /// All programmers, in the order they apply (the pod network before the services on it).
 pub const PROGRAMMERS: &[Programmer] = &[
-    Programmer { name: "cni", kinds: &[Kind::Network, Kind::Node], render: render_cni },
-    Programmer { name: "ipam", kinds: &[Kind::Node], render: render_ipam },
-    Programmer { name: "routes", kinds: &[Kind::Network, Kind::Node, Kind::Peer], render: render_routes },
-    Programmer { name: "proxy", kinds: &[Kind::Network, Kind::Service], render: render_proxy },
-    Programmer { name: "dns", kinds: &[Kind::Dns], render: render_dns },
+    Programmer {
+        name: "ipam",
+        kinds: &[Kind::Network, Kind::Node, Kind::Pods],
+        render: render_ipam,
+        act: Some(act_ipam),
+    },
+    Programmer { name: "cni", kinds: &[Kind::Network, Kind::Node], render: render_cni, act: Some(act_cni) },
+    Programmer {
+        name: "routes",
+        kinds: &[Kind::Network, Kind::Node, Kind::Peer],
+        render: render_routes,
+        act: None,
+    },
+    Programmer { name: "proxy", kinds: &[Kind::Network, Kind::Service], render: render_proxy, act: None },
+    Programmer { name: "dns", kinds: &[Kind::Dns], render: render_dns, act: None },
 ];
 
 impl Programmer {
@@ -61,10 +104,14 @@ impl Programmer {
         state_dir.join("programmed").join(format!("{}.txt", self.name))
     }
 
-    /// Records what the plan asks of this programmer; rewrites nothing when that is unchanged.
-    pub fn apply(&self, plan: &PlanState, state_dir: &Path) -> Result<bool, ProgramError> {
+    /// Acts on the node (where the programmer does), then records what the plan asks of it;
+    /// rewrites nothing when that is unchanged.
+    pub fn apply(&self, plan: &PlanState, target: &Target) -> Result<bool, ProgramError> {
         let text = (self.render)(plan)?;
-        let path = self.path(state_dir);
+        if let Some(act) = self.act {
+            act(plan, target)?;
+        }
+        let path = self.path(&target.state_dir);
         if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
             return Ok(false);
         }
@@ -83,7 +130,7 @@ impl Programmer {
 pub fn apply_all(
     plan: &PlanState,
     changed: Option<&ChangedKinds>,
-    state_dir: &Path,
+    target: &Target,
 ) -> Vec<(String, ProgramError)> {
     let mut failures = Vec::new();
     for programmer in PROGRAMMERS {
@@ -92,7 +139,7 @@ pub fn apply_all(
         }
         let span = tracing::info_span!("program", programmer = programmer.name);
         let _enter = span.enter();
-        if let Err(e) = programmer.apply(plan, state_dir) {
+        if let Err(e) = programmer.apply(plan, target) {
             tracing::warn!(error = %e, "programmer failed");
             failures.push((programmer.name.to_string(), e));
         }
@@ -110,6 +157,42 @@ fn single<M: prost::Message + Default>(
     kind: Kind,
 ) -> Result<Option<M>, ProgramError> {
     plan.of_kind(kind).next().map(|r| decode(programmer, r)).transpose()
+}
+
+/// The node's blocks and pods to the allocator: new pods get addresses from the blocks, addresses
+/// of pods gone from two observations in a row are released.
+fn act_ipam(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    if let Some(net) = single::<pb::NetworkSettings>("ipam", plan, Kind::Network)? {
+        target.ipam.set_mtu(net.mtu);
+    }
+    if let Some(node) = single::<pb::NodePlan>("ipam", plan, Kind::Node)? {
+        target.ipam.set_blocks(crate::ipam::blocks_from_plan(&node)?)?;
+    }
+    if let Some(pods) = single::<pb::NodePods>("ipam", plan, Kind::Pods)? {
+        target.ipam.observe_pods(&crate::ipam::pods_from_plan(&pods), POD_GC_GAP)?;
+    }
+    Ok(())
+}
+
+/// How long a pod must stay absent from the plan before its address is released.
+const POD_GC_GAP: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Installs the conflist and `weft-cni` into the node's CNI directories.
+fn act_cni(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    let Some(net) = single::<pb::NetworkSettings>("cni", plan, Kind::Network)?.filter(|_| target.cni.install)
+    else {
+        return Ok(());
+    };
+    let conf_dir = target.cni.conf_dir.clone().unwrap_or_else(|| PathBuf::from(&net.cni_conf_dir));
+    let bin_dir = target.cni.bin_dir.clone().unwrap_or_else(|| PathBuf::from(&net.cni_bin_dir));
+    let plugin = crate::cni::plugin_binary_next_to_agent().map_err(|source| ProgramError::Io {
+        programmer: "cni",
+        path: PathBuf::from("weft-cni"),
+        source,
+    })?;
+    let conflist = crate::cni::render_conflist(&net, &target.socket());
+    crate::cni::install(&conf_dir, &bin_dir, crate::cni::conflist::conflist_name(&net), &conflist, &plugin)?;
+    Ok(())
 }
 
 fn render_cni(plan: &PlanState) -> Result<String, ProgramError> {
@@ -273,6 +356,11 @@ mod tests {
     #[test]
     fn a_relative_cni_dir_is_refused_with_a_clear_error_and_an_unchanged_plan_writes_nothing() {
         let dir = tempfile::TempDir::new().expect("tempdir");
+        let target = Target {
+            state_dir: dir.path().to_path_buf(),
+            ipam: IpamHandle::open(dir.path(), "n1").expect("ipam"),
+            cni: CniOptions::default(),
+        };
         let net = |conf: &str| {
             Resource::encode(
                 Kind::Network,
@@ -284,15 +372,15 @@ mod tests {
                 },
             )
         };
-        let failures = apply_all(&plan(vec![net("etc/cni")]), None, dir.path());
+        let failures = apply_all(&plan(vec![net("etc/cni")]), None, &target);
         assert_eq!(failures.len(), 1);
         assert_eq!(
             failures[0].1.to_string(),
             "cni: the CNI conf dir must be an absolute path, got \"etc/cni\""
         );
         let good = plan(vec![net("/etc/cni/net.d"), service()]);
-        assert!(apply_all(&good, None, dir.path()).is_empty());
-        let cni = &PROGRAMMERS[0];
-        assert!(!cni.apply(&good, dir.path()).expect("apply"), "unchanged: nothing rewritten");
+        assert!(apply_all(&good, None, &target).is_empty());
+        let cni = PROGRAMMERS.iter().find(|p| p.name == "cni").expect("cni");
+        assert!(!cni.apply(&good, &target).expect("apply"), "unchanged: nothing rewritten");
     }
 }
