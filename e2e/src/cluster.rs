@@ -176,7 +176,7 @@ impl Cluster {
     /// runner and, with Weft, its agent). Anything half-built is torn down on error.
     pub fn up(opts: &UpOptions) -> Result<Cluster> {
         state::validate_name(&opts.name)?;
-        opts.cni.check_available()?;
+        opts.cni.check_available(opts.weft)?;
         if net::run("id", ["-u"]).map(|s| s.trim() != "0").unwrap_or(true) {
             bail!("the local cluster needs root (it creates network namespaces, veths and bridges)");
         }

@@ -69,6 +69,7 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
         ipam: crate::ipam::IpamHandle::open(&config.state_dir, &config.node_name)?,
         cni: config.cni.clone(),
+        routes: Default::default(),
     };
     let server = crate::cni::CniServer::bind(&target.socket())?;
     let cni_task = tokio::spawn(server.run(target.ipam.clone()));

@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod plan_state;
 pub mod plugin;
 pub mod programmers;
+pub mod routes;
 
 pub use client::{AgentConfig, AgentStatus, run, spawn};

@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(changed, ChangedKinds::from([Kind::Peer]));
 
         let delta = message(
-            &[b2.clone()],
+            std::slice::from_ref(&b2),
             Body::Delta(pb::Delta { upserts: vec![b2.clone()], removals: vec![a.reference()] }),
         );
         let (next, changed) = state.apply(&delta).expect("delta");

@@ -171,7 +171,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Up { nodes, cni, no_weft, name, no_samples } => {
-            cni.check_available()?;
+            cni.check_available(!no_weft)?;
             up(name.unwrap_or(cli.cluster), nodes, cni, !no_weft, !no_samples).await?;
         }
         Cmd::Down { name, all } => {
@@ -304,9 +304,11 @@ fn print_weft(s: &cluster::ClusterState) {
             n.agent_state_dir.join("programmed").display()
         );
     }
-    println!(
-        "weft: agents only record what their plan asks (no CNI, routes or proxy rules of their own yet)"
-    );
+    if s.cni == CniMode::Weft {
+        println!("weft: pods use weft-cni; agents program the routes between nodes and pod egress NAT");
+    } else {
+        println!("weft: pods use the reference plugins; agents only record their CNI and routes programming");
+    }
 }
 
 fn print_summary(c: &Cluster) {

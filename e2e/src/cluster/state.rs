@@ -21,21 +21,21 @@ pub enum CniMode {
     /// nodes' pod /24s; Weft's operator and agents run alongside.
     #[default]
     Reference,
-    /// Weft's own `weft-cni` plugin, configured by the agents. Not available yet: `weft-cni` comes
-    /// with the pod-networking issue.
+    /// Weft's own `weft-cni` plugin: each node's agent installs the conflist and the plugin into
+    /// the node's CNI directories and programs the routes between nodes. Needs Weft running.
     Weft,
 }
 
 impl CniMode {
-    /// Fails for a mode that cannot work yet, with what to use instead.
-    pub fn check_available(self) -> Result<()> {
+    /// Fails for a combination that cannot work, with what to use instead.
+    pub fn check_available(self, weft: bool) -> Result<()> {
         match self {
             CniMode::Reference => Ok(()),
-            CniMode::Weft => bail!(
-                "--cni weft is not available yet: the weft-cni plugin comes with the pod-networking issue. \
-                 Use --cni reference (the default): Weft's operator and agents run alongside it anyway \
-                 (unless --no-weft)"
+            CniMode::Weft if !weft => bail!(
+                "--cni weft needs Weft running (its agents install weft-cni and program the routes); \
+                 drop --no-weft, or use --cni reference"
             ),
+            CniMode::Weft => Ok(()),
         }
     }
 }

@@ -2,13 +2,14 @@
 //! proxy, DNS, ingress).
 //!
 //! Every programmer records what the plan asks of it, as readable text in
-//! `<state-dir>/programmed/<name>.txt`. Two of them also act: `ipam` hands the node's blocks and
-//! pods to the allocator behind `weft-cni`, and `cni` installs the conflist and the plugin when
-//! the agent is told to (`Target::cni.install`).
+//! `<state-dir>/programmed/<name>.txt`. Three of them also act: `ipam` hands the node's blocks and
+//! pods to the allocator behind `weft-cni`, `cni` installs the conflist and the plugin when
+//! the agent is told to (`Target::cni.install`), and `routes` programs the routes to the other
+//! nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod network is
+//! Weft's (the same flag).
 //!
-//! NOT YET PROGRAMMING: routes, the service proxy and DNS only record; the issues for pod
-//! networking, the service proxy and DNS replace them with a real pure `render` + idempotent
-//! `apply`.
+//! NOT YET PROGRAMMING: the service proxy and DNS only record; their issues replace them with a
+//! real pure `render` + idempotent `apply`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -34,6 +35,8 @@ pub struct Target {
     pub state_dir: PathBuf,
     pub ipam: IpamHandle,
     pub cni: CniOptions,
+    /// What the routes programmer last wrote with `iptables-restore`.
+    pub routes: crate::routes::RoutesCache,
 }
 
 impl Target {
@@ -54,6 +57,8 @@ pub enum ProgramError {
     Ipam(#[from] crate::ipam::IpamError),
     #[error("cni: {0}")]
     Install(#[from] crate::cni::InstallError),
+    #[error("routes: {0}")]
+    Routes(#[from] crate::routes::RoutesError),
 }
 
 /// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
@@ -70,6 +75,9 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// What a programmer does to the node.
+type Act = fn(&PlanState, &Target) -> Result<(), ProgramError>;
+
 /// One programmer: the kinds of plan resource it consumes and what it does with them.
 #[derive(Debug, Clone, Copy)]
 pub struct Programmer {
@@ -77,7 +85,7 @@ pub struct Programmer {
     pub kinds: &'static [Kind],
     render: fn(&PlanState) -> Result<String, ProgramError>,
     /// What the programmer does to the node besides recording, if anything.
-    act: Option<fn(&PlanState, &Target) -> Result<(), ProgramError>>,
+    act: Option<Act>,
 }
 
 /// All programmers, in the order they apply (the pod network before the services on it).
@@ -93,7 +101,7 @@ pub const PROGRAMMERS: &[Programmer] = &[
         name: "routes",
         kinds: &[Kind::Network, Kind::Node, Kind::Peer],
         render: render_routes,
-        act: None,
+        act: Some(act_routes),
     },
     Programmer { name: "proxy", kinds: &[Kind::Network, Kind::Service], render: render_proxy, act: None },
     Programmer { name: "dns", kinds: &[Kind::Dns], render: render_dns, act: None },
@@ -192,6 +200,26 @@ fn act_cni(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     })?;
     let conflist = crate::cni::render_conflist(&net, &target.socket());
     crate::cni::install(&conf_dir, &bin_dir, crate::cni::conflist::conflist_name(&net), &conflist, &plugin)?;
+    Ok(())
+}
+
+/// Routes to the other nodes' blocks, forwarding and masquerade. A plan asking for what the
+/// routes cannot do yet (VXLAN) is refused whatever the node's CNI; the node is only programmed
+/// when its pod network is Weft's (`Target::cni.install`): beside another CNI (the local cluster's
+/// reference mode) Weft's blocks would shadow that CNI's own pod routes.
+fn act_routes(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    let (Some(net), Some(node)) = (
+        single::<pb::NetworkSettings>("routes", plan, Kind::Network)?,
+        single::<pb::NodePlan>("routes", plan, Kind::Node)?,
+    ) else {
+        return Ok(());
+    };
+    let peers =
+        plan.of_kind(Kind::Peer).map(|r| decode("routes", r)).collect::<Result<Vec<pb::PeerNode>, _>>()?;
+    let desired = crate::routes::render(&net, &node, &peers)?;
+    if target.cni.install {
+        crate::routes::apply(&desired, &target.routes)?;
+    }
     Ok(())
 }
 
@@ -360,6 +388,7 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             ipam: IpamHandle::open(dir.path(), "n1").expect("ipam"),
             cni: CniOptions::default(),
+            routes: Default::default(),
         };
         let net = |conf: &str| {
             Resource::encode(
