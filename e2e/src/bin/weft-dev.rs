@@ -47,9 +47,9 @@ enum Cmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: u8,
-        /// Which CNI gives pods their network. Only `reference` works for now (`weft` needs the
-        /// weft-cni plugin of the pod-networking issue).
-        #[arg(long, value_enum, default_value_t = CniMode::Reference)]
+        /// Which CNI gives pods their network: Weft's own (`weft`, needs Weft) or the reference
+        /// bridge + host-local plugins (`reference`, for comparison and for `--no-weft`).
+        #[arg(long, value_enum, default_value_t = CniMode::Weft)]
         cni: CniMode,
         /// Run without Weft: no config/, no weft-operator, no weft-agents.
         #[arg(long)]
@@ -296,7 +296,7 @@ fn print_weft(s: &cluster::ClusterState) {
     );
     for n in &s.nodes {
         println!(
-            "weft: agent-{} in netns {} (metrics http://{}:{}/metrics), records its programming in {}/*.txt",
+            "weft: agent-{} in netns {} (metrics http://{}:{}/metrics), writes what it programs to {}/*.txt",
             n.name,
             n.netns,
             n.ip,
