@@ -90,14 +90,6 @@ impl Compiler {
         (compiler, updates)
     }
 
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.values()
-    }
-
-    pub fn settings(&self) -> &NetworkSettings {
-        &self.settings
-    }
-
     /// Records a change; nothing is compiled until [`Compiler::flush`].
     pub fn apply(&mut self, change: Change) {
         match change {
@@ -478,12 +470,6 @@ impl Compiler {
             list.sort_by_key(|(port, ep)| (ep.ip, *port));
         }
         by_port
-    }
-
-    /// Every resource a node holds right now, as the compiler last emitted it (tests and the
-    /// store's consistency checks use this; the store keeps its own copy for serving).
-    pub fn node_names(&self) -> impl Iterator<Item = &String> {
-        self.nodes.keys()
     }
 }
 
