@@ -539,6 +539,66 @@ impl Cluster {
         Ok(Stopped { record, was_running, exited_on_sigterm, took: started.elapsed() })
     }
 
+    /// Sends `signal` to the recorded process `name` alone (not its group nor its descendants),
+    /// as a crash or an administrator would, then waits up to `wait` for it to exit. A process
+    /// that exited is forgotten, so the cluster does not report it as failed; one still running
+    /// stays recorded. Returns whether it exited.
+    pub fn kill_process(
+        &mut self,
+        name: &str,
+        signal: rustix::process::Signal,
+        wait: Duration,
+    ) -> Result<bool> {
+        let Some(record) = self.state.processes.iter().find(|p| p.name == name).cloned() else {
+            let known: Vec<&str> = self.state.processes.iter().map(|p| p.name.as_str()).collect();
+            bail!("cluster {} has no process named {name} (it has: {})", self.state.name, known.join(", "));
+        };
+        if record.is_alive() {
+            let pid = i32::try_from(record.pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .with_context(|| format!("{name} has no valid pid ({})", record.pid))?;
+            rustix::process::kill_process(pid, signal)
+                .with_context(|| format!("sending {signal:?} to {name} (pid {})", record.pid))?;
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            process::reap(&mut self.children);
+            if !record.is_alive() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let exited = !record.is_alive();
+        if exited {
+            self.state.processes.retain(|p| !(p.name == record.name && p.pid == record.pid));
+            self.state.save()?;
+        }
+        Ok(exited)
+    }
+
+    /// Starts node `node`'s agent again — same arguments, state directory and log (appended) —
+    /// after it was killed ([`Cluster::kill_process`]) or stopped ([`Cluster::stop_process`]).
+    /// Fails while it still runs.
+    pub fn restart_agent(&mut self, node: &str) -> Result<ProcRecord> {
+        if !self.state.weft {
+            bail!("cluster {} runs without Weft", self.state.name);
+        }
+        let name = format!("agent-{node}");
+        if self.state.processes.iter().any(|p| p.name == name && p.is_alive()) {
+            bail!("{name} of cluster {} is still running; kill or stop it first", self.state.name);
+        }
+        self.state.processes.retain(|p| p.name != name);
+        let node_state = self
+            .state
+            .node(node)
+            .cloned()
+            .with_context(|| format!("cluster {} has no node {node}", self.state.name))?;
+        let (record, child) = nodes::start_agent(&self.state, &node_state)?;
+        self.record((record.clone(), child))?;
+        Ok(record)
+    }
+
     /// Starts one more `weft-operator` replica in the root namespace, as a Deployment's second
     /// pod would run: `--identity <identity>`, its plan server and metrics on free loopback ports,
     /// the admin kubeconfig, its log in `logs/weft-operator-<identity>.log`. It is recorded as a

@@ -16,7 +16,9 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
-use super::{Cluster, ClusterState, CniMode, NodeState, OperatorReplica, Stopped, UpOptions, weft_dir};
+use super::{
+    Cluster, ClusterState, CniMode, NodeState, OperatorReplica, ProcRecord, Stopped, UpOptions, weft_dir,
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -326,6 +328,36 @@ impl TestCluster {
         tokio::task::spawn_blocking(move || {
             let mut c = lock(&inner.cluster);
             let res = c.stop_process(&name, Duration::from_secs(10));
+            *lock(&inner.state) = c.state().clone();
+            res
+        })
+        .await?
+    }
+
+    /// Sends `signal` to the cluster's process `name` alone (`agent-node-1`, …) and waits up to
+    /// 10 s for it to exit; see [`Cluster::kill_process`]. Returns whether it exited (and was
+    /// forgotten).
+    pub async fn kill_process(&self, name: &str, signal: rustix::process::Signal) -> Result<bool> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let res = c.kill_process(&name, signal, Duration::from_secs(10));
+            *lock(&inner.state) = c.state().clone();
+            res
+        })
+        .await?
+    }
+
+    /// Starts node `node`'s agent again after [`TestCluster::kill_process`] or
+    /// [`TestCluster::stop_process`]; see [`Cluster::restart_agent`]. Does not wait for it to
+    /// apply its plan.
+    pub async fn restart_agent(&self, node: &str) -> Result<ProcRecord> {
+        let inner = self.inner.clone();
+        let node = node.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let res = c.restart_agent(&node);
             *lock(&inner.state) = c.state().clone();
             res
         })

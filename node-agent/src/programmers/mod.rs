@@ -171,7 +171,7 @@ fn single<M: prost::Message + Default>(
 /// of pods gone from two observations in a row are released.
 fn act_ipam(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     if let Some(net) = single::<pb::NetworkSettings>("ipam", plan, Kind::Network)? {
-        target.ipam.set_mtu(net.mtu);
+        target.ipam.set_mtu(crate::routes::pod_mtu(&net)?);
     }
     if let Some(node) = single::<pb::NodePlan>("ipam", plan, Kind::Node)? {
         target.ipam.set_blocks(crate::ipam::blocks_from_plan(&node)?)?;
@@ -203,9 +203,9 @@ fn act_cni(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     Ok(())
 }
 
-/// Routes to the other nodes' blocks, forwarding and masquerade. A plan asking for what the
-/// routes cannot do yet (VXLAN) is refused whatever the node's CNI; the node is only programmed
-/// when its pod network is Weft's (`Target::cni.install`): beside another CNI (the local cluster's
+/// Routes to the other nodes' blocks (direct or over VXLAN), forwarding and masquerade. The
+/// plan is validated whatever the node's CNI; the node is only programmed when its pod network is
+/// Weft's (`Target::cni.install`): beside another CNI (the local cluster's
 /// reference mode) Weft's blocks would shadow that CNI's own pod routes.
 fn act_routes(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     let (Some(net), Some(node)) = (
