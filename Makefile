@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench
+.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net
 
 all: build
 
@@ -47,3 +47,10 @@ status:
 
 bench:
 	$(CARGO) bench -p weft-operator --bench plan_compile
+
+bench-cni:
+	$(CARGO) bench -p weft-agent --bench cni_add
+
+# Needs the Go-built tools (make tools): a 2-node local cluster of its own.
+bench-net: tools build
+	target/debug/weft-bench-net 3 5
