@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net
+.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos
 
 all: build
 
@@ -50,6 +50,9 @@ bench:
 
 bench-cni:
 	$(CARGO) bench -p weft-agent --bench cni_add
+
+bench-chaos:
+	$(CARGO) bench -p weft-agent --bench ipam_chaos
 
 # Needs the Go-built tools (make tools): a 2-node local cluster of its own.
 bench-net: tools build
