@@ -38,7 +38,7 @@ pub use state::{
 };
 pub use testing::{
     Fatal, PodOptions, ReplicaGuard, TestCluster, TestNamespace, TestOptions, client_for, http_get,
-    metric_value, metrics_text, wait_for,
+    metric_value, metrics_text, wait_for, whoami_remote_ip,
 };
 
 use pki::Pki;

@@ -12,30 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use rustix::process::Signal;
-use weft_e2e::cluster::{AGENT_METRICS_PORT, CniMode, PodOptions, TestCluster, TestOptions, http_get};
-
-/// `kubectl get <args>` as a table: one map of column → value per row.
-async fn get_table(c: &TestCluster, args: &[&str]) -> Result<Vec<BTreeMap<String, String>>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    let out = c.kubectl(&full).await?;
-    let mut lines = out.lines();
-    let Some(header) = lines.next() else { return Ok(Vec::new()) };
-    let header: Vec<&str> = header.split_whitespace().collect();
-    Ok(lines
-        .map(|l| header.iter().map(|h| h.to_string()).zip(l.split_whitespace().map(str::to_string)).collect())
-        .collect())
-}
-
-/// The `RemoteAddr:` address of a whoami answer.
-fn remote_ip(body: &str) -> Result<Ipv4Addr> {
-    let line = body
-        .lines()
-        .find_map(|l| l.strip_prefix("RemoteAddr: "))
-        .with_context(|| format!("no RemoteAddr in {body:?}"))?;
-    let ip = line.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or(line);
-    ip.parse().with_context(|| format!("RemoteAddr {line:?}"))
-}
+use weft_e2e::cluster::{
+    AGENT_METRICS_PORT, CniMode, PodOptions, TestCluster, TestOptions, http_get, whoami_remote_ip,
+};
 
 fn pod_ip(pod: &Pod) -> Result<Ipv4Addr> {
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -126,7 +105,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     step(&format!("{agent} (pid {}) killed with SIGKILL", record.pid));
     // The data path does not need the agent: the pods still talk while it is down.
     let body = c.curl_from_pod(&ns, "client", &format!("http://{}/", before["a"])).await?;
-    ensure!(remote_ip(&body)? == before["client"], "client -> a while the agent is down:\n{body}");
+    ensure!(whoami_remote_ip(&body)? == before["client"], "client -> a while the agent is down:\n{body}");
 
     let restarted = c.restart_agent("node-1").await?;
     ensure!(restarted.pid != record.pid, "the agent was not started again");
@@ -138,7 +117,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     })
     .await?;
     c.wait_for("networkconfig default to be converged 2/2 again", Duration::from_secs(60), || async {
-        let rows = get_table(&c, &["networkconfig", "default"]).await?;
+        let rows = c.get_table(&["networkconfig", "default"]).await?;
         let row = rows.first().context("no row")?;
         let col = |k: &str| row.get(k).map(String::as_str).unwrap_or_default();
         if col("CONVERGED") == "2/2" && col("READY") == "True" { Ok(Some(())) } else { bail!("{row:?}") }
@@ -156,7 +135,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     for (from, to) in [("client", "a"), ("client", "b"), ("remote", "a"), ("remote", "b")] {
         let (from_ip, to_ip) = (before[from], before[to]);
         let body = c.curl_from_pod(&ns, from, &format!("http://{to_ip}/")).await?;
-        let seen = remote_ip(&body)?;
+        let seen = whoami_remote_ip(&body)?;
         ensure!(seen == from_ip, "{from} ({from_ip}) -> {to} ({to_ip}): whoami saw {seen}\n{body}");
     }
     step("every pod kept its address and the pods still reach each other");
@@ -182,7 +161,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     let dups = duplicates(&all);
     ensure!(dups.is_empty(), "pods sharing an address: {dups:?} (all: {all:?})");
     let body = c.curl_from_pod(&ns, "remote", &format!("http://{}/", pod_ip(&n1)?)).await?;
-    ensure!(remote_ip(&body)? == before["remote"], "remote -> new-1:\n{body}");
+    ensure!(whoami_remote_ip(&body)? == before["remote"], "remote -> new-1:\n{body}");
     step(&format!("3 new pods with fresh addresses, no duplicates: {all:?}"));
     Ok(())
 }

@@ -12,20 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, PodOptions, TestCluster, TestOptions};
-
-/// `kubectl get <args>` as a table: one map of column → value per row.
-async fn get_table(c: &TestCluster, args: &[&str]) -> Result<Vec<BTreeMap<String, String>>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    let out = c.kubectl(&full).await?;
-    let mut lines = out.lines();
-    let Some(header) = lines.next() else { return Ok(Vec::new()) };
-    let header: Vec<&str> = header.split_whitespace().collect();
-    Ok(lines
-        .map(|l| header.iter().map(|h| h.to_string()).zip(l.split_whitespace().map(str::to_string)).collect())
-        .collect())
-}
+use weft_e2e::cluster::{CniMode, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
 
 /// An IPv4 CIDR (`a.b.c.d/n`) as (network, prefix length).
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u32)> {
@@ -38,16 +25,6 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u32)> {
 fn contains((net, len): (Ipv4Addr, u32), ip: Ipv4Addr) -> bool {
     let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
     u32::from(net) & mask == u32::from(ip) & mask
-}
-
-/// The `RemoteAddr:` address of a whoami answer.
-fn remote_ip(body: &str) -> Result<Ipv4Addr> {
-    let line = body
-        .lines()
-        .find_map(|l| l.strip_prefix("RemoteAddr: "))
-        .with_context(|| format!("no RemoteAddr in {body:?}"))?;
-    let ip = line.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or(line);
-    ip.parse().with_context(|| format!("RemoteAddr {line:?}"))
 }
 
 /// A network namespace on the cluster's bridge, outside the pod network, running `weft-whoami`.
@@ -160,7 +137,7 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
     ensure!(distinct.len() == ips.len(), "duplicate pod addresses: {ips:?}");
 
     // Every pod's address is in a block the operator claimed for the pod's node.
-    let blocks = get_table(&c, &["ipblocks"]).await?;
+    let blocks = c.get_table(&["ipblocks"]).await?;
     let mut by_node: BTreeMap<String, Vec<(Ipv4Addr, u32)>> = BTreeMap::new();
     for row in &blocks {
         let cidr = row.get("CIDR").with_context(|| format!("no CIDR in {row:?}"))?;
@@ -183,7 +160,7 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
         let (_, from_ip) = ips[from];
         let (_, to_ip) = ips[to];
         let body = c.curl_from_pod(&ns, from, &format!("http://{to_ip}/")).await?;
-        let seen = remote_ip(&body)?;
+        let seen = whoami_remote_ip(&body)?;
         ensure!(seen == from_ip, "{from} ({from_ip}) -> {to} ({to_ip}): whoami saw {seen} (NATed?)\n{body}");
         ensure!(body.contains(&format!("IP: {to_ip}\n")), "{to} did not answer:\n{body}");
     }
@@ -205,14 +182,14 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
                 Ok(Some(c.curl_from_pod(&ns, pod, &url).await?))
             })
             .await?;
-        let seen = remote_ip(&body)?;
+        let seen = whoami_remote_ip(&body)?;
         ensure!(seen == node_ip, "{pod} on {node} reached {outside_ip} as {seen}, not as {node_ip}\n{body}");
     }
     step("egress masqueraded to the node's address");
 
     // USED is the number of pods; deleting them all brings it back to 0.
     let used = || async {
-        let rows = get_table(&c, &["ippool", "default"]).await?;
+        let rows = c.get_table(&["ippool", "default"]).await?;
         let row = rows.first().context("no ippool default")?;
         row.get("USED").with_context(|| format!("no USED in {row:?}"))?.parse::<u64>().context("USED")
     };

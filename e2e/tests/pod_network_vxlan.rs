@@ -12,24 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions};
-
-/// `kubectl get <args>` as a table: one map of column → value per row.
-async fn get_table(c: &TestCluster, args: &[&str]) -> Result<Vec<BTreeMap<String, String>>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    let out = c.kubectl(&full).await?;
-    let mut lines = out.lines();
-    let Some(header) = lines.next() else { return Ok(Vec::new()) };
-    let header: Vec<&str> = header.split_whitespace().collect();
-    Ok(lines
-        .map(|l| header.iter().map(|h| h.to_string()).zip(l.split_whitespace().map(str::to_string)).collect())
-        .collect())
-}
+use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
 
 /// The PLAN column of `kubectl get networkconfig default` (0 before the first plan).
 async fn plan_version(c: &TestCluster) -> Result<u64> {
-    let rows = get_table(c, &["networkconfig", "default"]).await?;
+    let rows = c.get_table(&["networkconfig", "default"]).await?;
     let row = rows.first().context("no networkconfig default")?;
     Ok(row.get("PLAN").and_then(|p| p.parse().ok()).unwrap_or(0))
 }
@@ -40,7 +27,7 @@ async fn wait_converged_after(c: &TestCluster, after: u64) -> Result<u64> {
         &format!("networkconfig default to converge 2/2 on a plan newer than {after}"),
         Duration::from_secs(90),
         || async {
-            let rows = get_table(c, &["networkconfig", "default"]).await?;
+            let rows = c.get_table(&["networkconfig", "default"]).await?;
             let row = rows.first().context("no row")?;
             let col = |k: &str| row.get(k).map(String::as_str).unwrap_or_default();
             let plan: u64 = col("PLAN").parse().unwrap_or(0);
@@ -59,16 +46,6 @@ fn ip_in(node: &NodeState, args: &[&str]) -> Result<(bool, String)> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text))
-}
-
-/// The `RemoteAddr:` address of a whoami answer.
-fn remote_ip(body: &str) -> Result<Ipv4Addr> {
-    let line = body
-        .lines()
-        .find_map(|l| l.strip_prefix("RemoteAddr: "))
-        .with_context(|| format!("no RemoteAddr in {body:?}"))?;
-    let ip = line.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or(line);
-    ip.parse().with_context(|| format!("RemoteAddr {line:?}"))
 }
 
 /// TX packets of `weft.vxlan` in the node's namespace.
@@ -177,7 +154,7 @@ async fn pods_reach_each_other_over_vxlan_without_nat() -> Result<()> {
     for (from, to) in [("client-1", "far"), ("client-2", "near"), ("client-1", "near")] {
         let (from_ip, to_ip) = (ips[from], ips[to]);
         let body = c.curl_from_pod(&ns, from, &format!("http://{to_ip}/")).await?;
-        let seen = remote_ip(&body)?;
+        let seen = whoami_remote_ip(&body)?;
         ensure!(seen == from_ip, "{from} ({from_ip}) -> {to} ({to_ip}): whoami saw {seen} (NATed?)\n{body}");
         ensure!(body.contains(&format!("IP: {to_ip}\n")), "{to} did not answer:\n{body}");
     }
@@ -209,7 +186,7 @@ async fn pods_reach_each_other_over_vxlan_without_nat() -> Result<()> {
     for (from, to) in [("client-1", "far"), ("client-2", "near")] {
         let (from_ip, to_ip) = (ips[from], ips[to]);
         let body = c.curl_from_pod(&ns, from, &format!("http://{to_ip}/")).await?;
-        let seen = remote_ip(&body)?;
+        let seen = whoami_remote_ip(&body)?;
         ensure!(seen == from_ip, "{from} ({from_ip}) -> {to} ({to_ip}) direct: whoami saw {seen}\n{body}");
     }
     step(&format!("back to None at plan {plan}: weft.vxlan removed, direct routes work"));

@@ -5,28 +5,16 @@
 //! gone, then takes the leader Lease over. One cluster of its own (2 nodes, reference CNI, Weft
 //! on), one session, in order. Needs root and `cargo build --workspace --bins`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, metric_value};
 
-/// `kubectl get <args>` as a table: one map of column → value per row.
-async fn get_table(c: &TestCluster, args: &[&str]) -> Result<Vec<BTreeMap<String, String>>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    let out = c.kubectl(&full).await?;
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next().context("kubectl printed no header")?.split_whitespace().collect();
-    Ok(lines
-        .map(|l| header.iter().map(|h| h.to_string()).zip(l.split_whitespace().map(str::to_string)).collect())
-        .collect())
-}
-
 /// `kubectl get networkconfig default`, once it shows `2/2` and Ready=True, with the plan version.
 async fn wait_converged(c: &TestCluster, what: &str, timeout: Duration) -> Result<u64> {
     c.wait_for(what, timeout, || async {
-        let rows = get_table(c, &["networkconfig", "default"]).await?;
+        let rows = c.get_table(&["networkconfig", "default"]).await?;
         let row = rows.first().context("no row")?;
         let col = |k: &str| row.get(k).map(String::as_str).unwrap_or_default();
         if col("CONVERGED") == "2/2" && col("READY") == "True" {

@@ -185,6 +185,21 @@ impl TestCluster {
         .await?
     }
 
+    /// `kubectl get args…` as rows of column name → value (for tables whose values hold no spaces).
+    pub async fn get_table(&self, args: &[&str]) -> Result<Vec<BTreeMap<String, String>>> {
+        let mut full = vec!["get"];
+        full.extend_from_slice(args);
+        let out = self.kubectl(&full).await?;
+        let mut lines = out.lines();
+        let Some(header) = lines.next() else { return Ok(Vec::new()) };
+        let header: Vec<&str> = header.split_whitespace().collect();
+        Ok(lines
+            .map(|l| {
+                header.iter().map(|h| h.to_string()).zip(l.split_whitespace().map(str::to_string)).collect()
+            })
+            .collect())
+    }
+
     /// Runs `kubectl args…` with the admin kubeconfig; fails on a non-zero exit, with stderr.
     pub async fn kubectl(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl_output(args, None).await?;
@@ -747,4 +762,14 @@ impl PodOptions {
         // The JSON above is always a valid Pod.
         serde_json::from_value(value).unwrap_or_default()
     }
+}
+
+/// The client address an echo (`traefik/whoami`) saw: its `RemoteAddr:` line, without the port.
+pub fn whoami_remote_ip(body: &str) -> Result<std::net::Ipv4Addr> {
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix("RemoteAddr: "))
+        .with_context(|| format!("no RemoteAddr in {body:?}"))?;
+    let ip = line.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or(line);
+    ip.parse().with_context(|| format!("RemoteAddr {line:?}"))
 }
