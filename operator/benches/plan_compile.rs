@@ -101,6 +101,7 @@ fn slice(nodes: usize, s: usize, flip: Option<usize>) -> EndpointSlice {
                 }
             })
             .collect(),
+        trigger_unix_ms: None,
     }
 }
 

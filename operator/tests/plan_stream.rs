@@ -70,6 +70,7 @@ fn cluster(endpoints: u8, cni_conf_dir: &str) -> Vec<Change> {
                 hint_zones: vec![],
             })
             .collect(),
+        trigger_unix_ms: None,
     }));
     changes
 }

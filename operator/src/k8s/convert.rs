@@ -135,8 +135,19 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Option<model::Endpoin
         service,
         ports,
         endpoints,
+        trigger_unix_ms: slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis()),
     })
 }
+
+/// Set by the EndpointSlice controllers on every change they make (and by hand-written slices
+/// that want their changes measured).
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// `None` for pods that hold no pod address: not scheduled yet, host network, or finished.
 pub fn pod(pod: &core::Pod) -> Option<model::Pod> {

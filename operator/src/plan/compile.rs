@@ -292,6 +292,7 @@ impl Compiler {
             name: node.name.clone(),
             node_ip: node_ip.clone(),
             zone: node.zone.clone().unwrap_or_default(),
+            ingress: false,
             blocks: blocks
                 .iter()
                 .map(|b| pb::PodBlock {
@@ -383,9 +384,11 @@ impl Compiler {
             return;
         };
         let endpoints = self.collect_endpoints(service);
+        let trigger = self.trigger_time(key);
         if !is_node_dependent(service) {
             self.per_node_services.remove(key);
-            let resource = Resource::encode(Kind::Service, name, &service_payload(service, &endpoints, None));
+            let resource =
+                Resource::encode(Kind::Service, name, &service_payload(service, &endpoints, None, trigger));
             let version = resource.version;
             match previous {
                 Some(Emitted::All(v)) if v == version => {}
@@ -417,7 +420,7 @@ impl Compiler {
             let resource = Resource::encode(
                 Kind::Service,
                 name.clone(),
-                &service_payload(service, &endpoints, Some(node)),
+                &service_payload(service, &endpoints, Some(node), trigger),
             );
             let resource = variants.entry(resource.version).or_insert_with(|| Arc::new(resource)).clone();
             if previous_nodes.remove(&node.name) != Some(resource.version) {
@@ -430,6 +433,18 @@ impl Compiler {
             emitted.insert(node.name.clone(), resource.version);
         }
         self.emitted_services.insert(key.clone(), Emitted::PerNode(emitted));
+    }
+
+    /// The newest trigger time among the Service's slices: when the change now being programmed
+    /// began.
+    fn trigger_time(&self, service: &ObjectKey) -> i64 {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k)?.trigger_unix_ms)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Endpoints per Service port name: from every slice of the Service that carries the port,
@@ -515,11 +530,12 @@ fn service_payload(
     service: &Service,
     endpoints: &BTreeMap<String, Vec<(u16, ResolvedEndpoint)>>,
     node: Option<&Node>,
+    trigger_unix_ms: i64,
 ) -> pb::Service {
-    service_message(service, service_ports(service, endpoints, node))
+    service_message(service, service_ports(service, endpoints, node), trigger_unix_ms)
 }
 
-fn service_message(service: &Service, ports: Vec<pb::ServicePort>) -> pb::Service {
+fn service_message(service: &Service, ports: Vec<pb::ServicePort>, trigger_unix_ms: i64) -> pb::Service {
     let policy = &service.policy;
     pb::Service {
         cluster_ip: service.cluster_ip.map(u32::from).unwrap_or_default(),
@@ -538,6 +554,7 @@ fn service_message(service: &Service, ports: Vec<pb::ServicePort>) -> pb::Servic
             Masquerade::Never => pb::Masquerade::Never,
         } as i32,
         allowed_source_cidrs: policy.allowed_source_cidrs.clone(),
+        last_change_trigger_unix_ms: trigger_unix_ms,
     }
 }
 

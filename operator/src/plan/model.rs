@@ -151,6 +151,9 @@ pub struct EndpointSlice {
     pub service: String,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation, Unix milliseconds: the
+    /// start of the network programming latency SLI.
+    pub trigger_unix_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

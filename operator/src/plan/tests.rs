@@ -59,6 +59,7 @@ fn slice(service: &str, suffix: &str, endpoints: Vec<Endpoint>) -> EndpointSlice
         service: service.into(),
         ports: vec![SlicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80 }],
         endpoints,
+        trigger_unix_ms: None,
     }
 }
 
