@@ -70,6 +70,7 @@ pub async fn run(
         ipam: crate::ipam::IpamHandle::open(&config.state_dir, &config.node_name)?,
         cni: config.cni.clone(),
         routes: Default::default(),
+        metrics: metrics.clone(),
     };
     let server = crate::cni::CniServer::bind(&target.socket())?;
     let cni_task = tokio::spawn(server.run(target.ipam.clone()));

@@ -37,6 +37,8 @@ pub struct Target {
     pub cni: CniOptions,
     /// What the routes programmer last wrote with `iptables-restore`.
     pub routes: crate::routes::RoutesCache,
+    /// Programmers record their own figures (sync durations, lines written) here.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 impl Target {
@@ -389,6 +391,7 @@ mod tests {
             ipam: IpamHandle::open(dir.path(), "n1").expect("ipam"),
             cni: CniOptions::default(),
             routes: Default::default(),
+            metrics: Default::default(),
         };
         let net = |conf: &str| {
             Resource::encode(
