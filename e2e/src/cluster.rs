@@ -16,6 +16,7 @@
 mod controlplane;
 mod net;
 mod nodes;
+mod outside;
 mod pki;
 mod process;
 mod state;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 
+pub use outside::OutsideHost;
 pub use process::ProcRecord;
 pub use state::{
     AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState,

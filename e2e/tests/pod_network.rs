@@ -8,11 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
+use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
 
 /// An IPv4 CIDR (`a.b.c.d/n`) as (network, prefix length).
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u32)> {
@@ -25,73 +24,6 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u32)> {
 fn contains((net, len): (Ipv4Addr, u32), ip: Ipv4Addr) -> bool {
     let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
     u32::from(net) & mask == u32::from(ip) & mask
-}
-
-/// A network namespace on the cluster's bridge, outside the pod network, running `weft-whoami`.
-/// Named with the cluster's prefix, so the cluster's teardown would remove it too; dropping the
-/// guard stops the server and removes the namespace (with its veth) first.
-struct Outside {
-    netns: String,
-    veth: String,
-    server: Option<Child>,
-}
-
-impl Outside {
-    fn start(c: &TestCluster, addr: Ipv4Addr, port: u16) -> Result<Outside> {
-        let state = c.state();
-        let mut guard = Outside {
-            netns: format!("{}outside", state.netns_prefix()),
-            veth: format!("wv{}x", state.idx),
-            server: None,
-        };
-        let ip = |args: &[&str]| -> Result<()> {
-            let out = Command::new("ip").args(args).stdin(Stdio::null()).output()?;
-            ensure!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            Ok(())
-        };
-        ip(&["netns", "add", &guard.netns])?;
-        ip(&["link", "add", &guard.veth, "type", "veth", "peer", "name", "eth0", "netns", &guard.netns])?;
-        ip(&["link", "set", &guard.veth, "master", &state.bridge])?;
-        ip(&["link", "set", &guard.veth, "up"])?;
-        ip(&["-n", &guard.netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &guard.netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip(&["-n", &guard.netns, "link", "set", "eth0", "up"])?;
-        // No route to the pod network: an unmasqueraded reply would have nowhere to go.
-        guard.server = Some(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &guard.netns,
-                    env!("CARGO_BIN_EXE_weft-whoami"),
-                    "-port",
-                    &port.to_string(),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting weft-whoami in the outside namespace")?,
-        );
-        Ok(guard)
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = server.kill();
-            let _ = server.wait();
-        }
-        for args in [vec!["netns", "del", &self.netns], vec!["link", "del", &self.veth]] {
-            let _ = Command::new("ip").args(args).stdin(Stdio::null()).stderr(Stdio::null()).status();
-        }
-    }
 }
 
 #[tokio::test]
@@ -168,12 +100,9 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
 
     // A pod reaching outside the pod network is seen with its node's address.
     let state = c.state();
-    let outside_ip = Ipv4Addr::new(172, 18, state.idx, 250);
-    ensure!(
-        state.nodes.iter().all(|n| n.ip != outside_ip) && state.bridge_ip != outside_ip,
-        "{outside_ip} is taken"
-    );
-    let _outside = Outside::start(&c, outside_ip, 8080)?;
+    let mut outside = OutsideHost::start(&c, 1)?;
+    outside.spawn(env!("CARGO_BIN_EXE_weft-whoami"), &["-port", "8080"], None)?;
+    let outside_ip = outside.ip();
     for (pod, node) in [("client-1", "node-1"), ("client-2", "node-2")] {
         let node_ip = state.node(node).with_context(|| format!("no {node}"))?.ip;
         let url = format!("http://{outside_ip}:8080/");
