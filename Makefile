@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos
+.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
 
 all: build
 
@@ -57,3 +57,19 @@ bench-chaos:
 # Needs the Go-built tools (make tools): a 2-node local cluster of its own.
 bench-net: tools build
 	target/debug/weft-bench-net 3 5
+
+# Needs the Go-built tools (kube-proxy among them): weft-agent (release build) vs kube-proxy
+# iptables/nftables on one local control plane, then the programming latency on a 3-node cluster.
+# Needs the Go-built tools (CoreDNS among them): a 3-node local cluster of its own.
+bench-dns: tools build
+	target/debug/weft-bench-dns --nodes 3 --changes 20 --services 30
+
+bench-proxy: tools build
+	$(CARGO) build --release -p weft-agent --bin weft-agent
+	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20
+	target/debug/weft-bench-proxy latency --changes 40
+
+# Needs the Go-built tools and nginx/wrk (make tools): a 2-node local cluster of its own; route
+# change → serving latency, then wrk straight to a pod vs through the ingress.
+bench-ingress: tools build
+	target/debug/weft-bench-ingress --changes 40 --rounds 5 --seconds 10

@@ -16,6 +16,7 @@
 mod controlplane;
 mod net;
 mod nodes;
+mod observability;
 mod outside;
 mod pki;
 mod process;
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 
+pub use observability::{Observability, PromSample, SpanRecord};
 pub use outside::OutsideHost;
 pub use process::ProcRecord;
 pub use state::{
@@ -138,6 +140,9 @@ pub struct UpOptions {
     pub owner_pid: Option<u32>,
     /// Wait for every node to be Ready.
     pub wait_nodes_ready: bool,
+    /// With Weft: run an OpenTelemetry Collector and Prometheus watching it (default true;
+    /// skipped with a warning when install.sh has not installed them).
+    pub observability: bool,
 }
 
 impl Default for UpOptions {
@@ -153,6 +158,7 @@ impl Default for UpOptions {
             apply_crds: true,
             owner_pid: None,
             wait_nodes_ready: true,
+            observability: true,
         }
     }
 }
@@ -225,6 +231,7 @@ impl Cluster {
             nodes: Vec::new(),
             processes: Vec::new(),
             owner_pid: opts.owner_pid,
+            observability: None,
         };
         if let Err(e) = state.save() {
             let lock = state::lock_registry()?;
@@ -290,6 +297,9 @@ impl Cluster {
                     self.kubectl_ok(&["apply", "-R", "-f", &path.to_string_lossy()])?;
                 }
             }
+            if opts.observability {
+                self.start_observability()?;
+            }
             progress(format_args!(
                 "cluster {}: weft-operator (plans on {}, metrics on http://{}/metrics)",
                 self.state.name,
@@ -308,6 +318,33 @@ impl Cluster {
         }
         self.check_processes()?;
         progress(format_args!("cluster {}: up after {:.1?}", self.state.name, started.elapsed()));
+        Ok(())
+    }
+
+    /// Starts the OpenTelemetry Collector and Prometheus (see `observability.rs`) before the
+    /// operator and agents, which then export to the collector. Skipped with a warning when
+    /// install.sh has not installed them.
+    fn start_observability(&mut self) -> Result<()> {
+        if let Err(why) = observability::available(&self.state) {
+            tracing::warn!("cluster {}: no collector and Prometheus: {why}", self.state.name);
+            return Ok(());
+        }
+        let obs = Observability::for_cluster(&self.state);
+        self.state.observability = Some(obs.clone());
+        self.state.save()?;
+        let mut records = Vec::new();
+        for p in observability::start(&self.state, &obs)? {
+            records.push(p.0.clone());
+            self.record(p)?;
+        }
+        observability::wait_ready(&obs, &records, Duration::from_secs(60))?;
+        progress(format_args!(
+            "cluster {}: OpenTelemetry Collector (OTLP on {}, files in {}), Prometheus on http://{}",
+            self.state.name,
+            obs.otlp_endpoint,
+            obs.otel_dir.display(),
+            obs.prometheus
+        ));
         Ok(())
     }
 
@@ -373,6 +410,10 @@ impl Cluster {
             self.state.name, node.name, node.ip, node.zone, node.netns
         ));
         nodes::create(&self.state, &node, &self.pki())?;
+        if let Some(obs) = &self.state.observability {
+            // Prometheus re-reads the file: the new node's agent is scraped from now on.
+            observability::write_agent_targets(&self.state, obs)?;
+        }
         let k = nodes::start_kubelet(&self.state, &node)?;
         self.record(k)?;
         if self.state.weft {
@@ -699,6 +740,8 @@ impl Cluster {
         }
         let _ = fs::remove_dir_all(dir.join("etcd"));
         let _ = fs::remove_dir_all(dir.join("nodes"));
+        // Prometheus's TSDB is bulky; the collector's files (otel/) stay with the logs.
+        let _ = fs::remove_dir_all(dir.join("prometheus").join("data"));
         let state_file = ClusterState::state_file(&dir);
         if state_file.exists()
             && let Err(e) = fs::rename(&state_file, dir.join("state.down.json"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the local cluster and the e2e tests need, on a fresh machine, as root:
-# Debian packages, and the Go-built Kubernetes, etcd, CoreDNS and cnitool binaries at pinned
+# Debian packages, and the Go-built Kubernetes, etcd, CoreDNS, cnitool and OpenTelemetry Collector binaries at pinned
 # versions. Binaries are cached by version under $WEFT_CACHE (outside the repo), so a second run
 # costs seconds. Prints the bin directory on its last line.
 set -euo pipefail
@@ -9,6 +9,8 @@ K8S_VERSION=${K8S_VERSION:-v1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.5}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.14.6}
 CNI_VERSION=${CNI_VERSION:-v1.3.0}
+# The newest collector release whose contrib prometheusexporter the Go module proxy serves.
+OTELCOL_VERSION=${OTELCOL_VERSION:-v0.161.0}
 WEFT_CACHE=${WEFT_CACHE:-/var/cache/weft}
 BIN="$WEFT_CACHE/bin"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -20,13 +22,15 @@ debian_packages() {
   # iputils-ping, netcat-openbsd and tcpdump: what "tool image" pods (netshoot, busybox) are
   # usually asked to run; they run with the host's tools.
   local pkgs=(iproute2 iptables nftables nginx-light containernetworking-plugins dnsutils curl
-    iperf3 conntrack openssl procps psmisc util-linux iputils-ping netcat-openbsd tcpdump)
+    iperf3 conntrack openssl procps psmisc util-linux iputils-ping netcat-openbsd tcpdump wrk
+    prometheus)
   local missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
-    local had_pid=false
+    local had_pid=false had_prom_pid=false
     [[ -e /run/nginx.pid ]] && had_pid=true
+    [[ -e /run/prometheus/prometheus.pid ]] && had_prom_pid=true
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     # nginx's Debian package starts a server on :80; the project runs its own. Stop only the one
@@ -35,6 +39,12 @@ debian_packages() {
       systemctl disable --now nginx >/dev/null 2>&1 || true
     elif ! $had_pid && [[ -s /run/nginx.pid ]]; then
       kill "$(cat /run/nginx.pid)" >/dev/null 2>&1 || true
+    fi
+    # Likewise Prometheus (:9090): each local cluster runs its own with its own config.
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    elif ! $had_prom_pid && [[ -s /run/prometheus/prometheus.pid ]]; then
+      kill "$(cat /run/prometheus/prometheus.pid)" >/dev/null 2>&1 || true
     fi
   fi
 }
@@ -101,9 +111,29 @@ go_install() { # name stamp-version package@version
   touch "$stamp"
 }
 
+# The OpenTelemetry Collector distribution of the local cluster (otlp receiver, batch, debug,
+# file and prometheus exporters; see otelcol-builder.yaml), built with the collector builder.
+otelcol() {
+  local manifest
+  manifest="$(dirname "$0")/otelcol-builder.yaml"
+  # The stamp names the manifest's content too: adding a component rebuilds.
+  local stamp="$BIN/.otelcol-weft-$OTELCOL_VERSION-$(sha256sum "$manifest" | cut -c1-12)"
+  [[ -f $stamp ]] && return
+  local src="$WEFT_CACHE/src/otelcol-$OTELCOL_VERSION"
+  mkdir -p "$src"
+  log "building the OpenTelemetry Collector $OTELCOL_VERSION (first run only; a few minutes)"
+  sed "s/@OTELCOL_VERSION@/$OTELCOL_VERSION/" "$manifest" >"$src/manifest.yaml"
+  (cd "$src" &&
+    GOBIN="$src/bin" CGO_ENABLED=0 go install -trimpath "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" >&2 &&
+    CGO_ENABLED=0 ./bin/builder --config manifest.yaml >&2)
+  install -m 0755 "$src/build/otelcol-weft" "$BIN/otelcol-weft"
+  touch "$stamp"
+}
+
 debian_packages
 kubernetes
 etcd
 go_install coredns "$COREDNS_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION"
 go_install cnitool "$CNI_VERSION" "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
+otelcol
 echo "$BIN"

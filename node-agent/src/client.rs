@@ -16,6 +16,9 @@ use crate::programmers;
 /// How long the agent gathers IPAM changes before it reports usage to the operator.
 const IPAM_REPORT_DELAY: Duration = Duration::from_millis(200);
 
+/// How often programmers check that what they wrote is still there (kube-proxy's canary idea).
+const CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_name: String,
@@ -25,6 +28,10 @@ pub struct AgentConfig {
     /// Delay before retrying a failed apply, and the cap of the reconnect backoff.
     pub retry_interval: Duration,
     pub cni: programmers::CniOptions,
+    /// How the node serves cluster DNS (CoreDNS's credentials, ports).
+    pub dns: crate::dns::DnsOptions,
+    /// How the node runs nginx for ingress.
+    pub ingress: crate::ingress::IngressOptions,
 }
 
 /// What the agent holds, published for readiness and tests.
@@ -71,12 +78,22 @@ pub async fn run(
         cni: config.cni.clone(),
         routes: Default::default(),
         metrics: metrics.clone(),
+        proxy: Default::default(),
+        dns: crate::dns::DnsHandle::new(&config.state_dir, config.dns.clone(), metrics.clone()),
+        ingress: crate::ingress::IngressHandle::new(&config.state_dir, config.ingress.clone()),
     };
-    let server = crate::cni::CniServer::bind(&target.socket())?;
+    let server = crate::cni::CniServer::bind(&target.socket())?.with_metrics(&metrics);
     let cni_task = tokio::spawn(server.run(target.ipam.clone()));
     let _stop_cni = AbortOnDrop(cni_task);
-    let mut agent =
-        Agent { plan: PlanState::load(&config.state_dir)?, applied: false, config, metrics, status, target };
+    let mut agent = Agent {
+        plan: PlanState::load(&config.state_dir)?,
+        applied: false,
+        config,
+        metrics,
+        status,
+        target,
+        last_check: Instant::now(),
+    };
     if agent.plan.version != 0 {
         info!(version = agent.plan.version, "resuming from the saved plan");
         // The saved plan is what the node was programmed with; re-applying it is idempotent and
@@ -101,6 +118,10 @@ pub async fn run(
         }
         agent.status.send_modify(|s| s.connected = false);
         agent.metrics.connected.set(0);
+        // Disconnected, the node keeps being repaired: fail-static includes the checks.
+        if agent.last_check.elapsed() >= CHECK_INTERVAL {
+            agent.check();
+        }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
@@ -129,6 +150,8 @@ struct Agent {
     applied: bool,
     metrics: AgentMetrics,
     status: watch::Sender<AgentStatus>,
+    /// When the programmers' periodic checks last ran.
+    last_check: Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +183,9 @@ impl Agent {
         info!(operator = %self.config.operator, version = self.plan.version, "plan stream open");
         let mut ipam_changes = self.target.ipam.subscribe();
         ipam_changes.mark_changed();
+        let mut checks =
+            tokio::time::interval_at(tokio::time::Instant::now() + CHECK_INTERVAL, CHECK_INTERVAL);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry = async {
                 if self.applied || self.plan.version == 0 {
@@ -180,6 +206,7 @@ impl Agent {
                         let _ = tx.send(reply).await;
                     }
                 }
+                _ = checks.tick() => self.check(),
                 Ok(()) = ipam_changes.changed() => {
                     // Batch a burst of pod starts into one report.
                     tokio::time::sleep(IPAM_REPORT_DELAY).await;
@@ -241,6 +268,23 @@ impl Agent {
         }))
     }
 
+    /// Runs the programmers' periodic checks (e.g. the proxy's canary), which repair what was
+    /// changed behind the agent's back.
+    fn check(&mut self) {
+        self.last_check = Instant::now();
+        if self.plan.version == 0 {
+            return;
+        }
+        let span = info_span!("agent.check", version = self.plan.version);
+        let failures = tokio::task::block_in_place(|| {
+            span.in_scope(|| programmers::check_all(&self.plan, &self.target))
+        });
+        if !failures.is_empty() {
+            // The next plan or retry applies again; a check failure alone is not a NACK.
+            self.applied = false;
+        }
+    }
+
     /// Programs the node from the held plan. Returns the ACK/NACK to send (None before any plan).
     fn apply(&mut self, changed: Option<&crate::plan_state::ChangedKinds>) -> Option<pb::AgentMessage> {
         if self.plan.version == 0 {
@@ -253,6 +297,7 @@ impl Agent {
             span.in_scope(|| programmers::apply_all(&self.plan, changed, &self.target))
         });
         self.metrics.apply_duration.observe(started.elapsed().as_secs_f64());
+        otlp_apply_duration().record(started.elapsed().as_secs_f64(), &[]);
         let version = self.plan.version;
         let reply = if failures.is_empty() {
             self.applied = true;
@@ -273,6 +318,20 @@ impl Agent {
         span.in_scope(|| message.trace_context = weft_api::telemetry::inject_current());
         Some(message)
     }
+}
+
+/// The plan apply time on OTLP (the global meter `weft_api::telemetry::init` installs; a no-op
+/// when export is off). Made on first use, after `init`.
+fn otlp_apply_duration() -> &'static opentelemetry::metrics::Histogram<f64> {
+    static HISTOGRAM: std::sync::OnceLock<opentelemetry::metrics::Histogram<f64>> =
+        std::sync::OnceLock::new();
+    HISTOGRAM.get_or_init(|| {
+        opentelemetry::global::meter("weft-agent")
+            .f64_histogram("weft.agent.apply.duration")
+            .with_description("Time to apply a plan message to the node")
+            .with_unit("s")
+            .build()
+    })
 }
 
 fn agent_message(kind: pb::agent_message::Kind) -> pb::AgentMessage {

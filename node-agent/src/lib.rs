@@ -7,11 +7,14 @@
 
 pub mod client;
 pub mod cni;
+pub mod dns;
+pub mod ingress;
 pub mod ipam;
 pub mod metrics;
 pub mod plan_state;
 pub mod plugin;
 pub mod programmers;
+pub mod proxy;
 pub mod routes;
 
 pub use client::{AgentConfig, AgentStatus, run, spawn};

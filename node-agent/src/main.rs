@@ -37,6 +37,25 @@ struct Args {
     /// Leave the CNI configuration alone (another CNI serves the node); only record it.
     #[arg(long)]
     no_cni_install: bool,
+    /// Kubeconfig for CoreDNS's kubernetes plugin (read access to Services, EndpointSlices,
+    /// Namespaces and Pods). Without it this node serves no cluster DNS.
+    #[arg(long, env = "WEFT_DNS_KUBECONFIG")]
+    dns_kubeconfig: Option<PathBuf>,
+    /// The CoreDNS binary the agent runs.
+    #[arg(long, env = "WEFT_COREDNS", default_value = "coredns")]
+    coredns: PathBuf,
+    /// CoreDNS's health port (`/health`), on the node address.
+    #[arg(long, env = "WEFT_DNS_HEALTH_PORT", default_value_t = 9154)]
+    dns_health_port: u16,
+    /// CoreDNS's readiness port (`/ready`), on the node address.
+    #[arg(long, env = "WEFT_DNS_READY_PORT", default_value_t = 9155)]
+    dns_ready_port: u16,
+    /// CoreDNS's Prometheus port (`/metrics`), on the node address.
+    #[arg(long, env = "WEFT_DNS_METRICS_PORT", default_value_t = 9153)]
+    dns_metrics_port: u16,
+    /// The nginx binary the agent runs on ingress nodes.
+    #[arg(long, env = "WEFT_NGINX", default_value = "/usr/sbin/nginx")]
+    nginx_bin: PathBuf,
     /// Delay before retrying a plan that failed to apply.
     #[arg(long, default_value = "5s", value_parser = humantime_duration)]
     retry_interval: Duration,
@@ -76,6 +95,14 @@ async fn main() -> anyhow::Result<()> {
             conf_dir: args.cni_conf_dir,
             bin_dir: args.cni_bin_dir,
         },
+        dns: weft_agent::dns::DnsOptions {
+            kubeconfig: args.dns_kubeconfig,
+            coredns: args.coredns,
+            health_port: args.dns_health_port,
+            ready_port: args.dns_ready_port,
+            metrics_port: args.dns_metrics_port,
+        },
+        ingress: weft_agent::ingress::IngressOptions { nginx: args.nginx_bin },
     };
     let (task, mut status) = client::spawn(config, metrics, stop_rx);
     tokio::spawn(async move {

@@ -8,8 +8,9 @@ use clap::Parser;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use weft_api::telemetry::{self, AdminState, Readiness};
+use weft_operator::k8s::metrics::{PoolCollector, ReconcileMetrics};
 use weft_operator::k8s::{cluster, ipam, status};
-use weft_operator::server::metrics::PlanMetrics;
+use weft_operator::server::metrics::{ConvergenceCollector, PlanMetrics};
 use weft_operator::server::{PlanServer, PlanStore};
 
 #[derive(Debug, Parser)]
@@ -39,17 +40,22 @@ async fn main() -> anyhow::Result<()> {
 
     let mut registry = telemetry::new_registry();
     let metrics = PlanMetrics::register(&mut registry);
-    let status_metrics = status::StatusMetrics::register(&mut registry);
+    let mut status_metrics = status::StatusMetrics::register(&mut registry);
+    let reconcile_metrics = ReconcileMetrics::register(&mut registry);
+    status_metrics.reconcile = reconcile_metrics.clone();
+    let store = Arc::new(PlanStore::new());
+    let (status_tx, mut status_rx) = watch::channel(cluster::StatusInputs::default());
+    ConvergenceCollector::register(&mut registry, store.clone());
+    PoolCollector::register(&mut registry, store.clone(), status_rx.clone());
+    let _otlp_instruments = weft_operator::server::metrics::register_otlp(store.clone());
     let readiness = Readiness::new(["cluster-synced", "plan-server"]);
     let admin = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
     tokio::spawn(telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())));
 
-    let store = Arc::new(PlanStore::new());
     let (events_tx, events_rx) = mpsc::channel(4096);
-    let (status_tx, mut status_rx) = watch::channel(cluster::StatusInputs::default());
-    cluster::spawn_watchers(&client, &events_tx);
+    cluster::spawn_watchers(&client, &events_tx, &reconcile_metrics);
     tokio::spawn(cluster::run(events_rx, store.clone(), status_tx, metrics.generation.clone()));
     {
         let readiness = readiness.clone();
@@ -89,6 +95,13 @@ async fn main() -> anyhow::Result<()> {
     leader_tasks.push(tokio::spawn(ipam::run(
         client.clone(),
         store.clone(),
+        status_rx.clone(),
+        is_leader.clone(),
+        reconcile_metrics.clone(),
+    )));
+    // The kube-dns Service in front of every node's CoreDNS.
+    leader_tasks.push(tokio::spawn(weft_operator::k8s::dns::run(
+        client.clone(),
         status_rx.clone(),
         is_leader.clone(),
     )));

@@ -148,6 +148,8 @@ impl Agent {
             state_dir: dir.to_path_buf(),
             retry_interval: Duration::from_millis(200),
             cni: Default::default(),
+            dns: Default::default(),
+            ingress: Default::default(),
         };
         let (task, status) = weft_agent::spawn(config, AgentMetrics::default(), stop_rx);
         Self { node, dir: dir.to_path_buf(), status, stop, task }

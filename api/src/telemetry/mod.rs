@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
@@ -53,7 +54,7 @@ pub enum TelemetryError {
     #[error("OTLP export is configured but init() was called outside a Tokio runtime")]
     NoRuntime,
     /// The OTLP exporter rejected its configuration (endpoint, headers, protocol…).
-    #[error("cannot build the OTLP trace exporter: {0}")]
+    #[error("cannot build the OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
     /// The admin HTTP server stopped with an I/O error.
     #[error("admin server failed: {0}")]
@@ -66,10 +67,22 @@ pub enum TelemetryError {
 #[derive(Debug)]
 pub struct TelemetryGuard {
     tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
+        if let Some(provider) = self.meter_provider.take() {
+            // A last export of the instruments, like the spans below.
+            let shutdown = move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+            let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(shutdown),
+                _ => shutdown(),
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, "metric exporter did not shut down cleanly");
+            }
+        }
         let Some(provider) = self.tracer_provider.take() else {
             return;
         };
@@ -113,6 +126,15 @@ fn otlp_traces_enabled(var: impl Fn(&str) -> Option<String>) -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// Whether the standard variables ask for OTLP metric export: an endpoint (generic or
+/// metrics-specific), the SDK not disabled and `OTEL_METRICS_EXPORTER` not `none`.
+fn otlp_metrics_enabled(var: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
+    let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let none = var("OTEL_METRICS_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+    !disabled && !none && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+}
+
 /// Sets up logging and tracing for a Weft binary, once per process.
 ///
 /// - Filter from `RUST_LOG` (default `info`); human-readable lines on stderr, or JSON when
@@ -135,6 +157,11 @@ pub fn init(service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
 
     let tracer_provider = if otlp_traces_enabled(|name| std::env::var(name).ok()) {
         Some(build_tracer_provider(service_name)?)
+    } else {
+        None
+    };
+    let meter_provider = if otlp_metrics_enabled(|name| std::env::var(name).ok()) {
+        Some(build_meter_provider(service_name)?)
     } else {
         None
     };
@@ -162,6 +189,9 @@ pub fn init(service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
             // Nothing will ever feed it; stop its export thread before reporting.
             let _ = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
         }
+        if let Some(provider) = meter_provider {
+            let _ = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+        }
         return Err(error.into());
     }
 
@@ -170,7 +200,12 @@ pub fn init(service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
     if let Some(provider) = &tracer_provider {
         opentelemetry::global::set_tracer_provider(provider.clone());
     }
-    Ok(TelemetryGuard { tracer_provider })
+    // Instruments from `opentelemetry::global::meter` export over OTLP from here on (no-ops
+    // when export is off).
+    if let Some(provider) = &meter_provider {
+        opentelemetry::global::set_meter_provider(provider.clone());
+    }
+    Ok(TelemetryGuard { tracer_provider, meter_provider })
 }
 
 /// The OTLP/gRPC trace pipeline. Endpoint, headers, timeout and sampler come from the standard
@@ -181,15 +216,35 @@ fn build_tracer_provider(service_name: &str) -> Result<SdkTracerProvider, Teleme
         return Err(TelemetryError::NoRuntime);
     }
     let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+    // No `with_sampler`: the default config reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource(service_name))
+        .build())
+}
 
+/// The OTLP/gRPC metric pipeline for the instruments made with `opentelemetry::global::meter`:
+/// exported every `OTEL_METRIC_EXPORT_INTERVAL` ms (default 60 s). The Prometheus `/metrics`
+/// registry is separate: what is on OTLP is listed in docs/OBSERVABILITY.md.
+fn build_meter_provider(service_name: &str) -> Result<SdkMeterProvider, TelemetryError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(TelemetryError::NoRuntime);
+    }
+    let exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic().build()?;
+    Ok(SdkMeterProvider::builder()
+        .with_periodic_exporter(exporter)
+        .with_resource(resource(service_name))
+        .build())
+}
+
+/// `service.name` (unless `OTEL_SERVICE_NAME` overrides it) and `service.version`.
+fn resource(service_name: &str) -> Resource {
     let resource = Resource::builder()
         .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
     // OTEL_SERVICE_NAME is the deployer's override; the detectors in `builder()` already read it.
     let overridden = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty());
     let resource = if overridden { resource } else { resource.with_service_name(service_name.to_owned()) };
-
-    // No `with_sampler`: the default config reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+    resource.build()
 }
 
 /// The tracing → OpenTelemetry bridge, shared by [`init`] and the tests. The transport crates the
@@ -240,6 +295,13 @@ mod tests {
         assert!(!otlp_traces_enabled(env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
             ("OTEL_SDK_DISABLED", "true"),
+        ])));
+        assert!(otlp_metrics_enabled(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")])));
+        assert!(otlp_metrics_enabled(env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://c:4317")])));
+        assert!(!otlp_metrics_enabled(env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317")])));
+        assert!(!otlp_metrics_enabled(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_METRICS_EXPORTER", "none"),
         ])));
     }
 

@@ -57,6 +57,10 @@ pub mod reasons {
     pub const OLDER_POLICY_WINS: &str = "OlderPolicyWins";
     /// ProxyPolicy Conflicted=False.
     pub const NO_CONFLICT: &str = "NoConflict";
+    /// NetworkConfig Event: a node's agent closed its plan stream; the node gets no changes.
+    pub const AGENT_DISCONNECTED: &str = "AgentDisconnected";
+    /// NetworkConfig Event: a node's agent that was disconnected has a plan stream again.
+    pub const AGENT_RECONNECTED: &str = "AgentReconnected";
 }
 
 /// The `status` string for a boolean condition.

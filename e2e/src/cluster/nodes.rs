@@ -54,6 +54,11 @@ pub fn create(state: &ClusterState, node: &NodeState, pki: &Pki) -> Result<()> {
         Some("system:nodes"),
     )?;
     write_kubeconfig(&node.kubeconfig, &state.name, &bridge_server(state), &pki.ca().cert, &ident)?;
+    // CoreDNS's read-only identity (config/rbac/dns.yaml binds the user weft-dns), one for the
+    // cluster, issued with its first node.
+    let dns = pki.pair("weft-dns");
+    let dns = if dns.cert.is_file() { dns } else { pki.client("weft-dns", "weft-dns", None)? };
+    write_kubeconfig(&dns_kubeconfig(node), &state.name, &bridge_server(state), &pki.ca().cert, &dns)?;
     net::create_node_netns(&node.netns, &node.veth, &state.bridge, node.ip, 24, state.bridge_ip)?;
     if state.cni == CniMode::Reference {
         write_reference_conflist(node)?;
@@ -160,6 +165,11 @@ pub fn start_kubelet(state: &ClusterState, node: &NodeState) -> Result<(ProcReco
     .spawn()
 }
 
+/// The kubeconfig the node's CoreDNS (run by its agent) reads the cluster with.
+pub fn dns_kubeconfig(node: &NodeState) -> PathBuf {
+    node.dir.join("dns-kubeconfig")
+}
+
 /// Starts `weft-agent` inside the node's namespace, connected to the operator's plan server.
 pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
     let agent = state.weft_bin_dir.join("weft-agent");
@@ -177,6 +187,9 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     .arg("--state-dir")
     .arg(&node.agent_state_dir)
     .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
+    // Every node serves cluster DNS (CoreDNS from the tools dir, found through PATH).
+    .arg("--dns-kubeconfig")
+    .arg(dns_kubeconfig(node))
     // With the reference plugins serving the node, the agent only records its CNI programming.
     .args(if state.cni == CniMode::Reference { &["--no-cni-install"][..] } else { &[] })
     .env("KUBECONFIG", &node.kubeconfig)
@@ -184,7 +197,13 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)
     .env("PATH", path_env(state))
     .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+    .envs(otel_env(state, "weft-agent", Some(&node.name)))
     .spawn()
+}
+
+/// The `OTEL_*` variables pointing a Weft process at the cluster's collector (none without one).
+fn otel_env(state: &ClusterState, service: &str, node: Option<&str>) -> Vec<(String, String)> {
+    state.observability.as_ref().map(|o| o.otel_env(service, node)).unwrap_or_default()
 }
 
 /// Starts `weft-operator` in the root namespace: plans on the bridge address (where the agents
@@ -217,7 +236,8 @@ pub fn operator_launch(
         .args(["--metrics-listen", &metrics.to_string()])
         .env("KUBECONFIG", state.admin_kubeconfig())
         .env("PATH", path_env(state))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .envs(otel_env(state, "weft-operator", None)))
 }
 
 /// Whether a path is an existing directory with at least one `*.yaml`/`*.yml` file.

@@ -78,6 +78,17 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// Prometheus's HTTP port (see `observability.rs`); derived rather than stored, so older
+    /// state files load unchanged.
+    pub fn prometheus(&self) -> u16 {
+        self.apiserver + 6
+    }
+
+    /// The OpenTelemetry Collector's Prometheus exporter (OTLP metrics, scraped by Prometheus).
+    pub fn collector_metrics(&self) -> u16 {
+        self.apiserver + 7
+    }
+
     pub fn for_index(idx: u8) -> Ports {
         let base = 20000 + u16::from(idx) * 10;
         Ports {
@@ -160,6 +171,9 @@ pub struct ClusterState {
     pub processes: Vec<ProcRecord>,
     /// For test clusters: the pid of the test process that owns it (its reaper watches it).
     pub owner_pid: Option<u32>,
+    /// The OpenTelemetry Collector and Prometheus watching Weft, when they run.
+    #[serde(default)]
+    pub observability: Option<super::observability::Observability>,
 }
 
 fn default_true() -> bool {
@@ -328,6 +342,7 @@ pub fn claim_index(_lock: &RegistryLock, name: &str, dir: &Path) -> Result<u8> {
 fn ports_free(p: Ports) -> bool {
     [p.apiserver, p.etcd_client, p.etcd_peer, p.controller_manager, p.scheduler, p.operator_metrics]
         .into_iter()
+        .chain([p.prometheus(), p.collector_metrics()])
         .all(|port| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok())
 }
 

@@ -45,11 +45,20 @@ pub struct TestOptions {
     /// Where `weft-dev` (and the Weft binaries) are; tests pass
     /// `env!("CARGO_BIN_EXE_weft-dev")`'s directory. Default: next to the test binary.
     pub weft_bin_dir: Option<PathBuf>,
+    /// With Weft: an OpenTelemetry Collector and Prometheus watching it (default true).
+    pub observability: bool,
 }
 
 impl Default for TestOptions {
     fn default() -> Self {
-        TestOptions { nodes: 2, cni: CniMode::Reference, weft: false, apply_crds: true, weft_bin_dir: None }
+        TestOptions {
+            nodes: 2,
+            cni: CniMode::Reference,
+            weft: false,
+            apply_crds: true,
+            weft_bin_dir: None,
+            observability: true,
+        }
     }
 }
 
@@ -67,6 +76,12 @@ impl TestOptions {
     /// Run Weft's operator and agents (and apply `config/`).
     pub fn weft(mut self, yes: bool) -> Self {
         self.weft = yes;
+        self
+    }
+
+    /// Run the OpenTelemetry Collector and Prometheus along with Weft.
+    pub fn observability(mut self, yes: bool) -> Self {
+        self.observability = yes;
         self
     }
 
@@ -434,6 +449,46 @@ impl TestCluster {
         tokio::fs::read_to_string(&path).await.with_context(|| format!("reading {}", path.display()))
     }
 
+    /// The cluster's collector and Prometheus; an error when they do not run.
+    pub fn observability(&self) -> Result<super::Observability> {
+        self.state().observability.with_context(|| {
+            format!(
+                "cluster {} runs no collector and Prometheus (Weft off, or otelcol-weft/prometheus not installed: run e2e/tools/install.sh)",
+                self.name()
+            )
+        })
+    }
+
+    /// Runs a PromQL instant query against the cluster's Prometheus; one sample per series.
+    pub async fn prometheus_query(&self, promql: &str) -> Result<Vec<super::PromSample>> {
+        let obs = self.observability()?;
+        let path = format!("/api/v1/query?query={}", super::observability::url_encode(promql));
+        let (_code, body) = http_get(obs.prometheus.into(), &path).await?;
+        super::observability::parse_query_response(&body).with_context(|| format!("query {promql}"))
+    }
+
+    /// Every span the collector has received so far (its file exporter's output).
+    pub async fn traces(&self) -> Result<Vec<super::SpanRecord>> {
+        let path = self.observability()?.traces_file();
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(super::observability::parse_traces(&text))
+    }
+
+    /// `(service.name, metric name)` of every metric the collector has received over OTLP.
+    pub async fn otlp_metric_names(&self) -> Result<std::collections::BTreeSet<(String, String)>> {
+        let path = self.observability()?.metrics_file();
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(super::observability::parse_metric_names(&text))
+    }
+
     /// See [`wait_for`].
     pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, f: F) -> Result<T>
     where
@@ -457,6 +512,7 @@ async fn start_inner(opts: TestOptions, owned: bool) -> Result<Inner> {
         apply_crds: opts.apply_crds,
         owner_pid: Some(std::process::id()),
         wait_nodes_ready: true,
+        observability: opts.observability,
     };
     let cluster = tokio::task::spawn_blocking(move || {
         prune_old_test_dirs();

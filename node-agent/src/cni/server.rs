@@ -35,6 +35,27 @@ pub enum ServeError {
 pub struct CniServer {
     listener: UnixListener,
     path: PathBuf,
+    metrics: Option<AllocationMetrics>,
+}
+
+/// What the server records about address requests: allocation latency (Prometheus, and OTLP
+/// through the global meter when export is on) and refusals for lack of addresses.
+#[derive(Debug, Clone)]
+struct AllocationMetrics {
+    duration: prometheus_client::metrics::histogram::Histogram,
+    exhausted: prometheus_client::metrics::counter::Counter,
+    otlp: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl AllocationMetrics {
+    fn record(&self, started: std::time::Instant, response: &Response) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.duration.observe(seconds);
+        self.otlp.record(seconds, &[]);
+        if let Response::Error { kind: ErrorKind::Exhausted | ErrorKind::NoBlocks, .. } = response {
+            self.exhausted.inc();
+        }
+    }
 }
 
 impl CniServer {
@@ -55,7 +76,23 @@ impl CniServer {
             UnixListener::bind(&path).map_err(|source| ServeError::Bind { path: path.clone(), source })?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|source| ServeError::Bind { path: path.clone(), source })?;
-        Ok(Self { listener, path })
+        Ok(Self { listener, path, metrics: None })
+    }
+
+    /// Records every ADD's allocation latency and refusals in the agent's metrics.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: &crate::metrics::AgentMetrics) -> Self {
+        let otlp = opentelemetry::global::meter("weft-agent")
+            .f64_histogram("weft.agent.ipam.allocation.duration")
+            .with_description("Time to hand a pod an address on a CNI ADD")
+            .with_unit("s")
+            .build();
+        self.metrics = Some(AllocationMetrics {
+            duration: metrics.ipam_allocation_duration.clone(),
+            exhausted: metrics.ipam_exhausted.clone(),
+            otlp,
+        });
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -76,8 +113,9 @@ impl CniServer {
                 Err(source) => return Err(ServeError::Accept { path: self.path.clone(), source }),
             };
             let ipam = ipam.clone();
+            let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle_connection(stream, ipam).await {
+                if let Err(e) = handle_connection(stream, ipam, metrics).await {
                     debug!(error = %e, "CNI connection ended with an error");
                 }
             });
@@ -98,7 +136,11 @@ pub async fn serve(path: &Path, ipam: IpamHandle) -> Result<(), ServeError> {
     CniServer::bind(path)?.run(ipam).await
 }
 
-async fn handle_connection(stream: UnixStream, ipam: IpamHandle) -> std::io::Result<()> {
+async fn handle_connection(
+    stream: UnixStream,
+    ipam: IpamHandle,
+    metrics: Option<AllocationMetrics>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
@@ -110,9 +152,17 @@ async fn handle_connection(stream: UnixStream, ipam: IpamHandle) -> std::io::Res
         }
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Err(e) => error(ErrorKind::BadRequest, format!("request does not parse: {e}")),
-            Ok(request) => tokio::task::spawn_blocking(move || answer(&ipam, request))
-                .await
-                .unwrap_or_else(|e| error(ErrorKind::Internal, format!("the request handler failed: {e}"))),
+            Ok(request) => {
+                let timed = matches!(request, Request::Add { .. }).then(std::time::Instant::now);
+                let response =
+                    tokio::task::spawn_blocking(move || answer(&ipam, request)).await.unwrap_or_else(|e| {
+                        error(ErrorKind::Internal, format!("the request handler failed: {e}"))
+                    });
+                if let (Some(started), Some(metrics)) = (timed, &metrics) {
+                    metrics.record(started, &response);
+                }
+                response
+            }
         },
     };
     let mut bytes = serde_json::to_vec(&response).map_err(std::io::Error::other)?;

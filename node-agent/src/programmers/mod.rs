@@ -39,6 +39,12 @@ pub struct Target {
     pub routes: crate::routes::RoutesCache,
     /// Programmers record their own figures (sync durations, lines written) here.
     pub metrics: crate::metrics::AgentMetrics,
+    /// What the service proxy last wrote (see [`crate::proxy`]).
+    pub proxy: crate::proxy::ProxyCache,
+    /// The node's CoreDNS (see [`crate::dns`]).
+    pub dns: crate::dns::DnsHandle,
+    /// The node's nginx (see [`crate::ingress`]).
+    pub ingress: crate::ingress::IngressHandle,
 }
 
 impl Target {
@@ -61,6 +67,12 @@ pub enum ProgramError {
     Install(#[from] crate::cni::InstallError),
     #[error("routes: {0}")]
     Routes(#[from] crate::routes::RoutesError),
+    #[error("proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+    #[error(transparent)]
+    Ingress(#[from] crate::ingress::IngressError),
 }
 
 /// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
@@ -105,8 +117,24 @@ pub const PROGRAMMERS: &[Programmer] = &[
         render: render_routes,
         act: Some(act_routes),
     },
-    Programmer { name: "proxy", kinds: &[Kind::Network, Kind::Service], render: render_proxy, act: None },
-    Programmer { name: "dns", kinds: &[Kind::Dns], render: render_dns, act: None },
+    Programmer {
+        name: "proxy",
+        kinds: &[Kind::Network, Kind::Service],
+        render: render_proxy,
+        act: Some(act_proxy),
+    },
+    Programmer {
+        name: "dns",
+        kinds: &[Kind::Dns, Kind::Network, Kind::Node],
+        render: render_dns,
+        act: Some(act_dns),
+    },
+    Programmer {
+        name: "ingress",
+        kinds: &[Kind::Node, Kind::IngressSettings, Kind::Ingress, Kind::Secret],
+        render: render_ingress,
+        act: Some(act_ingress),
+    },
 ];
 
 impl Programmer {
@@ -276,6 +304,46 @@ fn render_routes(plan: &PlanState) -> Result<String, ProgramError> {
     Ok(out)
 }
 
+/// The service proxy's chains (see [`crate::proxy`]): only the chains that changed are written.
+fn act_proxy(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    target.proxy.sync(plan, &target.metrics)?;
+    Ok(())
+}
+
+/// A periodic check: whether what a programmer wrote is still on the node; when it is not, the
+/// check repairs it (returns true then).
+type Check = fn(&PlanState, &Target) -> Result<bool, ProgramError>;
+
+/// The programmers that check their work between plans (see [`check_all`]).
+pub const CHECKS: &[(&str, Check)] = &[("proxy", check_proxy)];
+
+/// Runs every programmer's periodic check; returns the failures.
+pub fn check_all(plan: &PlanState, target: &Target) -> Vec<(String, ProgramError)> {
+    let mut failures = Vec::new();
+    for (name, check) in CHECKS {
+        match check(plan, target) {
+            Ok(true) => {
+                tracing::info!(programmer = name, "repaired what was changed behind the agent's back")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(programmer = name, error = %e, "check failed");
+                failures.push((name.to_string(), e));
+            }
+        }
+    }
+    failures
+}
+
+/// The canary: chains flushed or deleted from outside are rewritten in full.
+fn check_proxy(plan: &PlanState, target: &Target) -> Result<bool, ProgramError> {
+    if target.proxy.check(&target.metrics)? {
+        return Ok(false);
+    }
+    target.proxy.sync(plan, &target.metrics)?;
+    Ok(true)
+}
+
 fn render_proxy(plan: &PlanState) -> Result<String, ProgramError> {
     let mut out = String::new();
     for r in plan.of_kind(Kind::Service) {
@@ -314,6 +382,68 @@ fn flags(e: &pb::Endpoint) -> String {
         }
     }
     s
+}
+
+/// Runs the node's CoreDNS with the Corefile rendered from the plan (see [`crate::dns`]); its
+/// files are in `<state-dir>/dns`, whether it serves in `<state-dir>/dns/status`.
+fn act_dns(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    let dns = single::<pb::DnsSettings>("dns", plan, Kind::Dns)?;
+    let net = single::<pb::NetworkSettings>("dns", plan, Kind::Network)?;
+    let node = single::<pb::NodePlan>("dns", plan, Kind::Node)?;
+    let serving = crate::dns::apply(dns.as_ref(), net.as_ref(), node.as_ref(), &target.dns, &target.metrics)?;
+    let status = match serving {
+        crate::dns::Serving::On { node_ip } => format!("serving on {node_ip}:53\n"),
+        crate::dns::Serving::Off { why } => format!("not serving: {why}\n"),
+    };
+    let path = target.dns.dir().join("status");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(status.as_str()) {
+        write_atomic(&path, status.as_bytes()).map_err(|source| ProgramError::Io {
+            programmer: "dns",
+            path,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The ingress part of the plan, decoded.
+fn ingress_plan(plan: &PlanState) -> Result<crate::ingress::IngressPlan, ProgramError> {
+    let ingresses =
+        plan.of_kind(Kind::Ingress).map(|r| decode("ingress", r)).collect::<Result<Vec<pb::Ingress>, _>>()?;
+    let secrets = plan
+        .of_kind(Kind::Secret)
+        .map(|r| Ok((r.name.clone(), decode("ingress", r)?)))
+        .collect::<Result<_, ProgramError>>()?;
+    Ok(crate::ingress::IngressPlan {
+        node: single("ingress", plan, Kind::Node)?,
+        settings: single("ingress", plan, Kind::IngressSettings)?,
+        ingresses,
+        secrets,
+    })
+}
+
+/// Runs nginx with the configuration rendered from the plan (see [`crate::ingress`]); its files
+/// are in `<state-dir>/ingress`.
+fn act_ingress(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    crate::ingress::apply(&ingress_plan(plan)?, &target.ingress, &target.metrics)?;
+    Ok(())
+}
+
+/// What the node serves: its Ingresses and TLS Secrets by name (never the keys).
+fn render_ingress(plan: &PlanState) -> Result<String, ProgramError> {
+    let p = ingress_plan(plan)?;
+    let mut out = String::new();
+    let serving = p.node.as_ref().is_some_and(|n| n.ingress) && p.settings.is_some();
+    let _ = writeln!(out, "serving {serving}");
+    for i in &p.ingresses {
+        let verdict =
+            weft_api::ingress::validate(i).err().map(|e| format!(" rejected: {e}")).unwrap_or_default();
+        let _ = writeln!(out, "ingress {}/{}{verdict}", i.namespace, i.name);
+    }
+    for name in p.secrets.keys() {
+        let _ = writeln!(out, "secret {name}");
+    }
+    Ok(out)
 }
 
 fn render_dns(plan: &PlanState) -> Result<String, ProgramError> {
@@ -392,6 +522,9 @@ mod tests {
             cni: CniOptions::default(),
             routes: Default::default(),
             metrics: Default::default(),
+            proxy: crate::proxy::ProxyCache::with_runner(crate::proxy::Runner::recording()),
+            dns: crate::dns::DnsHandle::new(dir.path(), Default::default(), Default::default()),
+            ingress: crate::ingress::IngressHandle::new(dir.path(), Default::default()),
         };
         let net = |conf: &str| {
             Resource::encode(

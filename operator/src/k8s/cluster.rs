@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::api::networking::v1 as networking;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -20,6 +21,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use weft_api::v1alpha1 as api;
 
 use super::convert;
+use super::metrics::ReconcileMetrics;
 use super::policy::{Policy, PolicyIndex, PolicyMatch};
 use crate::plan::Compiler;
 use crate::plan::model::{Change, ObjectKey};
@@ -36,6 +38,9 @@ pub enum Object {
     Network(Box<api::NetworkConfig>),
     Policy(Box<api::ProxyPolicy>),
     Pod(Box<core::Pod>),
+    Ingress(Box<networking::Ingress>),
+    IngressClass(Box<networking::IngressClass>),
+    Secret(Box<core::Secret>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,9 +53,12 @@ pub enum ObjectKind {
     Network,
     Policy,
     Pod,
+    Ingress,
+    IngressClass,
+    Secret,
 }
 
-pub const ALL_KINDS: usize = 8;
+pub const ALL_KINDS: usize = 11;
 
 impl Object {
     fn kind(&self) -> ObjectKind {
@@ -63,6 +71,9 @@ impl Object {
             Object::Network(_) => ObjectKind::Network,
             Object::Policy(_) => ObjectKind::Policy,
             Object::Pod(_) => ObjectKind::Pod,
+            Object::Ingress(_) => ObjectKind::Ingress,
+            Object::IngressClass(_) => ObjectKind::IngressClass,
+            Object::Secret(_) => ObjectKind::Secret,
         }
     }
 
@@ -79,6 +90,9 @@ impl Object {
             Object::Network(o) => key_of(o.as_ref()),
             Object::Policy(o) => key_of(o.as_ref()),
             Object::Pod(o) => key_of(o.as_ref()),
+            Object::Ingress(o) => key_of(o.as_ref()),
+            Object::IngressClass(o) => key_of(o.as_ref()),
+            Object::Secret(o) => key_of(o.as_ref()),
         }
     }
 }
@@ -103,10 +117,45 @@ pub struct StatusInputs {
     pub policy_matches: BTreeMap<ObjectKey, PolicyMatch>,
     /// How many kinds have completed their first list.
     pub synced_kinds: usize,
+    /// Ingresses of Weft's class: served or rejected, and the ingress nodes' addresses.
+    pub ingress: super::ingress::IngressStatusInputs,
 }
 
-/// Starts one watcher per resource type, sending to `tx`.
-pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
+impl ObjectKind {
+    /// The Kubernetes kind, as metrics and logs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Node => "Node",
+            ObjectKind::Service => "Service",
+            ObjectKind::Slice => "EndpointSlice",
+            ObjectKind::Block => "IPBlock",
+            ObjectKind::Pool => "IPPool",
+            ObjectKind::Network => "NetworkConfig",
+            ObjectKind::Policy => "ProxyPolicy",
+            ObjectKind::Pod => "Pod",
+            ObjectKind::Ingress => "Ingress",
+            ObjectKind::IngressClass => "IngressClass",
+            ObjectKind::Secret => "Secret",
+        }
+    }
+}
+
+impl ClusterEvent {
+    /// What the event is about, for its span: the kind, and the object's key when it is one.
+    fn describe(&self) -> (&'static str, &'static str, String) {
+        match self {
+            ClusterEvent::Applied(o) => ("applied", o.kind().as_str(), o.key().to_string()),
+            ClusterEvent::Deleted(o) => ("deleted", o.kind().as_str(), o.key().to_string()),
+            ClusterEvent::Listed(kind, objects) => {
+                ("listed", kind.as_str(), format!("{} objects", objects.len()))
+            }
+        }
+    }
+}
+
+/// Starts one watcher per resource type, sending to `tx`; failed watches count as reconcile
+/// errors of their kind.
+pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>, metrics: &ReconcileMetrics) {
     let cfg = watcher::Config::default;
     spawn_watch(
         Api::<core::Node>::all(client.clone()),
@@ -114,6 +163,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Node(Box::new(o)),
         ObjectKind::Node,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<core::Service>::all(client.clone()),
@@ -121,6 +171,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Service(Box::new(o)),
         ObjectKind::Service,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<discovery::EndpointSlice>::all(client.clone()),
@@ -128,6 +179,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Slice(Box::new(o)),
         ObjectKind::Slice,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<api::IPBlock>::all(client.clone()),
@@ -135,6 +187,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Block(Box::new(o)),
         ObjectKind::Block,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<api::IPPool>::all(client.clone()),
@@ -142,6 +195,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Pool(Box::new(o)),
         ObjectKind::Pool,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<api::NetworkConfig>::all(client.clone()),
@@ -149,6 +203,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Network(Box::new(o)),
         ObjectKind::Network,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<core::Pod>::all(client.clone()),
@@ -156,6 +211,7 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Pod(Box::new(o)),
         ObjectKind::Pod,
         tx,
+        metrics,
     );
     spawn_watch(
         Api::<api::ProxyPolicy>::all(client.clone()),
@@ -163,6 +219,32 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>) {
         |o| Object::Policy(Box::new(o)),
         ObjectKind::Policy,
         tx,
+        metrics,
+    );
+    spawn_watch(
+        Api::<networking::Ingress>::all(client.clone()),
+        cfg(),
+        |o| Object::Ingress(Box::new(o)),
+        ObjectKind::Ingress,
+        tx,
+        metrics,
+    );
+    spawn_watch(
+        Api::<networking::IngressClass>::all(client.clone()),
+        cfg(),
+        |o| Object::IngressClass(Box::new(o)),
+        ObjectKind::IngressClass,
+        tx,
+        metrics,
+    );
+    // Only TLS Secrets; of those, only the ones a served Ingress names go into plans.
+    spawn_watch(
+        Api::<core::Secret>::all(client.clone()),
+        cfg().fields("type=kubernetes.io/tls"),
+        |o| Object::Secret(Box::new(o)),
+        ObjectKind::Secret,
+        tx,
+        metrics,
     );
 }
 
@@ -172,10 +254,12 @@ fn spawn_watch<K>(
     wrap: fn(K) -> Object,
     kind: ObjectKind,
     tx: &mpsc::Sender<ClusterEvent>,
+    metrics: &ReconcileMetrics,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let tx = tx.clone();
+    let metrics = metrics.clone();
     tokio::spawn(
         async move {
             let mut stream = watcher::watcher(api, config).default_backoff().boxed();
@@ -194,6 +278,7 @@ fn spawn_watch<K>(
                     Ok(Event::Apply(o)) => ClusterEvent::Applied(wrap(o)),
                     Ok(Event::Delete(o)) => ClusterEvent::Deleted(wrap(o)),
                     Err(e) => {
+                        metrics.error(kind.as_str());
                         warn!(error = %e, "watch failed; retrying");
                         continue;
                     }
@@ -221,6 +306,8 @@ pub struct ClusterView {
     network: Option<api::NetworkConfig>,
     policy_objects: BTreeMap<ObjectKey, api::ProxyPolicy>,
     synced: HashSet<ObjectKind>,
+    /// Ingresses as watched, for their status and Events.
+    ingress_objects: BTreeMap<ObjectKey, networking::Ingress>,
 }
 
 impl ClusterView {
@@ -286,6 +373,7 @@ impl ClusterView {
                 // Only the NetworkConfig named `default` is in force (admission enforces the name).
                 if n.name_any() == "default" {
                     self.compiler.apply(Change::Network(convert::network(&n)));
+                    self.compiler.apply(Change::IngressSettings(super::ingress::settings(&n)));
                     self.network = Some(*n);
                 }
             }
@@ -298,6 +386,15 @@ impl ClusterView {
                 self.policy_objects.insert(key.clone(), *p);
                 self.resolve_namespace(&key.namespace);
             }
+            Object::Ingress(i) => {
+                self.compiler.apply(Change::Ingress(super::ingress::ingress(&i)));
+                self.ingress_objects.insert(key, *i);
+            }
+            Object::IngressClass(c) => self.compiler.apply(Change::IngressClass(super::ingress::class(&c))),
+            Object::Secret(s) => match super::ingress::secret(&s) {
+                Some(model) => self.compiler.apply(Change::Secret(model)),
+                None => self.compiler.apply(Change::SecretDeleted(key)),
+            },
         }
     }
 
@@ -333,6 +430,7 @@ impl ClusterView {
                 if key.name == "default" {
                     self.network = None;
                     self.compiler.apply(Change::Network(Default::default()));
+                    self.compiler.apply(Change::IngressSettings(Default::default()));
                 }
             }
             ObjectKind::Pod => self.compiler.apply(Change::PodDeleted(key.clone())),
@@ -341,6 +439,12 @@ impl ClusterView {
                 self.policy_objects.remove(key);
                 self.resolve_namespace(&key.namespace);
             }
+            ObjectKind::Ingress => {
+                self.ingress_objects.remove(key);
+                self.compiler.apply(Change::IngressDeleted(key.clone()));
+            }
+            ObjectKind::IngressClass => self.compiler.apply(Change::IngressClassDeleted(key.name.clone())),
+            ObjectKind::Secret => self.compiler.apply(Change::SecretDeleted(key.clone())),
         }
     }
 
@@ -372,8 +476,19 @@ impl ClusterView {
             policies: self.policy_objects.values().cloned().collect(),
             policy_matches: self.policies.matches(self.services.iter().map(|(k, (_, labels))| (k, labels))),
             synced_kinds: self.synced.len(),
+            ingress: super::ingress::IngressStatusInputs::new(
+                &self.ingress_objects,
+                self.compiler.ingress_report(),
+            ),
         }
     }
+}
+
+/// Applies one watch event inside its own span (a child of the reconcile that batches it), so a
+/// trace starts with the object change that caused it.
+fn handle_traced(view: &mut ClusterView, event: ClusterEvent) {
+    let (action, kind, object) = event.describe();
+    info_span!("watch.event", action, kind, object = %object).in_scope(|| view.handle(event));
 }
 
 /// Owns the view: applies every waiting event, compiles once, publishes to the store.
@@ -388,9 +503,9 @@ pub async fn run(
         let span = info_span!("reconcile", events = tracing::field::Empty, updates = tracing::field::Empty);
         let _enter = span.enter();
         let mut count = 1;
-        view.handle(first);
+        handle_traced(&mut view, first);
         while let Ok(next) = events.try_recv() {
-            view.handle(next);
+            handle_traced(&mut view, next);
             count += 1;
         }
         let updates = info_span!("plan.compile").in_scope(|| view.compiler_mut().flush());

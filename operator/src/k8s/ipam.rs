@@ -180,6 +180,7 @@ pub async fn run(
     store: Arc<PlanStore>,
     mut inputs: watch::Receiver<StatusInputs>,
     mut leader: watch::Receiver<bool>,
+    metrics: super::metrics::ReconcileMetrics,
 ) {
     let blocks: Api<api::IPBlock> = Api::all(client);
     let mut reported: HashSet<String> = HashSet::new();
@@ -193,7 +194,7 @@ pub async fn run(
                     &snapshot.blocks,
                     &store.ipam_usage(),
                 );
-                apply(&blocks, plan, &mut reported).await;
+                apply(&blocks, plan, &mut reported, &metrics).await;
             }
         }
         tokio::select! {
@@ -204,25 +205,37 @@ pub async fn run(
     }
 }
 
-async fn apply(api: &Api<api::IPBlock>, plan: Allocation, reported: &mut HashSet<String>) {
+async fn apply(
+    api: &Api<api::IPBlock>,
+    plan: Allocation,
+    reported: &mut HashSet<String>,
+    metrics: &super::metrics::ReconcileMetrics,
+) {
     for block in plan.create {
         let object = api::IPBlock::for_node(&block.cidr.to_string(), &block.pool, &block.node);
         match api.create(&PostParams::default(), &object).await {
             Ok(_) => info!(block = %block.cidr, node = %block.node, pool = %block.pool, "block claimed"),
             // Someone claimed it first: the watch brings their block and the next pass moves on.
             Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => warn!(error = %e, block = %block.cidr, "cannot claim a block"),
+            Err(e) => {
+                metrics.error("IPBlock");
+                warn!(error = %e, block = %block.cidr, "cannot claim a block");
+            }
         }
     }
     for name in plan.release {
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => info!(block = %name, "block released: its node is gone"),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => warn!(error = %e, block = %name, "cannot release a block"),
+            Err(e) => {
+                metrics.error("IPBlock");
+                warn!(error = %e, block = %name, "cannot release a block");
+            }
         }
     }
     for (node, why) in plan.starved {
         if reported.insert(format!("{node}: {why}")) {
+            metrics.exhaustion_events.inc();
             warn!(%node, %why, "node has no address block");
         }
     }

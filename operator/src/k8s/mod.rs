@@ -3,6 +3,9 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod dns;
+pub mod ingress;
 pub mod ipam;
+pub mod metrics;
 pub mod policy;
 pub mod status;

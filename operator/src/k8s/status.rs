@@ -63,14 +63,16 @@ pub fn network_status(
         .map(|n| NodePlanState {
             node: n.node.clone(),
             acked_version: (n.report.acked_version != 0).then(|| format!("{:016x}", n.report.acked_version)),
-            message: Some(match (&n.report.nack, n.report.connected) {
-                (Some((_, error)), _) => format!("plan rejected: {error}"),
-                (None, false) => "agent not connected".to_string(),
-                (None, true) => "applying the newest plan".to_string(),
-            }),
+            message: Some(lag_reason(n)),
         })
         .collect();
     let rejected: Vec<&NodeConvergence> = nodes.iter().filter(|n| n.report.nack.is_some()).collect();
+    let behind: Vec<String> = nodes
+        .iter()
+        .filter(|n| !n.converged())
+        .take(5)
+        .map(|n| format!("{} ({})", n.node, short_lag_reason(n)))
+        .collect();
     let ready = if nodes.is_empty() {
         condition(types::READY, false, reasons::CONVERGING, "no nodes in the plan yet", observed)
     } else if !rejected.is_empty() {
@@ -80,7 +82,9 @@ pub fn network_status(
             false,
             reasons::PLAN_REJECTED,
             format!(
-                "{} node(s) could not apply their plan ({}); see `kubectl get events`",
+                "{} node(s) could not apply their plan ({}): the PlanRejected Events and \
+                 status.laggingNodes give each agent's error; fix what it names (usually a \
+                 NetworkConfig field), the agents retry on their own",
                 rejected.len(),
                 names.join(", ")
             ),
@@ -99,7 +103,12 @@ pub fn network_status(
             types::READY,
             false,
             reasons::CONVERGING,
-            format!("{converged} of {} nodes run the newest plan", nodes.len()),
+            format!(
+                "{converged} of {} nodes run the newest plan; behind: {}. A node stays behind while \
+                 its agent is down or cut off from the operator: check the weft-agent pod on it",
+                nodes.len(),
+                behind.join(", ")
+            ),
             observed,
         )
     };
@@ -111,6 +120,25 @@ pub fn network_status(
         nodes_converged: u32::try_from(converged).unwrap_or(u32::MAX),
         converged: Some(format!("{converged}/{}", nodes.len())),
         lagging_nodes: lagging,
+    }
+}
+
+/// Why a node is behind its newest plan, and what to do, for `status.laggingNodes`.
+fn lag_reason(n: &NodeConvergence) -> String {
+    match (&n.report.nack, n.report.connected) {
+        (Some((_, error)), _) => format!("plan rejected: {error}"),
+        (None, false) => "agent not connected: the node keeps its last programming but gets no \
+                          changes; check the weft-agent pod on this node (status, logs)"
+            .to_string(),
+        (None, true) => "applying the newest plan".to_string(),
+    }
+}
+
+fn short_lag_reason(n: &NodeConvergence) -> &'static str {
+    match (&n.report.nack, n.report.connected) {
+        (Some(_), _) => "plan rejected",
+        (None, false) => "agent not connected",
+        (None, true) => "applying",
     }
 }
 
@@ -238,7 +266,8 @@ pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -
             true,
             reasons::OLDER_POLICY_WINS,
             format!(
-                "{} Service(s) selected by an older policy: {}",
+                "{} Service(s) selected by an older policy: {}; this policy does not apply to them. \
+                 Narrow its selector, or remove one of the policies",
                 matched.lost_to.len(),
                 detail.join(", ")
             ),
@@ -293,6 +322,9 @@ pub struct StatusMetrics {
     pub leader: Gauge,
     pub writes: Counter,
     pub write_errors: Counter,
+    /// Where refused status patches and Event writes are also counted, by resource kind; set it
+    /// to the registered [`super::metrics::ReconcileMetrics`].
+    pub reconcile: super::metrics::ReconcileMetrics,
 }
 
 impl StatusMetrics {
@@ -326,6 +358,8 @@ pub async fn run(
     let writer = Writer { client: &client, recorder: &recorder, metrics: &metrics };
     let mut reported_nacks: HashSet<(String, u64)> = HashSet::new();
     let mut reported_overlaps: HashSet<String> = HashSet::new();
+    let mut reported = Reported::default();
+    let mut reported_ingresses = HashSet::new();
     loop {
         let leading = *leader.borrow_and_update();
         metrics.leader.set(i64::from(leading));
@@ -337,7 +371,11 @@ pub async fn run(
         }
         let snapshot = inputs.borrow_and_update().clone();
         if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
-            writer.write_all(&store, &snapshot, &mut reported_nacks, &mut reported_overlaps).await;
+            writer
+                .write_all(&store, &snapshot, &mut reported_nacks, &mut reported_overlaps, &mut reported)
+                .await;
+            super::ingress::write_status(&client, &recorder, &snapshot.ingress, &mut reported_ingresses)
+                .await;
         }
         tokio::select! {
             _ = inputs.changed() => {}
@@ -345,6 +383,15 @@ pub async fn run(
             _ = leader.changed() => {}
         }
     }
+}
+
+/// Events already published, so each state change is reported once.
+#[derive(Debug, Default)]
+struct Reported {
+    /// Nodes whose agent's disconnection was reported.
+    disconnected: HashSet<String>,
+    /// Pools whose exhaustion was reported.
+    exhausted: HashSet<String>,
 }
 
 struct Writer<'a> {
@@ -364,7 +411,11 @@ impl Writer<'_> {
             }
             Err(e) => {
                 self.metrics.write_errors.inc();
-                warn!(error = %e, kind = %K::kind(&()), name, "cannot write status");
+                let kind = K::kind(&());
+                if let Some(resource) = super::metrics::RESOURCES.iter().find(|r| **r == kind) {
+                    self.metrics.reconcile.error(resource);
+                }
+                warn!(error = %e, %kind, name, "cannot write status");
             }
         }
     }
@@ -375,6 +426,7 @@ impl Writer<'_> {
         inputs: &StatusInputs,
         reported_nacks: &mut HashSet<(String, u64)>,
         reported_overlaps: &mut HashSet<String>,
+        reported: &mut Reported,
     ) {
         let (client, recorder) = (self.client, self.recorder);
         let nodes = store.convergence();
@@ -384,10 +436,41 @@ impl Writer<'_> {
                 self.patch(Api::<api::NetworkConfig>::all(client.clone()), &config.name_any(), &status).await;
             }
             for node in &nodes {
+                // Seen connected before (not a node whose agent has not started yet).
+                let gone = !node.report.connected && node.report.last_seen.is_some();
+                if gone && reported.disconnected.insert(node.node.clone()) {
+                    let note = format!(
+                        "node {}: its agent closed the plan stream; the node keeps its last \
+                         programming but gets no changes until the agent reconnects (check the \
+                         weft-agent pod on {})",
+                        node.node, node.node
+                    );
+                    publish(
+                        self.metrics,
+                        recorder,
+                        config,
+                        EventType::Warning,
+                        reasons::AGENT_DISCONNECTED,
+                        note,
+                    )
+                    .await;
+                } else if node.report.connected && reported.disconnected.remove(&node.node) {
+                    let note = format!("node {}: its agent is connected again and catches up", node.node);
+                    publish(
+                        self.metrics,
+                        recorder,
+                        config,
+                        EventType::Normal,
+                        reasons::AGENT_RECONNECTED,
+                        note,
+                    )
+                    .await;
+                }
                 if let Some((version, error)) = &node.report.nack
                     && reported_nacks.insert((node.node.clone(), *version))
                 {
                     publish(
+                        self.metrics,
                         recorder,
                         config,
                         EventType::Warning,
@@ -408,9 +491,20 @@ impl Writer<'_> {
                 let message = cond::find_condition(&status.conditions, types::OVERLAPPING)
                     .map(|c| c.message.clone())
                     .unwrap_or_default();
-                publish(recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message).await;
+                publish(self.metrics, recorder, pool, EventType::Warning, reasons::CIDR_OVERLAP, message)
+                    .await;
             } else if !overlapping {
                 reported_overlaps.remove(&name);
+            }
+            let exhausted = cond::is_condition_true(&status.conditions, types::EXHAUSTED);
+            if exhausted && reported.exhausted.insert(name.clone()) {
+                let message = cond::find_condition(&status.conditions, types::EXHAUSTED)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default();
+                publish(self.metrics, recorder, pool, EventType::Warning, reasons::NO_FREE_BLOCKS, message)
+                    .await;
+            } else if !exhausted {
+                reported.exhausted.remove(&name);
             }
             if !same_status(pool.status.as_ref(), &status) {
                 self.patch(Api::<api::IPPool>::all(client.clone()), &name, &status).await;
@@ -432,6 +526,7 @@ impl Writer<'_> {
 }
 
 async fn publish<K: Resource<DynamicType = ()>>(
+    metrics: &StatusMetrics,
     recorder: &Recorder,
     object: &K,
     type_: EventType,
@@ -446,6 +541,7 @@ async fn publish<K: Resource<DynamicType = ()>>(
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        metrics.reconcile.error("Event");
         warn!(error = %e, "cannot publish an Event");
     } else {
         info!(reason, "event published");
@@ -522,6 +618,33 @@ mod tests {
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reasons::PLAN_REJECTED));
         assert!(ready.message.contains("n2"));
         assert_eq!(status.lagging_nodes[0].message.as_deref(), Some("plan rejected: bad cni dir"));
+    }
+
+    #[test]
+    fn a_node_whose_agent_is_gone_is_named_with_what_to_check() {
+        let config = api::NetworkConfig::new("default", Default::default());
+        let nodes = vec![
+            NodeConvergence {
+                node: "n1".into(),
+                desired_version: 7,
+                report: AgentReport { acked_version: 7, connected: true, ..Default::default() },
+            },
+            NodeConvergence {
+                node: "n2".into(),
+                desired_version: 7,
+                report: AgentReport { acked_version: 5, connected: false, ..Default::default() },
+            },
+        ];
+        let status = network_status(&config, &nodes, 3);
+        assert_eq!((status.nodes_converged, status.nodes_total), (1, 2));
+        let ready = cond::find_condition(&status.conditions, types::READY).expect("Ready condition");
+        assert_eq!(ready.reason, reasons::CONVERGING);
+        assert!(ready.message.contains("n2 (agent not connected)"), "{}", ready.message);
+        assert!(ready.message.contains("check the weft-agent pod"), "{}", ready.message);
+        let lagging = &status.lagging_nodes[0];
+        assert_eq!(lagging.node, "n2");
+        assert_eq!(lagging.acked_version.as_deref(), Some("0000000000000005"));
+        assert!(lagging.message.as_deref().is_some_and(|m| m.starts_with("agent not connected: ")));
     }
 
     #[test]

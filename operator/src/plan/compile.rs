@@ -60,6 +60,8 @@ pub struct Compiler {
     slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     pods: HashMap<ObjectKey, Pod>,
     pods_by_node: HashMap<String, BTreeSet<ObjectKey>>,
+    /// Ingresses, their classes and Secrets: compiled for the ingress nodes only.
+    ingress: super::ingress::IngressState,
 
     // Emitted state, to send only what changed.
     emitted_global: HashMap<ResourceKey, u64>,
@@ -76,7 +78,7 @@ pub struct Compiler {
 
 impl Compiler {
     pub fn new() -> Self {
-        Self { dirty_settings: true, ..Self::default() }
+        Self { dirty_settings: true, ingress: super::ingress::IngressState::new(), ..Self::default() }
     }
 
     /// Builds a compiler from a complete cluster state and returns every resource (the full
@@ -90,9 +92,33 @@ impl Compiler {
         (compiler, updates)
     }
 
+    /// What became of each Ingress of Weft's class at the last flush, and the ingress nodes'
+    /// addresses (for Events and Ingress status).
+    pub fn ingress_report(&self) -> &super::ingress::IngressReport {
+        self.ingress.ingress_report()
+    }
+
     /// Records a change; nothing is compiled until [`Compiler::flush`].
     pub fn apply(&mut self, change: Change) {
+        // Ingress routes resolve Service names to ClusterIPs.
+        match &change {
+            Change::Service(s) => self.ingress.service_changed(&s.key),
+            Change::ServiceDeleted(key) => self.ingress.service_changed(key),
+            _ => {}
+        }
         match change {
+            c @ (Change::IngressSettings(_)
+            | Change::Ingress(_)
+            | Change::IngressDeleted(_)
+            | Change::IngressClass(_)
+            | Change::IngressClassDeleted(_)
+            | Change::Secret(_)
+            | Change::SecretDeleted(_)) => {
+                // Which nodes serve ingress changed: their NodePlans say so.
+                if self.ingress.apply(c) {
+                    self.dirty_nodes.extend(self.nodes.keys().cloned());
+                }
+            }
             Change::Network(settings) => {
                 if settings != self.settings {
                     self.settings = settings;
@@ -227,12 +253,14 @@ impl Compiler {
             self.emit_global(&mut out, Kind::Network, NETWORK, Some(self.network_payload()));
             self.emit_global(&mut out, Kind::Dns, DNS, Some(self.dns_payload()));
         }
+        let nodes_changed = !self.dirty_nodes.is_empty();
         for name in std::mem::take(&mut self.dirty_nodes) {
             self.flush_node(&mut out, &name);
         }
         for key in std::mem::take(&mut self.dirty_services) {
             self.flush_service(&mut out, &key);
         }
+        self.ingress.flush(&mut out, &self.nodes, &self.services, nodes_changed);
         out
     }
 
@@ -292,7 +320,7 @@ impl Compiler {
             name: node.name.clone(),
             node_ip: node_ip.clone(),
             zone: node.zone.clone().unwrap_or_default(),
-            ingress: false,
+            ingress: self.ingress.serves(node),
             blocks: blocks
                 .iter()
                 .map(|b| pb::PodBlock {

@@ -1,6 +1,7 @@
 //! The plan: what each node must program, compiled from the cluster state.
 
 pub mod compile;
+pub mod ingress;
 pub mod model;
 
 pub use compile::{Compiler, Scope, Update};

@@ -230,4 +230,12 @@ pub enum Change {
     Network(NetworkSettings),
     Pod(Pod),
     PodDeleted(ObjectKey),
+    // Ingress (compiled by `super::ingress`).
+    IngressSettings(super::ingress::Settings),
+    Ingress(super::ingress::Ingress),
+    IngressDeleted(ObjectKey),
+    IngressClass(super::ingress::IngressClass),
+    IngressClassDeleted(String),
+    Secret(super::ingress::TlsSecret),
+    SecretDeleted(ObjectKey),
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 use weft_api::plan::{self as pb, plan_service_server::PlanService};
 
-use super::metrics::{KindLabel, PlanMetrics};
+use super::metrics::{KindLabel, NodeLabel, PlanMetrics};
 use super::store::{Connection, PlanStore};
 
 #[derive(Debug, Clone)]
@@ -85,7 +85,9 @@ async fn send_loop(
             let mut message = message;
             span.in_scope(|| message.trace_context = weft_api::telemetry::inject_current());
             metrics.messages_sent.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
-            metrics.bytes_sent.inc_by(message.encoded_len() as u64);
+            let bytes = message.encoded_len() as u64;
+            metrics.bytes_sent.inc_by(bytes);
+            metrics.node_bytes_sent.get_or_create(&NodeLabel::new(&conn.node)).inc_by(bytes);
             if tx.send(Ok(message)).instrument(span).await.is_err() {
                 return;
             }
@@ -108,11 +110,23 @@ async fn receive_loop(
         match inbound.message().await {
             Ok(Some(message)) => match message.kind {
                 Some(pb::agent_message::Kind::Ack(ack)) => {
+                    // Closes the change's trace: the agent's apply span is this span's parent.
+                    let span = info_span!("plan.ack", version = ack.version);
+                    weft_api::telemetry::set_parent_from(&span, &message.trace_context);
+                    let _enter = span.enter();
                     metrics.acks.inc();
+                    let node = NodeLabel::new(&conn.node);
+                    metrics.node_acks.get_or_create(&node).inc();
+                    // Exported at 0 from the first ACK on, so "NACKs per node" has a series.
+                    drop(metrics.node_nacks.get_or_create(&node));
                     store.ack(&conn.node, ack.version);
                 }
                 Some(pb::agent_message::Kind::Nack(nack)) => {
+                    let span = info_span!("plan.nack", version = nack.version);
+                    weft_api::telemetry::set_parent_from(&span, &message.trace_context);
+                    let _enter = span.enter();
                     metrics.nacks.inc();
+                    metrics.node_nacks.get_or_create(&NodeLabel::new(&conn.node)).inc();
                     warn!(version = nack.version, error = %nack.error, "agent could not apply its plan");
                     store.nack(&conn.node, nack.version, nack.error);
                 }

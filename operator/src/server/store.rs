@@ -29,6 +29,11 @@ pub struct AgentReport {
     pub last_seen: Option<Instant>,
     /// Addresses in use per block (CIDR), as the agent last reported.
     pub ipam: HashMap<String, u32>,
+    /// The plan generation of the message that carried `acked_version` (0 when unknown).
+    pub acked_generation: u64,
+    /// Kept by the store, not reported: since when the node's plan has differed from what its
+    /// agent acknowledged; `None` while the node is converged. Drives the per-node lag metric.
+    pub stale_since: Option<Instant>,
 }
 
 /// Convergence of one node, for status and metrics.
@@ -42,6 +47,15 @@ pub struct NodeConvergence {
 impl NodeConvergence {
     pub fn converged(&self) -> bool {
         self.report.acked_version == self.desired_version
+    }
+
+    /// How long the node has been behind its newest plan (zero when converged): the time since
+    /// its plan first changed away from what its agent acknowledged.
+    pub fn lag(&self, now: Instant) -> std::time::Duration {
+        match self.report.stale_since {
+            Some(since) if !self.converged() => now.saturating_duration_since(since),
+            _ => std::time::Duration::ZERO,
+        }
     }
 }
 
@@ -63,6 +77,19 @@ impl Inner {
     fn resources_of<'a>(&'a self, scope: &'a NodeScope) -> impl Iterator<Item = &'a Arc<Resource>> {
         self.global.values().chain(scope.resources.values())
     }
+
+    /// Starts the lag clock of every node whose plan now differs from what its agent acknowledged
+    /// (a clock already running keeps its start: the node has been behind since then).
+    fn mark_stale_nodes(&mut self, now: Instant) {
+        let versions: Vec<(String, u64)> =
+            self.nodes.keys().filter_map(|node| Some((node.clone(), self.version(node)?))).collect();
+        for (node, version) in versions {
+            let report = self.reports.entry(node).or_default();
+            if report.acked_version != version && report.stale_since.is_none() {
+                report.stale_since = Some(now);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -72,6 +99,8 @@ struct ConnState {
     pending: HashMap<ResourceKey, Option<Arc<Resource>>>,
     /// The version the agent holds once it has applied what was sent.
     sent_version: u64,
+    /// The plan generation of the last message sent (what an ACK of `sent_version` stands for).
+    sent_generation: u64,
     trace_context: HashMap<String, String>,
 }
 
@@ -167,9 +196,16 @@ impl PlanStore {
             }
         }
         for conn in touched.values() {
-            conn.state().trace_context.clone_from(&trace_context);
+            // Updates waiting for the same message coalesce; the message carries the trace of the
+            // oldest, which waited longest: that trace shows the whole delay to the datapath.
+            let mut state = conn.state();
+            if state.trace_context.is_empty() {
+                state.trace_context.clone_from(&trace_context);
+            }
+            drop(state);
             conn.wake.notify_one();
         }
+        inner.mark_stale_nodes(Instant::now());
         inner.generation
     }
 
@@ -183,6 +219,7 @@ impl PlanStore {
                 hello: Some(hello),
                 pending: HashMap::new(),
                 sent_version: 0,
+                sent_generation: 0,
                 trace_context: HashMap::new(),
             }),
             wake: tokio::sync::Notify::new(),
@@ -231,6 +268,7 @@ impl PlanStore {
         if let Some(hello) = state.hello.take() {
             state.pending.clear();
             state.sent_version = version;
+            state.sent_generation = inner.generation;
             if hello.version == version {
                 return Some((
                     MessageKind::Current,
@@ -268,6 +306,7 @@ impl PlanStore {
             return None;
         }
         state.sent_version = version;
+        state.sent_generation = inner.generation;
         let mut delta = pb::Delta::default();
         for (key, resource) in pending {
             match resource {
@@ -280,8 +319,23 @@ impl PlanStore {
 
     pub fn ack(&self, node: &str, version: u64) {
         let mut inner = self.inner();
+        let generation = inner
+            .connections
+            .get(node)
+            .map(|c| {
+                let state = c.state();
+                (state.sent_version == version).then_some(state.sent_generation)
+            })
+            .unwrap_or_default();
+        let current = inner.version(node) == Some(version);
         let report = inner.reports.entry(node.to_string()).or_default();
         report.acked_version = version;
+        if let Some(generation) = generation {
+            report.acked_generation = generation;
+        }
+        if current {
+            report.stale_since = None;
+        }
         report.nack = None;
         report.last_seen = Some(Instant::now());
     }
@@ -346,6 +400,8 @@ impl PlanStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use weft_api::plan::Kind;
 
@@ -394,6 +450,34 @@ mod tests {
         assert_eq!(last.node_ip, "172.18.0.99");
         assert_eq!(Some(message.version), store.node_version("n1"));
         assert!(store.next_message(&conn).is_none());
+    }
+
+    #[test]
+    fn a_node_lags_from_the_first_change_it_has_not_acknowledged_until_it_acks_the_newest() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1")], HashMap::new());
+        let conn = store.connect(hello("n1"));
+        let (_, first) = store.next_message(&conn).expect("snapshot");
+        store.ack("n1", first.version);
+        let lag = |at| store.convergence()[0].lag(at);
+        assert_eq!(lag(Instant::now()), Duration::ZERO, "converged");
+        assert_eq!(store.convergence()[0].report.acked_generation, 1);
+
+        store.publish(vec![peer("n2", "172.18.0.2")], HashMap::new());
+        let since = store.convergence()[0].report.stale_since.expect("the lag clock runs");
+        store.publish(vec![peer("n3", "172.18.0.3")], HashMap::new());
+        assert_eq!(store.convergence()[0].report.stale_since, Some(since), "a second change keeps the start");
+        assert_eq!(lag(since + Duration::from_secs(5)), Duration::from_secs(5));
+
+        let (_, newest) = store.next_message(&conn).expect("delta");
+        store.ack("n1", first.version);
+        assert!(
+            lag(since + Duration::from_secs(5)) > Duration::ZERO,
+            "acking an older version is not converging"
+        );
+        store.ack("n1", newest.version);
+        assert_eq!(lag(since + Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(store.convergence()[0].report.acked_generation, 3);
     }
 
     #[test]

@@ -1,0 +1,422 @@
+//! The service proxy's rules with real packets: a "node" network namespace with its own
+//! iptables, "pod" namespaces behind veths running small TCP/UDP echo servers, and a client pod.
+//! The proxy writes its chains inside the node namespace (`ip netns exec`); the root namespace's
+//! iptables are never touched. Every namespace is removed by a guard, even when an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use weft_agent::metrics::{AgentMetrics, ResultLabel};
+use weft_agent::plan_state::PlanState;
+use weft_agent::proxy::{ProxyCache, Runner};
+use weft_api::plan::{self as pb, Kind, Resource};
+
+const CLUSTER_IP: &str = "10.96.0.10";
+const EMPTY_IP: &str = "10.96.0.11";
+const NODE_IP: &str = "192.168.77.1";
+const OUTSIDE_IP: &str = "192.168.77.2";
+const NODE_PORT: u16 = 30123;
+/// Where the client reads its answers; long only so a slow machine never fails a test.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return;
+        }
+    };
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("wpx-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        ok(Command::new("ip").args(["netns", "add", &name]));
+        ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Self { name }
+    }
+
+    fn ip(&self, args: &[&str]) {
+        ok(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    fn exec(&self, program: &str, args: &[&str]) -> Output {
+        run(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
+    }
+
+    /// Runs `f` on a thread inside this namespace: sockets it creates live here.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A TCP server answering every connection with `<name> <client address>`, and a UDP server
+/// answering every datagram with `<name>`; they run until the test process exits.
+fn serve(ns: &Netns, name: &str) {
+    let (tcp, udp) =
+        ns.enter(|| (TcpListener::bind("0.0.0.0:80").unwrap(), UdpSocket::bind("0.0.0.0:5353").unwrap()));
+    let tcp_name = name.to_string();
+    std::thread::spawn(move || {
+        for conn in tcp.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let peer = conn.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let _ = conn.write_all(format!("{tcp_name} {peer}").as_bytes());
+        }
+    });
+    let udp_name = name.to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(udp_name.as_bytes(), from);
+        }
+    });
+}
+
+/// The node, three pods with echo servers, a client pod, and an outside host on the node's
+/// underlay link.
+struct Lab {
+    node: Netns,
+    pods: Vec<(Netns, Ipv4Addr)>,
+    client: Netns,
+    outside: Netns,
+    cache: ProxyCache,
+    metrics: AgentMetrics,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let node = Netns::new("node");
+        ok(Command::new("ip").args(["netns", "exec", &node.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        let mut pods = Vec::new();
+        for i in 1..=3u8 {
+            let pod = Netns::new(&format!("pod{i}"));
+            let ip = attach(&node, &pod, i);
+            serve(&pod, &format!("pod{i}"));
+            pods.push((pod, ip));
+        }
+        let client = Netns::new("client");
+        attach(&node, &client, 9);
+        let outside = Netns::new("out");
+        node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &outside.name]);
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"]);
+        node.ip(&["link", "set", "eth0", "up"]);
+        // The node's default route (host-originated traffic to a ClusterIP needs one to be routed
+        // before it is DNATed).
+        node.ip(&["route", "add", "default", "via", OUTSIDE_IP]);
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"]);
+        outside.ip(&["link", "set", "eth0", "up"]);
+        let cache = ProxyCache::with_runner(Runner::in_netns(&node.name));
+        Self { node, pods, client, outside, cache, metrics: AgentMetrics::default() }
+    }
+
+    fn sync(&self, plan: &PlanState) {
+        self.cache.sync(plan, &self.metrics).unwrap();
+    }
+
+    fn iptables(&self, args: &[&str]) {
+        let out = self.node.exec("iptables", args);
+        assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn syncs(&self, result: &'static str) -> u64 {
+        self.metrics.proxy_syncs.get_or_create(&ResultLabel { result }).get()
+    }
+}
+
+/// Connects `pod` to `node` with a veth: the pod gets 10.244.<i>.2/24, the node 10.244.<i>.1.
+fn attach(node: &Netns, pod: &Netns, i: u8) -> Ipv4Addr {
+    let host = format!("vp{i}");
+    node.ip(&["link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.name]);
+    node.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host]);
+    node.ip(&["link", "set", &host, "up"]);
+    pod.ip(&["addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")]);
+    Ipv4Addr::new(10, 244, i, 2)
+}
+
+/// TCP: the answer of whoever serves `ip:port` from inside `ns`, or the connect error.
+fn ask(ns: &Netns, ip: &str, port: u16) -> Result<String, ErrorKind> {
+    let addr = SocketAddr::new(ip.parse().unwrap(), port);
+    ns.enter(|| {
+        let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| e.kind())?;
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).map_err(|e| e.kind())?;
+        Ok(answer)
+    })
+}
+
+fn who(ns: &Netns, ip: &str, port: u16) -> String {
+    let answer = ask(ns, ip, port).unwrap_or_else(|e| panic!("{ip}:{port} did not answer: {e:?}"));
+    answer.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+fn settings() -> Resource {
+    Resource::encode(
+        Kind::Network,
+        "network",
+        &pb::NetworkSettings {
+            pod_cidrs: vec!["10.244.0.0/16".into()],
+            service_cidr: "10.96.0.0/16".into(),
+            masquerade_bit: 14,
+            ..Default::default()
+        },
+    )
+}
+
+/// `default/echo` (TCP 9000 → 80 with NodePort 30123, UDP 53 → 5353) on `endpoints` (flags per
+/// pod address), and `default/empty` (TCP 80, no endpoints).
+fn plan(endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
+    let eps = |port| {
+        endpoints.iter().map(|(ip, flags)| pb::Endpoint { ip: u32::from(*ip), port, flags: *flags }).collect()
+    };
+    let echo = pb::Service {
+        cluster_ip: u32::from(CLUSTER_IP.parse::<Ipv4Addr>().unwrap()),
+        ports: vec![
+            pb::ServicePort {
+                name: "http".into(),
+                protocol: pb::Protocol::Tcp as i32,
+                port: 9000,
+                node_port: u32::from(NODE_PORT),
+                endpoints: eps(80),
+            },
+            pb::ServicePort {
+                name: "dns".into(),
+                protocol: pb::Protocol::Udp as i32,
+                port: 53,
+                node_port: 0,
+                endpoints: eps(5353),
+            },
+        ],
+        external_local,
+        ..Default::default()
+    };
+    let empty = pb::Service {
+        cluster_ip: u32::from(EMPTY_IP.parse::<Ipv4Addr>().unwrap()),
+        ports: vec![pb::ServicePort {
+            name: "http".into(),
+            protocol: pb::Protocol::Tcp as i32,
+            port: 80,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let resources = [
+        settings(),
+        Resource::encode(Kind::Service, "default/echo", &echo),
+        Resource::encode(Kind::Service, "default/empty", &empty),
+    ];
+    PlanState { version: 1, generation: 1, resources: resources.into_iter().map(|r| (r.key(), r)).collect() }
+}
+
+fn all(lab: &Lab) -> Vec<(Ipv4Addr, u32)> {
+    lab.pods.iter().map(|(_, ip)| (*ip, 0)).collect()
+}
+
+fn tally(from: &Netns, requests: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..requests {
+        *seen.entry(who(from, CLUSTER_IP, 9000)).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once() {
+    require_root!();
+    let lab = Lab::new();
+    lab.sync(&plan(&all(&lab), false));
+
+    let seen = tally(&lab.client, 60);
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["pod1", "pod2", "pod3"], "{seen:?}");
+    // From the node itself (CoreDNS, nginx on the host network rely on it).
+    assert!(who(&lab.node, CLUSTER_IP, 9000).starts_with("pod"));
+    // A port the Service does not declare, and a Service without endpoints: refused, not left
+    // to time out.
+    assert_eq!(ask(&lab.client, CLUSTER_IP, 80), Err(ErrorKind::ConnectionRefused));
+    assert_eq!(ask(&lab.client, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused));
+    assert_eq!(ask(&lab.node, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing() {
+    require_root!();
+    let lab = Lab::new();
+    lab.sync(&plan(&all(&lab), false));
+    let two = &all(&lab)[..2];
+    lab.sync(&plan(two, false));
+    let seen = tally(&lab.client, 40);
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["pod1", "pod2"], "{seen:?}");
+
+    let restores = lab.cache.restores();
+    let unchanged = lab.syncs("unchanged");
+    lab.sync(&plan(two, false));
+    assert_eq!(lab.cache.restores(), restores, "a sync with no change ran iptables-restore");
+    assert_eq!(lab.syncs("unchanged"), unchanged + 1);
+}
+
+#[test]
+fn chains_flushed_or_deleted_from_outside_are_repaired_by_the_check() {
+    require_root!();
+    let lab = Lab::new();
+    let plan = plan(&all(&lab), false);
+    lab.sync(&plan);
+    assert!(lab.cache.check(&lab.metrics).unwrap(), "freshly written chains pass the check");
+
+    lab.iptables(&["-t", "nat", "-F", "WEFT-SERVICES"]);
+    assert!(ask(&lab.client, CLUSTER_IP, 9000).is_err(), "the flush broke the service");
+    assert!(!lab.cache.check(&lab.metrics).unwrap());
+    lab.sync(&plan);
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+
+    // The canary itself deleted (its reference first), as a firewall reload would.
+    lab.iptables(&["-t", "filter", "-F", "WEFT-SERVICES"]);
+    lab.iptables(&["-t", "filter", "-X", "WEFT-PROXY-CANARY"]);
+    assert!(!lab.cache.check(&lab.metrics).unwrap());
+    lab.sync(&plan);
+    assert!(lab.cache.check(&lab.metrics).unwrap());
+    assert_eq!(ask(&lab.client, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused), "the REJECTs are back");
+    assert_eq!(lab.metrics.proxy_full_resyncs.get(), 2);
+
+    // A jump from a built-in chain removed.
+    lab.iptables(&[
+        "-t",
+        "nat",
+        "-D",
+        "PREROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "weft service portals",
+        "-j",
+        "WEFT-SERVICES",
+    ]);
+    assert!(!lab.cache.check(&lab.metrics).unwrap());
+    lab.sync(&plan);
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+}
+
+#[test]
+fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one() {
+    require_root!();
+    let lab = Lab::new();
+    lab.sync(&plan(&all(&lab), false));
+    let target: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
+    // One socket, one conntrack flow: without the cleanup its next datagram would still go to
+    // the removed endpoint.
+    let socket = lab.client.enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let exchange = || {
+        socket.send_to(b"hi", target).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = exchange();
+    assert_eq!(exchange(), first, "one flow, one endpoint");
+    let remaining: Vec<(Ipv4Addr, u32)> = lab
+        .pods
+        .iter()
+        .filter(|(_, ip)| format!("pod{}", ip.octets()[2]) != first)
+        .map(|(_, ip)| (*ip, 0))
+        .collect();
+    assert_eq!(remaining.len(), 2);
+    lab.sync(&plan(&remaining, false));
+    let after = exchange();
+    assert_ne!(after, first, "the flow still goes to the removed endpoint");
+}
+
+#[test]
+fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
+    require_root!();
+    let lab = Lab::new();
+    // Cluster policy: any endpoint, and the pod sees a node address (SNAT to the address of
+    // the node's interface towards the pod), not the client's.
+    lab.sync(&plan(&all(&lab), false));
+    let answer = ask(&lab.outside, NODE_IP, NODE_PORT).unwrap();
+    let (pod, peer) = answer.split_once(' ').unwrap();
+    assert_eq!(peer, format!("10.244.{}.1", &pod[3..]), "{answer}");
+
+    // Local policy: only the node's own endpoint (pod2), and the pod sees the client's address.
+    let local = pb::EndpointFlag::EndpointLocal as u32;
+    let eps: Vec<(Ipv4Addr, u32)> =
+        all(&lab).into_iter().map(|(ip, _)| (ip, if ip.octets()[2] == 2 { local } else { 0 })).collect();
+    lab.sync(&plan(&eps, true));
+    for _ in 0..10 {
+        assert_eq!(ask(&lab.outside, NODE_IP, NODE_PORT).unwrap(), format!("pod2 {OUTSIDE_IP}"));
+    }
+    // No local endpoint: dropped for outside clients (no answer), still served to pods.
+    lab.sync(&plan(&all(&lab), true));
+    assert!(ask(&lab.outside, NODE_IP, NODE_PORT).is_err());
+    assert!(who(&lab.client, NODE_IP, NODE_PORT).starts_with("pod"));
+}
+
+#[test]
+fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
+    require_root!();
+    let lab = Lab::new();
+    lab.sync(&plan(&all(&lab), false));
+    let chains = |lab: &Lab| {
+        let out = lab.node.exec("iptables-save", &["-t", "nat"]);
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(":WEFT-")).count()
+    };
+    let before = chains(&lab);
+
+    // A new agent (empty cache), whose plan no longer has default/echo; it writes in small
+    // batches, each of which must be valid on its own.
+    let restarted = ProxyCache::with_runner(Runner::in_netns(&lab.node.name)).with_max_chains_per_restore(2);
+    let mut without_echo = plan(&all(&lab), false);
+    without_echo
+        .resources
+        .retain(|k, _| k.kind() != Kind::Service || !format!("{k:?}").contains("default/echo"));
+    assert_eq!(without_echo.of_kind(Kind::Service).count(), 1);
+    restarted.sync(&without_echo, &lab.metrics).unwrap();
+    assert!(restarted.restores() > 1, "the write was not split");
+    // echo had WEFT-SVC, WEFT-EXT (NodePort) and three WEFT-SEP for its TCP port, WEFT-SVC
+    // and three WEFT-SEP for its UDP port.
+    assert_eq!(chains(&lab), before - 9);
+    assert_eq!(ask(&lab.client, CLUSTER_IP, 9000), Err(ErrorKind::ConnectionRefused));
+    assert!(restarted.check(&lab.metrics).unwrap());
+}
