@@ -10,7 +10,8 @@
 //! ExternalName (CNAME), a pod's `a-b-c-d.<ns>.pod` name, PTR of a ClusterIP, a name forwarded to
 //! the upstream, a stub domain; then changing `dns.upstreams` in NetworkConfig reaches every node,
 //! and an upstream that would loop back to kube-dns is refused (NetworkConfig status) while the
-//! nodes keep serving the last good configuration.
+//! nodes keep serving the last good configuration; an agent killed with SIGKILL leaves no CoreDNS
+//! behind and its successor serves again.
 //! Needs root, `cargo build --workspace --bins` and CoreDNS from e2e/tools/install.sh.
 
 use std::collections::BTreeSet;
@@ -316,5 +317,42 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
             .await?;
     }
     s.step("a looping upstream is refused; the nodes keep the last good one");
+
+    // An agent killed outright takes its CoreDNS along (nothing is left running on the node);
+    // the restarted agent runs exactly one again.
+    let node2 = nodes.iter().find(|n| n.name == "node-2").context("no node-2")?;
+    let corefile = node2.agent_state_dir.join("dns/Corefile");
+    ensure!(coredns_running(&corefile).len() == 1, "node-2 runs one CoreDNS");
+    ensure!(
+        c.kill_process("agent-node-2", rustix::process::Signal::KILL).await?,
+        "agent-node-2 did not exit"
+    );
+    c.wait_for("node-2's CoreDNS to stop with its agent", Duration::from_secs(10), || {
+        let left = coredns_running(&corefile);
+        async move { Ok(left.is_empty().then_some(())) }
+    })
+    .await?;
+    c.restart_agent("node-2").await?;
+    expect_answer(&c, &ns, "client", &[&format!("@{}", node2.ip), &fqdn], &[&cluster_ip]).await?;
+    let running = coredns_running(&corefile);
+    ensure!(running.len() == 1, "node-2 runs CoreDNS {running:?} after its agent restarted");
+    s.step("a killed agent leaves no CoreDNS behind; its successor serves again");
     Ok(())
+}
+
+/// Pids of the CoreDNS processes serving `corefile`.
+fn coredns_running(corefile: &std::path::Path) -> Vec<u32> {
+    let corefile = corefile.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
+            cmd.contains("coredns") && cmd.contains(&*corefile) && !zombie
+        })
+        .collect()
 }

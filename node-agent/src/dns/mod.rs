@@ -128,7 +128,16 @@ fn apply_inner(
         ready_port: options.ready_port,
         metrics_port: options.metrics_port,
     };
-    let text = corefile::render(dns, net, &serve)?;
+    let text = match corefile::render(dns, net, &serve) {
+        Ok(text) => text,
+        Err(e) => {
+            // Fail-static also across agent restarts: the last good Corefile is still on disk.
+            if let Err(keep) = handle.keep_last(&serve) {
+                tracing::warn!(error = %keep, "cannot start CoreDNS with the last good Corefile");
+            }
+            return Err(e.into());
+        }
+    };
     handle.serve(text, &serve)?;
     Ok(Serving::On { node_ip })
 }

@@ -60,6 +60,7 @@ type Reply<T> = mpsc::SyncSender<Result<T, SupervisorError>>;
 enum Request {
     Serve { corefile: String, health: SocketAddr, reply: Reply<Served> },
     Stop { reply: Reply<()> },
+    KeepLast { health: SocketAddr, reply: Reply<()> },
 }
 
 /// A handle on the node's CoreDNS; clones share it. The thread starts with the first request
@@ -131,6 +132,13 @@ impl DnsHandle {
         *lock(&self.shared.off) = None;
         let health = SocketAddr::from((serve.node_ip, serve.health_port));
         self.request(|reply| Request::Serve { corefile, health, reply })
+    }
+
+    /// Makes sure CoreDNS runs, with the Corefile last written if none runs (the plan could not
+    /// be rendered: the node keeps serving what it served before, even after an agent restart).
+    pub fn keep_last(&self, serve: &ServeOptions) -> Result<(), SupervisorError> {
+        let health = SocketAddr::from((serve.node_ip, serve.health_port));
+        self.request(|reply| Request::KeepLast { health, reply })
     }
 
     /// Stops CoreDNS (also one a previous agent left running).
@@ -220,6 +228,9 @@ impl Supervisor {
                 Ok(Request::Serve { corefile, health, reply }) => {
                     let _ = reply.send(self.serve(corefile, health));
                 }
+                Ok(Request::KeepLast { health, reply }) => {
+                    let _ = reply.send(self.keep_last(health));
+                }
                 Ok(Request::Stop { reply }) => {
                     self.desired = None;
                     let _ = reply.send(self.stop());
@@ -265,6 +276,17 @@ impl Supervisor {
         self.metrics.dns_reloads.inc();
         info!(pid, "CoreDNS reloads its Corefile");
         Ok(Served::Reloaded)
+    }
+
+    fn keep_last(&mut self, health: SocketAddr) -> Result<(), SupervisorError> {
+        self.reap();
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let Ok(last) = std::fs::read_to_string(self.corefile_path()) else { return Ok(()) };
+        info!("serving the last good Corefile");
+        self.desired = Some((last.clone(), health));
+        self.start(&last, health)
     }
 
     /// Replaces a CoreDNS a previous agent left behind (its pid file names a live process

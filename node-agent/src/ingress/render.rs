@@ -278,11 +278,12 @@ fn write_config(
             collect(a);
         }
     }
-    // Keep-alive connections to each ClusterIP: the proxy balances per connection.
+    // Keep-alive connections to each ClusterIP. The proxy balances per connection, so each one
+    // is retired after 100 requests or 10 s idle: new endpoints get their share soon.
     for u in &upstreams {
         let _ = writeln!(
             o,
-            "    upstream {} {{\n        server {}:{};\n        keepalive 32;\n    }}",
+            "    upstream {} {{\n        server {}:{};\n        keepalive 32;\n        keepalive_requests 100;\n        keepalive_timeout 10s;\n    }}",
             u.name(),
             u.ip,
             u.port

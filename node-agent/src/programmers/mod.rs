@@ -6,10 +6,8 @@
 //! pods to the allocator behind `weft-cni`, `cni` installs the conflist and the plugin when
 //! the agent is told to (`Target::cni.install`), and `routes` programs the routes to the other
 //! nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod network is
-//! Weft's (the same flag).
-//!
-//! NOT YET PROGRAMMING: the service proxy and DNS only record; their issues replace them with a
-//! real pure `render` + idempotent `apply`.
+//! Weft's (the same flag). `proxy` writes the service chains (see [`crate::proxy`]) whatever the
+//! node's CNI, and its periodic check ([`CHECKS`]) repairs them when they are flushed.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
