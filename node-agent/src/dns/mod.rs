@@ -64,7 +64,8 @@ pub enum Serving {
 
 /// Brings the node's CoreDNS in line with the plan: renders the Corefile and has the supervisor
 /// start or reload CoreDNS, or stops it when this node serves no DNS. A plan that does not
-/// render leaves the running CoreDNS as it is (fail-static) and is reported.
+/// render leaves the running CoreDNS as it is, or starts it with the last good Corefile after an
+/// agent restart (fail-static), and is reported.
 pub fn apply(
     dns: Option<&pb::DnsSettings>,
     net: Option<&pb::NetworkSettings>,

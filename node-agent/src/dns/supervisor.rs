@@ -393,6 +393,7 @@ impl Supervisor {
         let ran = running.started.elapsed();
         warn!(%status, ?ran, log = %self.log_path().display(), "CoreDNS exited; restarting it");
         self.running = None;
+        self.metrics.dns_serving.set(0);
         // A CoreDNS that ran for a while is restarted at once; one that keeps dying, less often.
         self.backoff = if ran > Duration::from_secs(60) {
             Duration::from_secs(1)
@@ -411,7 +412,10 @@ impl Supervisor {
         let Some((corefile, health)) = self.desired.clone() else { return };
         self.metrics.dns_restarts.inc();
         match self.start(&corefile, health) {
-            Ok(()) => info!("CoreDNS restarted"),
+            Ok(()) => {
+                self.metrics.dns_serving.set(1);
+                info!("CoreDNS restarted");
+            }
             Err(e) => {
                 warn!(error = %e, "CoreDNS did not restart");
                 self.next_start = Instant::now() + self.backoff;
@@ -557,6 +561,7 @@ mod tests {
                 && dig(dns) == "192.0.2.2"
         });
         assert_eq!(metrics.dns_restarts.get(), 1);
+        wait_until("weft_agent_dns_serving 1 again", || metrics.dns_serving.get() == 1);
 
         // The agent stops: so does its CoreDNS.
         let pid: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");

@@ -8,6 +8,9 @@
 //! nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod network is
 //! Weft's (the same flag). `proxy` writes the service chains (see [`crate::proxy`]) whatever the
 //! node's CNI, and its periodic check ([`CHECKS`]) repairs them when they are flushed.
+//! `ingress` runs nginx on the nodes that serve ingress (see [`crate::ingress`]). `dns` runs the
+//! node's CoreDNS from the Corefile it renders (see [`crate::dns`]) when the agent has
+//! `--dns-kubeconfig`.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
