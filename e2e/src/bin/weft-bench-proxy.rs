@@ -546,8 +546,8 @@ async fn measure(
             if c1 > c0 && lc1 > lc0 {
                 break text;
             }
-            if t0.elapsed() > Duration::from_secs(60) {
-                bail!("{}: no sync within 60 s of change {k} (service s-{i})", proxy.label());
+            if t0.elapsed() > Duration::from_secs(600) {
+                bail!("{}: no sync within 600 s of change {k} (service s-{i})", proxy.label());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
