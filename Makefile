@@ -66,7 +66,7 @@ bench-dns: tools build
 
 bench-proxy: tools build
 	$(CARGO) build --release -p weft-agent --bin weft-agent
-	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20
+	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20 --nftables-changes 5 --iptables legacy
 	target/debug/weft-bench-proxy latency --changes 40
 
 # Needs the Go-built tools and nginx/wrk (make tools): a 2-node local cluster of its own; route

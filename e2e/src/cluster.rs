@@ -41,7 +41,7 @@ pub use state::{
     PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
-    Fatal, PodOptions, ReplicaGuard, TestCluster, TestNamespace, TestOptions, client_for, http_get,
+    Fatal, PodOptions, ReplicaGuard, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get,
     metric_value, metrics_text, wait_for, whoami_remote_ip,
 };
 

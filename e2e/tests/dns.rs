@@ -16,21 +16,13 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, metric_value,
+    AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value,
     metrics_text,
 };
-
-struct Steps(Instant);
-
-impl Steps {
-    fn step(&self, what: &str) {
-        eprintln!("[dns {:>6.1?}] {what}", self.0.elapsed());
-    }
-}
 
 /// Runs CoreDNS on an outside host with `corefile`.
 fn outside_coredns(c: &TestCluster, host: &mut OutsideHost, name: &str, corefile: &str) -> Result<()> {
@@ -89,7 +81,7 @@ async fn expect_lines(
 
 #[tokio::test]
 async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<()> {
-    let s = Steps(Instant::now());
+    let s = Steps::new("dns");
     let c = TestCluster::start(
         TestOptions::default()
             .nodes(2)

@@ -19,10 +19,10 @@
 //! Needs root, `cargo build --workspace --bins` and nginx/openssl from e2e/tools/install.sh.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, TestCluster, TestOptions};
+use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions};
 
 async fn cluster() -> Result<TestCluster> {
     TestCluster::shared(
@@ -33,17 +33,6 @@ async fn cluster() -> Result<TestCluster> {
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await
-}
-
-struct Steps(Instant, &'static str);
-
-impl Steps {
-    fn new(test: &'static str) -> Steps {
-        Steps(Instant::now(), test)
-    }
-    fn step(&self, what: &str) {
-        eprintln!("[{} {:>6.1?}] {what}", self.1, self.0.elapsed());
-    }
 }
 
 const WAIT: Duration = Duration::from_secs(90);

@@ -17,10 +17,12 @@
 //! Needs root and `cargo build --workspace --bins`.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
+use weft_e2e::cluster::{
+    CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, whoami_remote_ip,
+};
 
 async fn cluster() -> Result<TestCluster> {
     TestCluster::shared(
@@ -31,18 +33,6 @@ async fn cluster() -> Result<TestCluster> {
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await
-}
-
-/// Progress lines with the time since the test started.
-struct Steps(Instant, &'static str);
-
-impl Steps {
-    fn new(test: &'static str) -> Steps {
-        Steps(Instant::now(), test)
-    }
-    fn step(&self, what: &str) {
-        eprintln!("[{} {:>6.1?}] {what}", self.1, self.0.elapsed());
-    }
 }
 
 /// Echo pods `(name, node)` labelled `app=<app>`, started together.

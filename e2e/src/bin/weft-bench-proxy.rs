@@ -1,7 +1,8 @@
 //! The service proxy benchmarks (`make bench-proxy`; root; `cargo build --workspace --bins` first —
 //! weft-dev and the Weft binaries are taken from next to this one, kube-proxy from the tools dir).
 //!
-//! `weft-bench-proxy side-by-side [--scales 1000,5000,10000] [--changes 20]`: one local control
+//! `weft-bench-proxy side-by-side [--scales 1000,5000,10000] [--changes 20] [--nftables-changes 5]
+//! [--iptables legacy|nft] [--proxies iptables,nftables,weft] [--agent PATH]`: one local control
 //! plane (1 node, Weft's operator, the node's own agent stopped), N selector-less Services × 10
 //! endpoints in hand-written EndpointSlices; then, for each scale and one after the other (2 cores:
 //! running them at once would time the machine, not the proxies), in a fresh network namespace on
@@ -13,7 +14,9 @@
 //! last-change-trigger-time set to now), each timed from the sync-duration histogram's sum over
 //! the syncs it caused; rules written per change (kube-proxy: `sync_proxy_rules_iptables_last`,
 //! nat + filter; Weft: `weft_agent_proxy_sync_lines_written`); the change's network programming
-//! latency as each reports it; peak memory (`VmHWM`).
+//! latency as each reports it; peak memory (`VmHWM`). Both iptables proxies use the same backend:
+//! legacy by default (Debian 12's iptables-nft-restore is quadratic in chains: minutes at a few
+//! thousand Services), through a directory of `iptables*` symlinks first on their PATH.
 //!
 //! `weft-bench-proxy latency [--changes 40]`: the network programming latency SLI on a 3-node
 //! local cluster (`--cni weft`): a selector-less Service whose hand-written slice is switched

@@ -829,3 +829,21 @@ pub fn whoami_remote_ip(body: &str) -> Result<std::net::Ipv4Addr> {
     let ip = line.trim().rsplit_once(':').map(|(ip, _)| ip).unwrap_or(line);
     ip.parse().with_context(|| format!("RemoteAddr {line:?}"))
 }
+
+/// Marks the steps of a long test with the time since it began, so the log of a slow or failing
+/// run shows where the time went.
+#[derive(Debug)]
+pub struct Steps {
+    started: std::time::Instant,
+    test: &'static str,
+}
+
+impl Steps {
+    pub fn new(test: &'static str) -> Steps {
+        Steps { started: std::time::Instant::now(), test }
+    }
+
+    pub fn step(&self, what: &str) {
+        eprintln!("[{} {:>6.1?}] {what}", self.test, self.started.elapsed());
+    }
+}
