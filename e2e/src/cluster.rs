@@ -213,10 +213,10 @@ impl Cluster {
             }
         }
         fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
-        let idx = {
-            let lock = state::lock_registry()?;
-            state::claim_index(&lock, &opts.name, &dir)?
-        };
+        // The lock is held until the state file exists: until then another claimer would take the
+        // slot for a stale one.
+        let lock = state::lock_registry()?;
+        let idx = state::claim_index(&lock, &opts.name, &dir)?;
         let state = ClusterState {
             name: opts.name.clone(),
             idx,
@@ -234,10 +234,10 @@ impl Cluster {
             observability: None,
         };
         if let Err(e) = state.save() {
-            let lock = state::lock_registry()?;
             state::release_index(&lock, idx, &opts.name);
             return Err(e);
         }
+        drop(lock);
         let mut cluster = Cluster { state, children: Vec::new() };
         match cluster.bring_up(opts) {
             Ok(()) => Ok(cluster),
