@@ -309,6 +309,10 @@ fn print_weft(s: &cluster::ClusterState) {
     } else {
         println!("weft: pods use the reference plugins; agents only record their CNI and routes programming");
     }
+    println!(
+        "weft: agents program Services (WEFT- iptables chains), a CoreDNS per node behind kube-dns {} and nginx for Ingresses of class weft",
+        cluster::CLUSTER_DNS
+    );
 }
 
 fn print_summary(c: &Cluster) {

@@ -175,9 +175,10 @@ impl Default for ProxyCache {
     }
 }
 
-/// Chains per `iptables-restore` in a big write (about 180 Services of 10 endpoints): in
-/// measurements on iptables-nft 1.8.9 a 1,000-Service full sync took 9.3 s as one input and
-/// 3.5–3.7 s in batches of 50–250 Services, each batch costing the same whatever the table's size.
+/// Chains per `iptables-restore` in a big write on iptables-nft (about 180 Services of 10
+/// endpoints; iptables-legacy gets one restore): in measurements on iptables-nft 1.8.9 a
+/// 1,000-Service full sync took 9.3 s as one input and 3.5–3.7 s in batches of 50–250 Services,
+/// each batch costing the same whatever the table's size.
 pub const MAX_CHAINS_PER_RESTORE: usize = 2000;
 
 /// What one sync did.
@@ -302,6 +303,17 @@ impl ProxyCache {
         if stale.is_empty() && removed.is_empty() && !rerender_all {
             return Ok(report);
         }
+        // iptables-legacy reads and rewrites the whole table on every restore, so batches would
+        // make a full sync quadratic there: it gets one restore, as kube-proxy does.
+        let mut max_chains = self.max_chains_per_restore;
+        if full {
+            if self.runner.output("iptables", &["--version"])?.contains("legacy") {
+                max_chains = usize::MAX;
+            }
+            // Before the bulk write, while the tables are small: on the legacy backend every
+            // insert reads and rewrites the whole table.
+            self.ensure_jumps()?;
+        }
 
         // iptables-nft's `--noflush` restore grows faster than linearly with the chains in one
         // input, so a big write goes out in batches of whole Services, rendered batch by batch
@@ -346,7 +358,7 @@ impl ProxyCache {
                     }
                 }
             }
-            if !batch.is_empty() && batch.len() + group.len() > self.max_chains_per_restore {
+            if !batch.is_empty() && batch.len() + group.len() > max_chains {
                 report.chains_written += batch.len();
                 report.lines += self.restore(state, &batch, &[])?;
                 batch.clear();
@@ -411,9 +423,6 @@ impl ProxyCache {
         if !batch.is_empty() || !delete.is_empty() {
             let delete_refs: Vec<(Table, &str)> = delete.iter().map(|(t, n)| (*t, n.as_str())).collect();
             report.lines += self.restore(state, &batch, &delete_refs)?;
-        }
-        if full {
-            self.ensure_jumps()?;
         }
         self.commit(state, metrics, pending.drain(..), now_ms);
         for name in removed {
@@ -497,9 +506,14 @@ impl ProxyCache {
         Ok(chains)
     }
 
-    /// The rules from the built-in chains into Weft's, each inserted once at the top.
+    /// The rules from the built-in chains into Weft's, each inserted once at the top. A chain
+    /// jumped to that does not exist yet is created empty; the restore fills it.
     fn ensure_jumps(&self) -> Result<(), ProxyError> {
         for jump in JUMPS {
+            if let Some(target) = jump.args.last() {
+                // Fails harmlessly when the chain exists.
+                self.runner.status_ok("iptables", &["-w", "-t", jump.table.name(), "-N", target])?;
+            }
             let check = [&["-w", "-t", jump.table.name(), "-C", jump.from][..], jump.args].concat();
             if self.runner.status_ok("iptables", &check)? {
                 continue;
