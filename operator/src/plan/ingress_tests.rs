@@ -8,6 +8,7 @@ use weft_api::plan::{self as pb, Kind};
 
 use super::*;
 use crate::plan::model::{ProxyOverrides, ServicePort, TargetPort};
+use crate::plan::tests::plans;
 use crate::plan::{Compiler, Scope};
 use crate::server::PlanStore;
 
@@ -216,21 +217,6 @@ fn arb_change() -> impl Strategy<Value = Change> {
     ]
 }
 
-fn plans(store: &PlanStore) -> BTreeMap<String, Vec<(String, u64)>> {
-    ["n1", "n2", "n3"]
-        .iter()
-        .filter_map(|n| {
-            let mut plan: Vec<(String, u64)> = store
-                .plan_of(n)?
-                .into_iter()
-                .map(|r| (format!("{:?}/{}", r.kind(), r.name), r.version))
-                .collect();
-            plan.sort();
-            Some((n.to_string(), plan))
-        })
-        .collect()
-}
-
 proptest! {
     #[test]
     fn incremental_ingress_compilation_matches_a_full_compile(changes in prop::collection::vec(arb_change(), 1..30)) {
@@ -243,7 +229,8 @@ proptest! {
         let (full_compiler, updates) = Compiler::full(changes);
         let full = PlanStore::new();
         full.publish(updates, Default::default());
-        prop_assert_eq!(plans(&incremental), plans(&full));
+        let nodes = ["n1", "n2", "n3"];
+        prop_assert_eq!(plans(&incremental, &nodes), plans(&full, &nodes));
         prop_assert_eq!(compiler.ingress_report(), full_compiler.ingress_report());
     }
 }

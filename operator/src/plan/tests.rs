@@ -247,7 +247,8 @@ fn arb_change() -> impl Strategy<Value = Change> {
     ]
 }
 
-fn plans(store: &PlanStore, nodes: &[&str]) -> BTreeMap<String, Vec<(String, u64)>> {
+/// Each node's plan as sorted (kind/name, version) pairs, to compare two stores.
+pub(super) fn plans(store: &PlanStore, nodes: &[&str]) -> BTreeMap<String, Vec<(String, u64)>> {
     nodes
         .iter()
         .filter_map(|n| {
