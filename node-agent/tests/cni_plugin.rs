@@ -14,37 +14,16 @@ use weft_agent::cni::{CniServer, conflist};
 use weft_agent::ipam::{AttachmentKey, IpamHandle, PodRef};
 use weft_api::plan::NetworkSettings;
 
+mod support;
+use support::{ok, require_root, run};
+
 const PLUGIN: &str = env!("CARGO_BIN_EXE_weft-cni");
 const GATEWAY: &str = "169.254.1.1";
 const BLOCK: &str = "10.250.0.0/29";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root for network namespaces");
-            return;
-        }
-    };
-}
-
 fn unique(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!("wcni-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A network namespace, deleted on drop.
@@ -212,7 +191,7 @@ fn error_code(v: &Value) -> u64 {
 
 #[test]
 fn pods_get_addresses_reach_each_other_and_are_torn_down() {
-    require_root!();
+    require_root();
     let agent = Agent::start(&[BLOCK]);
     let (p1, p2) = (Pod::new("p1"), Pod::new("p2"));
 
@@ -283,7 +262,7 @@ fn pods_get_addresses_reach_each_other_and_are_torn_down() {
 
 #[test]
 fn a_restarted_agent_keeps_every_pods_address() {
-    require_root!();
+    require_root();
     let mut agent = Agent::start(&[BLOCK]);
     let (p1, p2) = (Pod::new("r1"), Pod::new("r2"));
     let ip1 = address_of(&agent.add(&p1));
@@ -306,7 +285,7 @@ fn a_restarted_agent_keeps_every_pods_address() {
 
 #[test]
 fn the_ninth_pod_on_a_29_gets_the_exhaustion_error() {
-    require_root!();
+    require_root();
     let agent = Agent::start(&[BLOCK]);
     for i in 0..7 {
         let pod = PodRef { namespace: "default".into(), name: format!("filler-{i}"), uid: String::new() };
@@ -332,7 +311,7 @@ fn the_ninth_pod_on_a_29_gets_the_exhaustion_error() {
 
 #[test]
 fn failures_are_cni_errors_a_person_can_act_on() {
-    require_root!();
+    require_root();
     let agent = Agent::start(&[]);
     let pod = Pod::new("e1");
 
@@ -424,7 +403,7 @@ fn failures_are_cni_errors_a_person_can_act_on() {
 
 #[test]
 fn gc_releases_addresses_and_veths_of_attachments_that_are_gone() {
-    require_root!();
+    require_root();
     let agent = Agent::start(&[BLOCK]);
     let (keep, stale) = (Pod::new("g1"), Pod::new("g2"));
     let ip_keep = address_of(&agent.add(&keep));
@@ -473,11 +452,8 @@ impl Drop for CnitoolPod<'_> {
 
 #[test]
 fn cnitool_add_check_del_through_the_installed_conflist() {
-    require_root!();
-    let Some(tool) = cnitool() else {
-        eprintln!("skipped: cnitool is not installed (`make tools`, or set WEFT_CNITOOL)");
-        return;
-    };
+    require_root();
+    let tool = cnitool().expect("cnitool is not installed: run `make tools`, or set WEFT_CNITOOL");
     let agent = Agent::start(&[BLOCK]);
     // The conflist and binary exactly as the agent installs them, with portmap chained.
     let settings =

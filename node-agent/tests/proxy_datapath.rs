@@ -17,6 +17,9 @@ use weft_agent::plan_state::PlanState;
 use weft_agent::proxy::{ProxyCache, Runner};
 use weft_api::plan::{self as pb, Kind, Resource};
 
+mod support;
+use support::{ok, require_root, run};
+
 const CLUSTER_IP: &str = "10.96.0.10";
 const EMPTY_IP: &str = "10.96.0.11";
 const NODE_IP: &str = "192.168.77.1";
@@ -24,30 +27,6 @@ const OUTSIDE_IP: &str = "192.168.77.2";
 const NODE_PORT: u16 = 30123;
 /// Where the client reads its answers; long only so a slow machine never fails a test.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root for network namespaces");
-            return;
-        }
-    };
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A network namespace, deleted on drop.
 struct Netns {
@@ -265,7 +244,7 @@ fn tally(from: &Netns, requests: usize) -> BTreeMap<String, usize> {
 
 #[test]
 fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     lab.sync(&plan(&all(&lab), false));
 
@@ -282,7 +261,7 @@ fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_on
 
 #[test]
 fn a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     lab.sync(&plan(&all(&lab), false));
     let two = &all(&lab)[..2];
@@ -299,7 +278,7 @@ fn a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing()
 
 #[test]
 fn chains_flushed_or_deleted_from_outside_are_repaired_by_the_check() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     let plan = plan(&all(&lab), false);
     lab.sync(&plan);
@@ -340,7 +319,7 @@ fn chains_flushed_or_deleted_from_outside_are_repaired_by_the_check() {
 
 #[test]
 fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     lab.sync(&plan(&all(&lab), false));
     let target: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
@@ -370,7 +349,7 @@ fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one() {
 
 #[test]
 fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     // Cluster policy: any endpoint, and the pod sees a node address (SNAT to the address of
     // the node's interface towards the pod), not the client's.
@@ -395,7 +374,7 @@ fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
 
 #[test]
 fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
-    require_root!();
+    require_root();
     let lab = Lab::new();
     lab.sync(&plan(&all(&lab), false));
     let chains = |lab: &Lab| {
