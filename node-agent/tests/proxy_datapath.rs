@@ -1,7 +1,8 @@
 //! The service proxy's rules with real packets: a "node" network namespace with its own
 //! iptables, "pod" namespaces behind veths running small TCP/UDP echo servers, and a client pod.
 //! The proxy writes its chains inside the node namespace (`ip netns exec`); the root namespace's
-//! iptables are never touched. Every namespace is removed by a guard, even when an assertion fails.
+//! iptables and nftables are never touched. The behaviour tests run on both backends
+//! (`iptables::…`, `nftables::…`). Every namespace is removed by a guard, even when an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -101,10 +102,11 @@ struct Lab {
     outside: Netns,
     cache: ProxyCache,
     metrics: AgentMetrics,
+    mode: pb::ProxyMode,
 }
 
 impl Lab {
-    fn new() -> Self {
+    fn new(mode: pb::ProxyMode) -> Self {
         let node = Netns::new("node");
         ok(Command::new("ip").args(["netns", "exec", &node.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = Vec::new();
@@ -126,7 +128,7 @@ impl Lab {
         outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"]);
         outside.ip(&["link", "set", "eth0", "up"]);
         let cache = ProxyCache::with_runner(Runner::in_netns(&node.name));
-        Self { node, pods, client, outside, cache, metrics: AgentMetrics::default() }
+        Self { node, pods, client, outside, cache, metrics: AgentMetrics::default(), mode }
     }
 
     fn sync(&self, plan: &PlanState) {
@@ -136,6 +138,15 @@ impl Lab {
     fn iptables(&self, args: &[&str]) {
         let out = self.node.exec("iptables", args);
         assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn nft(&self, args: &[&str]) {
+        let out = self.node.exec("nft", args);
+        assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn plan(&self, endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
+        plan(self.mode, endpoints, external_local)
     }
 
     fn syncs(&self, result: &'static str) -> u64 {
@@ -172,7 +183,7 @@ fn who(ns: &Netns, ip: &str, port: u16) -> String {
     answer.split_whitespace().next().unwrap_or_default().to_string()
 }
 
-fn settings() -> Resource {
+fn settings(mode: pb::ProxyMode) -> Resource {
     Resource::encode(
         Kind::Network,
         "network",
@@ -180,6 +191,7 @@ fn settings() -> Resource {
             pod_cidrs: vec!["10.244.0.0/16".into()],
             service_cidr: "10.96.0.0/16".into(),
             masquerade_bit: 14,
+            proxy_mode: mode as i32,
             ..Default::default()
         },
     )
@@ -187,11 +199,20 @@ fn settings() -> Resource {
 
 /// `default/echo` (TCP 9000 → 80 with NodePort 30123, UDP 53 → 5353) on `endpoints` (flags per
 /// pod address), and `default/empty` (TCP 80, no endpoints).
-fn plan(endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
+fn plan(mode: pb::ProxyMode, endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
+    plan_with(mode, endpoints, |echo| echo.external_local = external_local)
+}
+
+/// [`plan`], with `default/echo` changed by `tweak`.
+fn plan_with(
+    mode: pb::ProxyMode,
+    endpoints: &[(Ipv4Addr, u32)],
+    tweak: impl Fn(&mut pb::Service),
+) -> PlanState {
     let eps = |port| {
         endpoints.iter().map(|(ip, flags)| pb::Endpoint { ip: u32::from(*ip), port, flags: *flags }).collect()
     };
-    let echo = pb::Service {
+    let mut echo = pb::Service {
         cluster_ip: u32::from(CLUSTER_IP.parse::<Ipv4Addr>().unwrap()),
         ports: vec![
             pb::ServicePort {
@@ -209,9 +230,9 @@ fn plan(endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
                 endpoints: eps(5353),
             },
         ],
-        external_local,
         ..Default::default()
     };
+    tweak(&mut echo);
     let empty = pb::Service {
         cluster_ip: u32::from(EMPTY_IP.parse::<Ipv4Addr>().unwrap()),
         ports: vec![pb::ServicePort {
@@ -223,7 +244,7 @@ fn plan(endpoints: &[(Ipv4Addr, u32)], external_local: bool) -> PlanState {
         ..Default::default()
     };
     let resources = [
-        settings(),
+        settings(mode),
         Resource::encode(Kind::Service, "default/echo", &echo),
         Resource::encode(Kind::Service, "default/empty", &empty),
     ];
@@ -242,11 +263,10 @@ fn tally(from: &Netns, requests: usize) -> BTreeMap<String, usize> {
     seen
 }
 
-#[test]
-fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once() {
+fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once(mode: pb::ProxyMode) {
     require_root();
-    let lab = Lab::new();
-    lab.sync(&plan(&all(&lab), false));
+    let lab = Lab::new(mode);
+    lab.sync(&lab.plan(&all(&lab), false));
 
     let seen = tally(&lab.client, 60);
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["pod1", "pod2", "pod3"], "{seen:?}");
@@ -259,28 +279,27 @@ fn a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_on
     assert_eq!(ask(&lab.node, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused));
 }
 
-#[test]
-fn a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing() {
+fn a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing(mode: pb::ProxyMode) {
     require_root();
-    let lab = Lab::new();
-    lab.sync(&plan(&all(&lab), false));
+    let lab = Lab::new(mode);
+    lab.sync(&lab.plan(&all(&lab), false));
     let two = &all(&lab)[..2];
-    lab.sync(&plan(two, false));
+    lab.sync(&lab.plan(two, false));
     let seen = tally(&lab.client, 40);
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["pod1", "pod2"], "{seen:?}");
 
     let restores = lab.cache.restores();
     let unchanged = lab.syncs("unchanged");
-    lab.sync(&plan(two, false));
-    assert_eq!(lab.cache.restores(), restores, "a sync with no change ran iptables-restore");
+    lab.sync(&lab.plan(two, false));
+    assert_eq!(lab.cache.restores(), restores, "a sync with no change wrote rules");
     assert_eq!(lab.syncs("unchanged"), unchanged + 1);
 }
 
 #[test]
 fn chains_flushed_or_deleted_from_outside_are_repaired_by_the_check() {
     require_root();
-    let lab = Lab::new();
-    let plan = plan(&all(&lab), false);
+    let lab = Lab::new(pb::ProxyMode::Iptables);
+    let plan = lab.plan(&all(&lab), false);
     lab.sync(&plan);
     assert!(lab.cache.check(&lab.metrics).unwrap(), "freshly written chains pass the check");
 
@@ -317,11 +336,10 @@ fn chains_flushed_or_deleted_from_outside_are_repaired_by_the_check() {
     assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
 }
 
-#[test]
-fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one() {
+fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one(mode: pb::ProxyMode) {
     require_root();
-    let lab = Lab::new();
-    lab.sync(&plan(&all(&lab), false));
+    let lab = Lab::new(mode);
+    lab.sync(&lab.plan(&all(&lab), false));
     let target: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
     // One socket, one conntrack flow: without the cleanup its next datagram would still go to
     // the removed endpoint.
@@ -342,18 +360,17 @@ fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one() {
         .map(|(_, ip)| (*ip, 0))
         .collect();
     assert_eq!(remaining.len(), 2);
-    lab.sync(&plan(&remaining, false));
+    lab.sync(&lab.plan(&remaining, false));
     let after = exchange();
     assert_ne!(after, first, "the flow still goes to the removed endpoint");
 }
 
-#[test]
-fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
+fn a_node_port_masquerades_external_clients_unless_the_policy_is_local(mode: pb::ProxyMode) {
     require_root();
-    let lab = Lab::new();
+    let lab = Lab::new(mode);
     // Cluster policy: any endpoint, and the pod sees a node address (SNAT to the address of
     // the node's interface towards the pod), not the client's.
-    lab.sync(&plan(&all(&lab), false));
+    lab.sync(&lab.plan(&all(&lab), false));
     let answer = ask(&lab.outside, NODE_IP, NODE_PORT).unwrap();
     let (pod, peer) = answer.split_once(' ').unwrap();
     assert_eq!(peer, format!("10.244.{}.1", &pod[3..]), "{answer}");
@@ -362,12 +379,12 @@ fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
     let local = pb::EndpointFlag::EndpointLocal as u32;
     let eps: Vec<(Ipv4Addr, u32)> =
         all(&lab).into_iter().map(|(ip, _)| (ip, if ip.octets()[2] == 2 { local } else { 0 })).collect();
-    lab.sync(&plan(&eps, true));
+    lab.sync(&lab.plan(&eps, true));
     for _ in 0..10 {
         assert_eq!(ask(&lab.outside, NODE_IP, NODE_PORT).unwrap(), format!("pod2 {OUTSIDE_IP}"));
     }
     // No local endpoint: dropped for outside clients (no answer), still served to pods.
-    lab.sync(&plan(&all(&lab), true));
+    lab.sync(&lab.plan(&all(&lab), true));
     assert!(ask(&lab.outside, NODE_IP, NODE_PORT).is_err());
     assert!(who(&lab.client, NODE_IP, NODE_PORT).starts_with("pod"));
 }
@@ -375,8 +392,8 @@ fn a_node_port_masquerades_external_clients_unless_the_policy_is_local() {
 #[test]
 fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
     require_root();
-    let lab = Lab::new();
-    lab.sync(&plan(&all(&lab), false));
+    let lab = Lab::new(pb::ProxyMode::Iptables);
+    lab.sync(&lab.plan(&all(&lab), false));
     let chains = |lab: &Lab| {
         let out = lab.node.exec("iptables-save", &["-t", "nat"]);
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(":WEFT-")).count()
@@ -386,7 +403,7 @@ fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
     // A new agent (empty cache), whose plan no longer has default/echo; it writes in small
     // batches, each of which must be valid on its own.
     let restarted = ProxyCache::with_runner(Runner::in_netns(&lab.node.name)).with_max_chains_per_restore(2);
-    let mut without_echo = plan(&all(&lab), false);
+    let mut without_echo = lab.plan(&all(&lab), false);
     without_echo
         .resources
         .retain(|k, _| k.kind() != Kind::Service || !format!("{k:?}").contains("default/echo"));
@@ -398,4 +415,111 @@ fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
     assert_eq!(chains(&lab), before - 9);
     assert_eq!(ask(&lab.client, CLUSTER_IP, 9000), Err(ErrorKind::ConnectionRefused));
     assert!(restarted.check(&lab.metrics).unwrap());
+}
+
+/// The behaviour tests, once per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod iptables {
+            $(#[test]
+            fn $name() {
+                super::$name(weft_api::plan::ProxyMode::Iptables)
+            })*
+        }
+        mod nftables {
+            $(#[test]
+            fn $name() {
+                super::$name(weft_api::plan::ProxyMode::Nftables)
+            })*
+        }
+    };
+}
+
+fn client_ip_affinity_keeps_a_client_on_one_endpoint(mode: pb::ProxyMode) {
+    require_root();
+    let lab = Lab::new(mode);
+    lab.sync(&plan_with(mode, &all(&lab), |echo| echo.affinity_timeout_seconds = 600));
+    let seen = tally(&lab.client, 20);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // Without affinity the same client is spread again.
+    lab.sync(&lab.plan(&all(&lab), false));
+    assert!(tally(&lab.client, 40).len() > 1);
+}
+
+fn a_pod_reaches_itself_through_its_service(mode: pb::ProxyMode) {
+    require_root();
+    let lab = Lab::new(mode);
+    let local = pb::EndpointFlag::EndpointLocal as u32;
+    let eps: Vec<(Ipv4Addr, u32)> = all(&lab).into_iter().map(|(ip, _)| (ip, local)).collect();
+    lab.sync(&lab.plan(&eps, false));
+    // pod1 is one of the endpoints: when the balancing picks it, the packet must be
+    // masqueraded (hairpin), or pod1 would answer itself directly and the connection fail.
+    let (pod1, ip1) = &lab.pods[0];
+    let mut answers = BTreeMap::new();
+    for _ in 0..30 {
+        let answer = ask(pod1, CLUSTER_IP, 9000).unwrap();
+        let (pod, peer) = answer.split_once(' ').unwrap();
+        if pod == "pod1" {
+            assert_ne!(peer, ip1.to_string(), "a hairpin connection was not masqueraded");
+        }
+        *answers.entry(pod.to_string()).or_insert(0) += 1;
+    }
+    assert!(answers.contains_key("pod1"), "30 requests never reached pod1 itself: {answers:?}");
+}
+
+on_both_backends!(
+    client_ip_affinity_keeps_a_client_on_one_endpoint,
+    a_pod_reaches_itself_through_its_service,
+    a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once,
+    a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing,
+    a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one,
+    a_node_port_masquerades_external_clients_unless_the_policy_is_local,
+);
+
+#[test]
+fn the_nftables_table_deleted_or_flushed_from_outside_is_replaced_by_the_check() {
+    require_root();
+    let lab = Lab::new(pb::ProxyMode::Nftables);
+    let plan = lab.plan(&all(&lab), false);
+    lab.sync(&plan);
+    assert!(lab.cache.check(&lab.metrics).unwrap(), "a freshly written table passes the check");
+
+    lab.nft(&["flush", "chain", "ip", "weft-proxy", "services"]);
+    assert!(ask(&lab.client, CLUSTER_IP, 9000).is_err(), "the flush broke the service");
+    assert!(!lab.cache.check(&lab.metrics).unwrap());
+    lab.sync(&plan);
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+
+    // `nft flush ruleset`, as a firewall reload does.
+    lab.nft(&["flush", "ruleset"]);
+    assert!(!lab.cache.check(&lab.metrics).unwrap());
+    lab.sync(&plan);
+    assert!(lab.cache.check(&lab.metrics).unwrap());
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+    assert_eq!(ask(&lab.client, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused), "the rejects are back");
+    assert_eq!(lab.metrics.proxy_full_resyncs.get(), 2);
+}
+
+#[test]
+fn switching_backends_removes_what_the_other_one_wrote() {
+    require_root();
+    let lab = Lab::new(pb::ProxyMode::Iptables);
+    let weft_chains = |lab: &Lab| {
+        let out = lab.node.exec("iptables-save", &[]);
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("WEFT-")).count()
+    };
+    let table = |lab: &Lab| lab.node.exec("nft", &["list", "table", "ip", "weft-proxy"]).status.success();
+    lab.sync(&plan(pb::ProxyMode::Iptables, &all(&lab), false));
+    assert!(weft_chains(&lab) > 0);
+
+    lab.sync(&plan(pb::ProxyMode::Nftables, &all(&lab), false));
+    assert_eq!(weft_chains(&lab), 0, "iptables chains or jumps left behind");
+    assert!(table(&lab));
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+    assert_eq!(ask(&lab.client, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused));
+
+    lab.sync(&plan(pb::ProxyMode::Iptables, &all(&lab), false));
+    assert!(!table(&lab), "the nftables table was left behind");
+    assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));
+    assert_eq!(ask(&lab.client, EMPTY_IP, 80), Err(ErrorKind::ConnectionRefused));
 }

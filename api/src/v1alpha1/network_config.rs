@@ -260,7 +260,7 @@ pub enum ProxyMode {
     /// iptables chains prefixed WEFT-, written with iptables-restore.
     #[default]
     Iptables,
-    /// nftables verdict maps (later; not implemented yet).
+    /// One nftables table, ip weft-proxy, built on verdict maps: changes cost the same at any number of Services.
     Nftables,
 }
 
@@ -268,7 +268,7 @@ pub enum ProxyMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySettings {
-    /// Proxy backend: `iptables` (now) or `nftables` (later).
+    /// Proxy backend: `iptables` (WEFT- chains, the default) or `nftables` (table ip weft-proxy; faster at scale, needs nft 1.0+).
     #[serde(default)]
     pub mode: ProxyMode,
     /// Least time between two rule syncs on a node, in milliseconds (0 to 60000); changes arriving faster are batched. kube-proxy's default is 1000.

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::metrics::{AgentMetrics, ResultLabel};
 use crate::plan_state::PlanState;
+use crate::proxy::nft::NftCache;
 
 /// Runs the iptables tools: in the agent's own network namespace, in a named one through
 /// `ip netns exec` (tests, benchmarks), or nowhere, only recording the `iptables-restore` inputs
@@ -66,7 +67,7 @@ impl Runner {
             .map_err(|source| ProxyError::Io { what: format!("cannot run {program}"), source })
     }
 
-    fn output(&self, program: &str, args: &[&str]) -> Result<String, ProxyError> {
+    pub(crate) fn output(&self, program: &str, args: &[&str]) -> Result<String, ProxyError> {
         if self.recorded.is_some() {
             return Ok(String::new());
         }
@@ -85,37 +86,50 @@ impl Runner {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn restore(&self, input: &str) -> Result<(), ProxyError> {
+    pub(crate) fn is_recording(&self) -> bool {
+        self.recorded.is_some()
+    }
+
+    /// Runs `program args` with `input` on its stdin; its stdout when it succeeds.
+    fn pipe(&self, program: &str, args: &[&str], input: &str) -> Result<String, ProxyError> {
         if let Some(recorded) = &self.recorded {
             recorded.lock().unwrap_or_else(PoisonError::into_inner).push(input.to_string());
-            return Ok(());
+            return Ok(String::new());
         }
-        let what = "iptables-restore -w --noflush".to_string();
+        let what = format!("{program} {}", args.join(" "));
         let mut child = self
-            .command("iptables-restore")
-            .args(["-w", "--noflush"])
+            .command(program)
+            .args(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| ProxyError::Io { what: "cannot run iptables-restore".into(), source })?;
+            .map_err(|source| ProxyError::Io { what: format!("cannot run {program}"), source })?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes()).map_err(|source| ProxyError::Io {
-                what: "cannot write to iptables-restore".into(),
-                source,
-            })?;
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|source| ProxyError::Io { what: format!("cannot write to {program}"), source })?;
         }
         let out = child
             .wait_with_output()
-            .map_err(|source| ProxyError::Io { what: "cannot wait for iptables-restore".into(), source })?;
+            .map_err(|source| ProxyError::Io { what: format!("cannot wait for {program}"), source })?;
         if out.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(ProxyError::Command {
                 what,
                 message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             })
         }
+    }
+
+    fn restore(&self, input: &str) -> Result<(), ProxyError> {
+        self.pipe("iptables-restore", &["-w", "--noflush"], input).map(drop)
+    }
+
+    /// One `nft -f -` transaction: all of `input` or nothing.
+    pub(crate) fn nft(&self, input: &str) -> Result<(), ProxyError> {
+        self.pipe("nft", &["-f", "-"], input).map(drop)
     }
 }
 
@@ -141,6 +155,9 @@ struct State {
     /// Trigger times older than this are not observed as programming latency: they were
     /// programmed by an earlier run (kube-proxy skips them the same way).
     started_unix_ms: i64,
+    /// The backend of the last successful sync (None before the first).
+    active: Option<pb::ProxyMode>,
+    nft: NftCache,
 }
 
 impl Default for State {
@@ -152,11 +169,13 @@ impl Default for State {
             synced: false,
             restores: 0,
             started_unix_ms: now_unix_ms(),
+            active: None,
+            nft: NftCache::default(),
         }
     }
 }
 
-fn now_unix_ms() -> i64 {
+pub(crate) fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
@@ -213,14 +232,16 @@ impl ProxyCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// How many times `iptables-restore` ran.
+    /// How many times rules were written (`iptables-restore` or `nft` runs).
     pub fn restores(&self) -> u64 {
         self.lock().restores
     }
 
     /// Forgets what was written: the next sync rewrites everything.
     pub fn invalidate(&self) {
-        self.lock().synced = false;
+        let mut state = self.lock();
+        state.synced = false;
+        state.nft.synced = false;
     }
 
     /// Makes the node's chains match the plan's Services. Fail-static: on any error nothing is
@@ -261,6 +282,7 @@ impl ProxyCache {
             }
             Err(e) => {
                 state.synced = false;
+                state.nft.synced = false;
                 metrics.proxy_syncs.get_or_create(&ResultLabel { result: "error" }).inc();
                 tracing::warn!(error = %e, "service rules not written; the previous ones stay");
             }
@@ -278,6 +300,25 @@ impl ProxyCache {
         let net: pb::NetworkSettings =
             net.decode().map_err(|source| ProxyError::Decode { name: "network settings".into(), source })?;
         let ctx = Context::from_settings(&net)?;
+        let mode = net.proxy_mode();
+        if state.active != Some(mode) {
+            // First sync, or the backend changed: what the other one left must go.
+            match mode {
+                pb::ProxyMode::Nftables => {
+                    if let Err(e) = self.remove_iptables() {
+                        tracing::warn!(error = %e, "cannot remove the iptables service chains");
+                    }
+                    state.synced = false;
+                }
+                pb::ProxyMode::Iptables => state.nft.remove(&self.runner),
+            }
+        }
+        if mode == pb::ProxyMode::Nftables {
+            let report = state.nft.sync(&self.runner, &ctx, plan, metrics, state.started_unix_ms)?;
+            state.restores += u64::from(report.lines > 0);
+            state.active = Some(mode);
+            return Ok(report);
+        }
         let full = !state.synced;
         let rerender_all = full || state.ctx.as_ref() != Some(&ctx);
 
@@ -427,7 +468,7 @@ impl ProxyCache {
         self.commit(state, metrics, pending.drain(..), now_ms);
         for name in removed {
             if let Some(old) = state.services.remove(&name) {
-                self.clear_udp(&old.udp, &[]);
+                clear_udp(&self.runner, &old.udp, &[]);
             }
         }
         if let Some(globals) = globals {
@@ -435,6 +476,7 @@ impl ProxyCache {
         }
         state.ctx = Some(ctx);
         state.synced = true;
+        state.active = Some(mode);
         Ok(report)
     }
 
@@ -450,13 +492,10 @@ impl ProxyCache {
         for (name, new, trigger) in written {
             let old = state.services.get(&name);
             if let Some(old) = old {
-                self.clear_udp(&old.udp, &new.udp);
+                clear_udp(&self.runner, &old.udp, &new.udp);
             }
-            if trigger != 0
-                && trigger >= state.started_unix_ms
-                && old.is_none_or(|o| o.version != new.version)
-            {
-                metrics.network_programming_latency.observe((now_ms - trigger).max(0) as f64 / 1000.0);
+            if old.is_none_or(|o| o.version != new.version) {
+                observe_programming_latency(metrics, state.started_unix_ms, now_ms, trigger);
             }
             state.services.insert(name, new);
         }
@@ -529,12 +568,60 @@ impl ProxyCache {
         Ok(())
     }
 
+    /// Deletes the iptables backend's jumps and chains (the nftables backend took over). Nothing
+    /// to do (and little work) when there are none.
+    fn remove_iptables(&self) -> Result<(), ProxyError> {
+        if self.runner.is_recording() {
+            // Every check "passes" there: nothing to learn, nothing to remove.
+            return Ok(());
+        }
+        let mut found = false;
+        for jump in JUMPS {
+            let check = [&["-w", "-t", jump.table.name(), "-C", jump.from][..], jump.args].concat();
+            let delete = [&["-w", "-t", jump.table.name(), "-D", jump.from][..], jump.args].concat();
+            while self.runner.status_ok("iptables", &check)? {
+                self.runner.output("iptables", &delete)?;
+                found = true;
+            }
+        }
+        for table in [Table::Nat, Table::Filter] {
+            found = found
+                || self.runner.status_ok("iptables", &["-w", "-t", table.name(), "-S", SERVICES, "1"])?;
+        }
+        if !found {
+            return Ok(());
+        }
+        let mut delete = Vec::new();
+        for table in [Table::Nat, Table::Filter] {
+            delete.extend(
+                self.existing_chains(table)?.into_iter().filter(|n| owned_chain(n)).map(|n| (table, n)),
+            );
+        }
+        let refs: Vec<(Table, &str)> = delete.iter().map(|(t, n)| (*t, n.as_str())).collect();
+        self.runner.restore(&restore_text(&[], &refs))?;
+        tracing::info!(
+            chains = delete.len(),
+            "iptables service chains removed: the nftables backend took over"
+        );
+        Ok(())
+    }
+
     /// Whether the chains are still as written: the canary rule at the top of both
     /// `WEFT-SERVICES` and the jumps from the built-in chains. When not, the cache is dropped and
     /// the next sync is a full one; returns false then. A cache that never synced has nothing to
     /// check.
     pub fn check(&self, metrics: &AgentMetrics) -> Result<bool, ProxyError> {
         let mut state = self.lock();
+        if state.active == Some(pb::ProxyMode::Nftables) {
+            let intact = state.nft.check(&self.runner)?;
+            if !intact {
+                tracing::warn!(
+                    "the service proxy's nftables table was changed behind Weft's back; replacing it"
+                );
+                metrics.proxy_full_resyncs.inc();
+            }
+            return Ok(intact);
+        }
         if !state.synced {
             return Ok(state.ctx.is_none());
         }
@@ -559,57 +646,57 @@ impl ProxyCache {
         }
         Ok(intact)
     }
+}
 
-    /// Deletes the conntrack entries of UDP flows to endpoints that went away; without this a
-    /// client keeps sending to the dead endpoint for as long as it keeps the flow alive. Best
-    /// effort: a failure is logged, the rules are already right.
-    fn clear_udp(&self, old: &[UdpFlows], new: &[UdpFlows]) {
-        for flows in old {
-            let kept = new.iter().find(|n| n.port == flows.port && n.node_port == flows.node_port);
-            for ep in &flows.endpoints {
-                if kept.is_some_and(|k| k.endpoints.contains(ep)) {
-                    continue;
-                }
-                let ep_text = ep.to_string();
-                let port = flows.port.to_string();
-                for ip in &flows.ips {
-                    self.conntrack_delete(&[
-                        "--orig-dst",
-                        &ip.to_string(),
-                        "--orig-port-dst",
-                        &port,
-                        "--dst-nat",
-                        &ep_text,
-                    ]);
-                }
-                if flows.node_port != 0 {
-                    self.conntrack_delete(&[
-                        "--orig-port-dst",
-                        &flows.node_port.to_string(),
-                        "--dst-nat",
-                        &ep_text,
-                    ]);
-                }
+/// Deletes the conntrack entries of UDP flows to endpoints that went away; without this a
+/// client keeps sending to the dead endpoint for as long as it keeps the flow alive. Best
+/// effort: a failure is logged, the rules are already right.
+pub(crate) fn clear_udp(runner: &Runner, old: &[UdpFlows], new: &[UdpFlows]) {
+    for flows in old {
+        let kept = new.iter().find(|n| n.port == flows.port && n.node_port == flows.node_port);
+        for ep in &flows.endpoints {
+            if kept.is_some_and(|k| k.endpoints.contains(ep)) {
+                continue;
+            }
+            let ep_text = ep.to_string();
+            let port = flows.port.to_string();
+            for ip in &flows.ips {
+                conntrack_delete(
+                    runner,
+                    &["--orig-dst", &ip.to_string(), "--orig-port-dst", &port, "--dst-nat", &ep_text],
+                );
+            }
+            if flows.node_port != 0 {
+                conntrack_delete(
+                    runner,
+                    &["--orig-port-dst", &flows.node_port.to_string(), "--dst-nat", &ep_text],
+                );
             }
         }
     }
+}
 
-    fn conntrack_delete(&self, filter: &[&str]) {
-        if self.runner.recorded.is_some() {
-            return;
-        }
-        let args = [&["-D", "-p", "udp"][..], filter].concat();
-        // Exit status 1 only says no entry matched.
-        match self
-            .runner
-            .command("conntrack")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-        {
-            Ok(_) => tracing::debug!(args = ?args, "stale UDP conntrack entries deleted"),
-            Err(e) => tracing::warn!(error = %e, "cannot run conntrack; stale UDP flows may linger"),
-        }
+fn conntrack_delete(runner: &Runner, filter: &[&str]) {
+    if runner.recorded.is_some() {
+        return;
+    }
+    let args = [&["-D", "-p", "udp"][..], filter].concat();
+    // Exit status 1 only says no entry matched.
+    match runner.command("conntrack").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).status() {
+        Ok(_) => tracing::debug!(args = ?args, "stale UDP conntrack entries deleted"),
+        Err(e) => tracing::warn!(error = %e, "cannot run conntrack; stale UDP flows may linger"),
+    }
+}
+
+/// The network programming latency SLI of one Service change: from the EndpointSlice's
+/// last-change-trigger-time to now. Changes from before this agent started are not observed.
+pub(crate) fn observe_programming_latency(
+    metrics: &AgentMetrics,
+    started_unix_ms: i64,
+    now_ms: i64,
+    trigger: i64,
+) {
+    if trigger != 0 && trigger >= started_unix_ms {
+        metrics.network_programming_latency.observe((now_ms - trigger).max(0) as f64 / 1000.0);
     }
 }

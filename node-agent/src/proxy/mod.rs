@@ -24,6 +24,7 @@
 //! own `WEFT-PROXY-POSTROUTING` so neither ever rewrites the other's chain.
 
 mod apply;
+pub mod nft;
 #[cfg(test)]
 mod tests;
 
@@ -335,8 +336,8 @@ fn usable<'a>(eps: impl Iterator<Item = &'a pb::Endpoint> + Clone) -> Vec<&'a pb
 }
 
 /// What the filter table does with traffic a port cannot serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refuse {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refuse {
     /// No endpoint at all: the client learns at once (kube-proxy's REJECT).
     Reject,
     /// Endpoints exist, but none this traffic policy allows on this node (kube-proxy's DROP).
@@ -374,6 +375,109 @@ pub fn render_service(ctx: &Context, name: &str, svc: &pb::Service) -> Result<Se
     Ok(out)
 }
 
+/// What one Service port does on this node, whatever the backend writes it with: which endpoints
+/// each kind of traffic balances over and what happens to traffic nothing can serve.
+pub(crate) struct PortPlan<'a> {
+    pub proto: &'static str,
+    pub svc_port: u16,
+    pub node_port: u16,
+    /// `namespace/name:port`, safe inside a quoted comment.
+    pub label: String,
+    /// Usable endpoints for Cluster policies and for Local ones, each sorted by (IP, port).
+    pub cluster_eps: Vec<&'a pb::Endpoint>,
+    pub local_eps: Vec<&'a pb::Endpoint>,
+    /// Reachable from outside: a NodePort, external or load-balancer IPs.
+    pub externally: bool,
+    /// The Local-policy chain is needed (internalTrafficPolicy Local, or externalTrafficPolicy
+    /// Local on an externally reachable port).
+    pub needs_local: bool,
+    /// The Cluster-policy chain is needed.
+    pub svc_used: bool,
+    /// External traffic has somewhere to go (the `EXT` chain exists).
+    pub uses_ext: bool,
+    /// What the filter table does with cluster-IP traffic that was not DNATed, and why.
+    pub cluster_refuse: Option<(Refuse, &'static str)>,
+    /// The same for external IPs, load-balancer IPs and the NodePort.
+    pub external_refuse: Option<(Refuse, &'static str)>,
+}
+
+impl<'a> PortPlan<'a> {
+    pub fn new(
+        name: &str,
+        svc: &pb::Service,
+        port: &'a pb::ServicePort,
+        has_external_ips: bool,
+        sources_restricted: bool,
+    ) -> Result<Self, ProxyError> {
+        let proto = protocol_name(port.protocol());
+        let svc_port = u16::try_from(port.port).ok().filter(|p| *p != 0).ok_or_else(|| {
+            ProxyError::Invalid(format!("service {name}: port {} is out of range", port.port))
+        })?;
+        let node_port = u16::try_from(port.node_port).map_err(|_| {
+            ProxyError::Invalid(format!("service {name}: nodePort {} is out of range", port.node_port))
+        })?;
+        let label = if port.name.is_empty() { name.to_string() } else { format!("{name}:{}", port.name) };
+        let mut eps: Vec<&pb::Endpoint> = port.endpoints.iter().collect();
+        eps.sort_by_key(|e| (e.ip, e.port));
+        eps.dedup_by_key(|e| (e.ip, e.port));
+        let cluster_eps = usable(eps.iter().copied());
+        let local_eps = usable(eps.iter().filter(|e| e.has(pb::EndpointFlag::EndpointLocal)).copied());
+        let any = !cluster_eps.is_empty() || !local_eps.is_empty();
+        let externally = node_port != 0 || has_external_ips;
+        let internal_empty = if svc.internal_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
+        let external_empty = if svc.external_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
+        let cluster_refuse = if internal_empty {
+            Some(if any {
+                (Refuse::Drop, "has no local endpoints")
+            } else {
+                (Refuse::Reject, "has no endpoints")
+            })
+        } else if sources_restricted {
+            Some((Refuse::Reject, "source not allowed"))
+        } else {
+            None
+        };
+        let external_refuse = if external_empty {
+            Some(if any {
+                (Refuse::Drop, "has no local endpoints")
+            } else {
+                (Refuse::Reject, "has no endpoints")
+            })
+        } else if sources_restricted {
+            Some((Refuse::Reject, "source not allowed"))
+        } else {
+            None
+        };
+        Ok(Self {
+            proto,
+            svc_port,
+            node_port,
+            label: comment(&label),
+            cluster_eps,
+            local_eps,
+            externally,
+            needs_local: svc.internal_local || (svc.external_local && externally),
+            // The Cluster-policy chain serves the cluster IP unless internalTrafficPolicy is
+            // Local, and external traffic (directly, or pods' and the node's own with
+            // externalTrafficPolicy Local).
+            svc_used: !svc.internal_local || externally,
+            uses_ext: externally && any,
+            cluster_refuse,
+            external_refuse,
+        })
+    }
+
+    /// The endpoints cluster-IP traffic balances over.
+    pub fn internal_eps(&self, svc: &pb::Service) -> &[&'a pb::Endpoint] {
+        if svc.internal_local { &self.local_eps } else { &self.cluster_eps }
+    }
+
+    /// The endpoints external traffic balances over.
+    pub fn external_eps(&self, svc: &pb::Service) -> &[&'a pb::Endpoint] {
+        if svc.external_local { &self.local_eps } else { &self.cluster_eps }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn render_port(
     ctx: &Context,
@@ -386,33 +490,16 @@ fn render_port(
     masquerade: pb::Masquerade,
     out: &mut ServiceRules,
 ) -> Result<(), ProxyError> {
-    let proto = protocol_name(port.protocol());
-    let svc_port = u16::try_from(port.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| ProxyError::Invalid(format!("service {name}: port {} is out of range", port.port)))?;
-    let node_port = u16::try_from(port.node_port).map_err(|_| {
-        ProxyError::Invalid(format!("service {name}: nodePort {} is out of range", port.node_port))
-    })?;
-    let label = if port.name.is_empty() { name.to_string() } else { format!("{name}:{}", port.name) };
-    let label = comment(&label);
+    let plan = PortPlan::new(name, svc, port, !external.is_empty(), !allowed.is_empty())?;
+    let PortPlan { proto, svc_port, node_port, ref label, needs_local, svc_used, uses_ext, .. } = plan;
+    let (cluster_eps, local_eps) = (&plan.cluster_eps, &plan.local_eps);
     let svc_chain = service_chain("WEFT-SVC-", name, &port.name, proto);
     let svl_chain = service_chain("WEFT-SVL-", name, &port.name, proto);
     let ext_chain = service_chain("WEFT-EXT-", name, &port.name, proto);
-    let mut eps: Vec<&pb::Endpoint> = port.endpoints.iter().collect();
-    eps.sort_by_key(|e| (e.ip, e.port));
-    eps.dedup_by_key(|e| (e.ip, e.port));
-    let local = |e: &&&pb::Endpoint| e.has(pb::EndpointFlag::EndpointLocal);
-    let cluster_eps = usable(eps.iter().copied());
-    let local_eps = usable(eps.iter().filter(local).copied());
-    let any = !cluster_eps.is_empty() || !local_eps.is_empty();
-    let externally = node_port != 0 || !external.is_empty();
-    let needs_local = svc.internal_local || (svc.external_local && externally);
-    let internal_eps = if svc.internal_local { &local_eps } else { &cluster_eps };
+    let internal_eps = plan.internal_eps(svc);
     let internal_chain = if svc.internal_local { &svl_chain } else { &svc_chain };
-    let external_eps = if svc.external_local { &local_eps } else { &cluster_eps };
+    let external_eps = plan.external_eps(svc);
     let external_target = if svc.external_local { &svl_chain } else { &svc_chain };
-    let uses_ext = externally && any;
     let dport = format!("-p {proto} -m {proto} --dport {svc_port}");
     let sources: Vec<Option<Ipv4Net>> =
         if allowed.is_empty() { vec![None] } else { allowed.iter().copied().map(Some).collect() };
@@ -430,15 +517,7 @@ fn render_port(
                 );
             }
         }
-        let refuse = if internal_eps.is_empty() {
-            Some((if any { Refuse::Drop } else { Refuse::Reject }, "has no endpoints"))
-        } else if !allowed.is_empty() {
-            Some((Refuse::Reject, "source not allowed"))
-        } else {
-            None
-        };
-        if let Some((refuse, why)) = refuse {
-            let why = if refuse == Refuse::Drop { "has no local endpoints" } else { why };
+        if let Some((refuse, why)) = plan.cluster_refuse {
             let _ = writeln!(
                 f.filter_services,
                 "-A {SERVICES} -d {ip}/32 {dport} -m comment --comment \"{label} {why}\" -j {}",
@@ -448,16 +527,7 @@ fn render_port(
     }
 
     // External IPs, load-balancer IPs and the NodePort.
-    let external_refuse = if external_eps.is_empty() {
-        Some((
-            if any { Refuse::Drop } else { Refuse::Reject },
-            if any { "has no local endpoints" } else { "has no endpoints" },
-        ))
-    } else if !allowed.is_empty() {
-        Some((Refuse::Reject, "source not allowed"))
-    } else {
-        None
-    };
+    let external_refuse = plan.external_refuse;
     for (ip, what) in external {
         if uses_ext {
             for s in &sources {
@@ -554,15 +624,12 @@ fn render_port(
         }
     };
     let mut chains = Vec::new();
-    // The Cluster-policy chain serves the cluster IP unless internalTrafficPolicy is Local, and
-    // external traffic (directly, or pods' and the node's own with externalTrafficPolicy Local).
-    let svc_used = !svc.internal_local || externally;
     if svc_used && !cluster_eps.is_empty() {
         let mut chain = Chain::new(Table::Nat, svc_chain.clone());
         if !svc.internal_local {
             masq_rule(&mut chain);
         }
-        balance(&mut chain, &cluster_eps);
+        balance(&mut chain, cluster_eps);
         chains.push(chain);
     }
     if needs_local && !local_eps.is_empty() {
@@ -570,7 +637,7 @@ fn render_port(
         if svc.internal_local {
             masq_rule(&mut chain);
         }
-        balance(&mut chain, &local_eps);
+        balance(&mut chain, local_eps);
         chains.push(chain);
     }
     if uses_ext {

@@ -1,0 +1,184 @@
+//! Writing the nftables table: a full sync replaces the table in one transaction; after that each
+//! sync writes only the elements, chains and sets of the Services that changed, also in one.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use weft_api::plan::{self as pb, Kind};
+
+use super::{Changes, Pick, SERVICES, TABLE, Written, base, render_service};
+use crate::metrics::AgentMetrics;
+use crate::plan_state::PlanState;
+use crate::proxy::apply::{Runner, SyncReport, clear_udp, now_unix_ms, observe_programming_latency};
+use crate::proxy::{Context, ProxyError, UdpFlows};
+
+#[derive(Debug, Clone)]
+struct Service {
+    version: u64,
+    written: Written,
+    udp: Vec<UdpFlows>,
+}
+
+/// What the nftables backend last wrote: per Service its elements and chain hashes (not text).
+#[derive(Debug, Default)]
+pub struct NftCache {
+    ctx: Option<Context>,
+    services: HashMap<String, Service>,
+    picks: BTreeSet<Pick>,
+    /// How many Services have each node-local endpoint (the hairpin set holds those above 0).
+    hairpin: HashMap<Ipv4Addr, u32>,
+    /// False at start, after a failed write and when the check finds the table tampered with:
+    /// the next sync replaces the whole table.
+    pub synced: bool,
+}
+
+impl NftCache {
+    pub fn sync(
+        &mut self,
+        runner: &Runner,
+        ctx: &Context,
+        plan: &PlanState,
+        metrics: &AgentMetrics,
+        started_unix_ms: i64,
+    ) -> Result<SyncReport, ProxyError> {
+        let full = !self.synced || self.ctx.as_ref() != Some(ctx);
+        if full {
+            self.services.clear();
+            self.picks.clear();
+            self.hairpin.clear();
+        }
+        let mut services = 0;
+        let mut cached_seen = 0;
+        let mut stale: Vec<&pb::Resource> = Vec::new();
+        for r in plan.of_kind(Kind::Service) {
+            services += 1;
+            let old = self.services.get(&r.name);
+            cached_seen += usize::from(old.is_some());
+            if old.is_none_or(|o| o.version != r.version) {
+                stale.push(r);
+            }
+        }
+        let removed: Vec<String> = if cached_seen == self.services.len() {
+            Vec::new()
+        } else {
+            let present: HashSet<&str> = plan.of_kind(Kind::Service).map(|r| r.name.as_str()).collect();
+            self.services.keys().filter(|k| !present.contains(k.as_str())).cloned().collect()
+        };
+        let mut report = SyncReport { full, services, services_rendered: stale.len(), ..Default::default() };
+        if !full && stale.is_empty() && removed.is_empty() {
+            return Ok(report);
+        }
+
+        let mut changes = Changes::default();
+        let mut hairpin: HashMap<Ipv4Addr, i64> = HashMap::new();
+        let mut pending: Vec<(String, Service, i64)> = Vec::with_capacity(stale.len());
+        for r in stale {
+            let svc: pb::Service =
+                r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
+            let rules = render_service(ctx, &r.name, &svc)?;
+            let old = self.services.get(&r.name);
+            changes.service(old.map(|o| &o.written), &rules);
+            for ip in old.iter().flat_map(|o| &o.written.local_endpoints) {
+                *hairpin.entry(*ip).or_default() -= 1;
+            }
+            for ip in &rules.local_endpoints {
+                *hairpin.entry(*ip).or_default() += 1;
+            }
+            let written = Service { version: r.version, written: Written::of(&rules), udp: rules.udp };
+            pending.push((r.name.clone(), written, svc.last_change_trigger_unix_ms));
+        }
+        for name in &removed {
+            if let Some(old) = self.services.get(name) {
+                changes.removed(&old.written);
+                for ip in &old.written.local_endpoints {
+                    *hairpin.entry(*ip).or_default() -= 1;
+                }
+            }
+        }
+        let mut counts = self.hairpin.clone();
+        for (ip, delta) in hairpin {
+            let before = counts.get(&ip).copied().unwrap_or(0);
+            let after = u32::try_from(i64::from(before) + delta).unwrap_or(0);
+            match (before, after) {
+                (0, a) if a > 0 => changes.hairpin_add.push(ip),
+                (b, 0) if b > 0 => changes.hairpin_delete.push(ip),
+                _ => {}
+            }
+            if after == 0 {
+                counts.remove(&ip);
+            } else {
+                counts.insert(ip, after);
+            }
+        }
+        changes.hairpin_add.sort();
+        changes.hairpin_delete.sort();
+        let new_picks: Vec<Pick> = changes.picks().into_iter().filter(|p| !self.picks.contains(p)).collect();
+        for p in &new_picks {
+            changes.pick(ctx, *p);
+        }
+
+        let mut text = if full { base(ctx) } else { String::new() };
+        text.push_str(&changes.text());
+        report.chains_written = changes.chains_written();
+        report.chains_deleted = changes.chains_deleted();
+        report.lines = text.lines().count();
+        if !changes.is_empty() || full {
+            runner.nft(&text)?;
+        }
+
+        let now_ms = now_unix_ms();
+        for (name, new, trigger) in pending {
+            let old = self.services.get(&name);
+            if let Some(old) = old {
+                clear_udp(runner, &old.udp, &new.udp);
+            }
+            if old.is_none_or(|o| o.version != new.version) {
+                observe_programming_latency(metrics, started_unix_ms, now_ms, trigger);
+            }
+            self.services.insert(name, new);
+        }
+        for name in removed {
+            if let Some(old) = self.services.remove(&name) {
+                clear_udp(runner, &old.udp, &[]);
+            }
+        }
+        self.picks.extend(new_picks);
+        self.hairpin = counts;
+        self.ctx = Some(ctx.clone());
+        self.synced = true;
+        Ok(report)
+    }
+
+    /// Whether the table is still as written: its Services chain dispatches through the map and
+    /// the prerouting hook jumps to it. When not, the next sync replaces the table; returns false
+    /// then. A cache that never synced has nothing to check.
+    pub fn check(&mut self, runner: &Runner) -> Result<bool, ProxyError> {
+        if !self.synced {
+            return Ok(true);
+        }
+        // Two runs: nft 1.0.6 does not list from `-f` input. A failure (no table) is a finding.
+        let listing = [SERVICES, "nat-prerouting"]
+            .iter()
+            .map(|chain| runner.output("nft", &["list", "chain", "ip", TABLE, chain]).unwrap_or_default())
+            .collect::<String>();
+        let intact = runner.is_recording()
+            || (listing.contains(&format!("@{}", super::SERVICE_IPS))
+                && listing.contains(&format!("jump {SERVICES}")));
+        if !intact {
+            self.synced = false;
+        }
+        Ok(intact)
+    }
+
+    /// Deletes the table (another backend takes over). Best effort.
+    pub fn remove(&mut self, runner: &Runner) {
+        self.synced = false;
+        self.ctx = None;
+        if runner.is_recording() {
+            return;
+        }
+        if runner.nft(&format!("delete table ip {TABLE}\n")).is_ok() {
+            tracing::debug!("nftables service proxy table removed");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+use std::net::Ipv4Addr;
+
+use weft_api::plan::{self as pb, Kind, Resource};
+
+use super::*;
+use crate::metrics::AgentMetrics;
+use crate::plan_state::PlanState;
+use crate::proxy::{ProxyCache, Runner};
+
+const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
+
+fn settings() -> pb::NetworkSettings {
+    pb::NetworkSettings {
+        pod_cidrs: vec!["10.244.0.0/16".into()],
+        service_cidr: "10.96.0.0/16".into(),
+        masquerade_bit: 14,
+        proxy_mode: pb::ProxyMode::Nftables as i32,
+        ..Default::default()
+    }
+}
+
+fn ctx() -> Context {
+    Context::from_settings(&settings()).expect("context")
+}
+
+fn ip(s: &str) -> u32 {
+    u32::from(s.parse::<Ipv4Addr>().expect("ip"))
+}
+
+fn ep(addr: &str, flags: u32) -> pb::Endpoint {
+    pb::Endpoint { ip: ip(addr), port: 8080, flags }
+}
+
+fn service(cluster_ip: &str, node_port: u32, endpoints: Vec<pb::Endpoint>) -> pb::Service {
+    pb::Service {
+        cluster_ip: ip(cluster_ip),
+        ports: vec![pb::ServicePort {
+            name: "http".into(),
+            protocol: pb::Protocol::Tcp as i32,
+            port: 80,
+            node_port,
+            endpoints,
+        }],
+        ..Default::default()
+    }
+}
+
+fn plan(version: u64, services: &[(&str, pb::Service)]) -> PlanState {
+    let mut resources = vec![Resource::encode(Kind::Network, "network", &settings())];
+    resources.extend(services.iter().map(|(name, svc)| {
+        let mut r = Resource::encode(Kind::Service, *name, svc);
+        r.version = version;
+        r
+    }));
+    PlanState {
+        version,
+        generation: version,
+        resources: resources.into_iter().map(|r| (r.key(), r)).collect(),
+    }
+}
+
+/// What one Service adds to an empty table, as `nft -f` input.
+fn describe(svc: &pb::Service) -> String {
+    let rules = render_service(&ctx(), "default/web", svc).expect("render");
+    let mut changes = Changes::default();
+    changes.service(None, &rules);
+    for p in changes.picks() {
+        changes.pick(&ctx(), p);
+    }
+    changes.text()
+}
+
+#[test]
+fn the_table_holds_the_hooks_maps_and_shared_chains() {
+    insta::assert_snapshot!(base(&ctx()));
+}
+
+#[test]
+fn a_plain_service_is_map_elements_and_a_shared_pick_chain() {
+    let svc = service("10.96.0.50", 30080, vec![ep("10.244.1.5", 0), ep("10.244.2.7", LOCAL)]);
+    insta::assert_snapshot!(describe(&svc));
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_by_the_filter_hooks() {
+    insta::assert_snapshot!(describe(&service("10.96.0.50", 30080, vec![])));
+}
+
+#[test]
+fn affinity_allowed_sources_and_external_local_get_per_service_chains() {
+    let mut svc = service("10.96.0.50", 30080, vec![ep("10.244.1.5", 0), ep("10.244.2.7", LOCAL)]);
+    svc.affinity_timeout_seconds = 600;
+    svc.external_local = true;
+    svc.allowed_source_cidrs = vec!["192.168.0.0/16".into()];
+    insta::assert_snapshot!(describe(&svc));
+}
+
+#[test]
+fn a_one_endpoint_change_writes_a_few_elements_and_an_unchanged_plan_nothing() {
+    let runner = Runner::recording();
+    let cache = ProxyCache::with_runner(runner.clone());
+    let metrics = AgentMetrics::default();
+    let three = vec![ep("10.244.1.5", 0), ep("10.244.2.7", 0), ep("10.244.3.9", 0)];
+    let other = service("10.96.0.60", 0, vec![ep("10.244.4.4", 0)]);
+    let first = plan(
+        1,
+        &[("default/web", service("10.96.0.50", 0, three.clone())), ("default/other", other.clone())],
+    );
+    let report = cache.sync(&first, &metrics).expect("full sync");
+    assert!(report.full);
+    assert_eq!(cache.sync(&first, &metrics).expect("no-op").lines, 0);
+    let two =
+        plan(2, &[("default/web", service("10.96.0.50", 0, three[..2].to_vec())), ("default/other", other)]);
+    let report = cache.sync(&two, &metrics).expect("change");
+    assert!(!report.full);
+    let recorded = runner.recorded();
+    assert_eq!(recorded.len(), 2, "the unchanged sync ran nothing");
+    insta::assert_snapshot!(recorded[1]);
+}
+
+#[test]
+fn an_incremental_sync_ends_where_a_full_one_would() {
+    // Replaying the changes on a model of the maps gives what a fresh full sync gives.
+    let s = |eps: Vec<pb::Endpoint>, np: u32| service("10.96.0.50", np, eps);
+    let steps = [
+        vec![ep("10.244.1.5", 0), ep("10.244.2.7", LOCAL)],
+        vec![ep("10.244.1.5", 0)],
+        vec![],
+        vec![ep("10.244.1.5", LOCAL), ep("10.244.2.7", 0), ep("10.244.3.3", 0)],
+    ];
+    let mut written: Option<Written> = None;
+    let mut model: std::collections::BTreeMap<(String, String), String> = Default::default();
+    for (i, eps) in steps.into_iter().enumerate() {
+        let rules = render_service(&ctx(), "default/web", &s(eps, if i % 2 == 0 { 30080 } else { 0 }))
+            .expect("render");
+        let mut changes = Changes::default();
+        changes.service(written.as_ref(), &rules);
+        for e in &changes.delete_elements {
+            assert!(
+                model.remove(&(e.map().to_string(), e.key())).is_some(),
+                "deleted {e:?}, which was not there"
+            );
+        }
+        for e in &changes.add_elements {
+            assert!(
+                model.insert((e.map().to_string(), e.key()), e.value()).is_none(),
+                "added {e:?} over an existing key"
+            );
+        }
+        let fresh: std::collections::BTreeMap<(String, String), String> =
+            rules.elements.iter().map(|e| ((e.map().to_string(), e.key()), e.value())).collect();
+        assert_eq!(model, fresh, "step {i}");
+        written = Some(Written::of(&rules));
+    }
+}
