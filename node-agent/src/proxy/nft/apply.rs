@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use weft_api::plan::{self as pb, Kind};
 
-use super::{Changes, Pick, SERVICES, TABLE, Written, base, render_service};
+use super::{Changes, Claim, Pick, SERVICES, TABLE, Written, base, render_service};
 use crate::metrics::AgentMetrics;
 use crate::plan_state::PlanState;
 use crate::proxy::apply::{Runner, SyncReport, clear_udp, now_unix_ms, observe_programming_latency};
@@ -27,6 +27,9 @@ pub struct NftCache {
     picks: BTreeSet<Pick>,
     /// How many Services have each node-local endpoint (the hairpin set holds those above 0).
     hairpin: HashMap<Ipv4Addr, u32>,
+    /// Which Service owns each map key it wrote: the first to claim a key keeps it; the other's
+    /// element is left out (logged) instead of failing the whole transaction.
+    claims: HashMap<Claim, String>,
     /// False at start, after a failed write and when the check finds the table tampered with:
     /// the next sync replaces the whole table.
     pub synced: bool,
@@ -46,6 +49,7 @@ impl NftCache {
             self.services.clear();
             self.picks.clear();
             self.hairpin.clear();
+            self.claims.clear();
         }
         let mut services = 0;
         let mut cached_seen = 0;
@@ -75,8 +79,25 @@ impl NftCache {
         for r in stale {
             let svc: pb::Service =
                 r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
-            let rules = render_service(ctx, &r.name, &svc)?;
+            let mut rules = render_service(ctx, &r.name, &svc)?;
             let old = self.services.get(&r.name);
+            if let Some(old) = old {
+                for e in &old.written.elements {
+                    if self.claims.get(&e.claim()).is_some_and(|owner| *owner == r.name) {
+                        self.claims.remove(&e.claim());
+                    }
+                }
+            }
+            rules.elements.retain(|e| match self.claims.get(&e.claim()) {
+                Some(owner) if *owner != r.name => {
+                    tracing::warn!(service = %r.name, owner = %owner, key = %e.key(), "map key taken by another Service; left out");
+                    false
+                }
+                _ => {
+                    self.claims.insert(e.claim(), r.name.clone());
+                    true
+                }
+            });
             changes.service(old.map(|o| &o.written), &rules);
             for ip in old.iter().flat_map(|o| &o.written.local_endpoints) {
                 *hairpin.entry(*ip).or_default() -= 1;
@@ -90,6 +111,11 @@ impl NftCache {
         for name in &removed {
             if let Some(old) = self.services.get(name) {
                 changes.removed(&old.written);
+                for e in &old.written.elements {
+                    if self.claims.get(&e.claim()).is_some_and(|owner| owner == name) {
+                        self.claims.remove(&e.claim());
+                    }
+                }
                 for ip in &old.written.local_endpoints {
                     *hairpin.entry(*ip).or_default() -= 1;
                 }

@@ -207,6 +207,22 @@ impl Element {
         }
     }
 
+    /// What a Service must own alone to write this element: its map key. Endpoint elements are
+    /// keyed under their Service IP or NodePort, so they follow that element's claim.
+    pub fn claim(&self) -> Claim {
+        match self {
+            Element::ServiceIp { ip, proto, port, .. } | Element::Endpoint { ip, proto, port, .. } => {
+                Claim::Ip(SERVICE_IPS, *ip, *proto, *port)
+            }
+            Element::NodePort { proto, port, .. } | Element::NodePortEndpoint { proto, port, .. } => {
+                Claim::Port(SERVICE_NODEPORTS, *proto, *port)
+            }
+            Element::ServiceRefuse { ip, proto, port, .. } => Claim::Ip(SERVICE_REFUSE, *ip, *proto, *port),
+            Element::ExternalRefuse { ip, proto, port, .. } => Claim::Ip(EXTERNAL_REFUSE, *ip, *proto, *port),
+            Element::NodePortRefuse { proto, port, .. } => Claim::Port(NODEPORT_REFUSE, *proto, *port),
+        }
+    }
+
     /// The pick chain the element sends traffic to, if any.
     pub fn pick(&self) -> Option<Pick> {
         match self {
@@ -215,6 +231,14 @@ impl Element {
             _ => None,
         }
     }
+}
+
+/// A map key one Service owns (two Services with the same external IP and port, say, cannot both
+/// have an element there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Claim {
+    Ip(&'static str, Ipv4Addr, pb::Protocol, u16),
+    Port(&'static str, pb::Protocol, u16),
 }
 
 /// A per-service chain (complex Services only).

@@ -153,3 +153,32 @@ fn an_incremental_sync_ends_where_a_full_one_would() {
         written = Some(Written::of(&rules));
     }
 }
+
+#[test]
+fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps_it() {
+    let runner = Runner::recording();
+    let cache = ProxyCache::with_runner(runner.clone());
+    let metrics = AgentMetrics::default();
+    let with_external = |cluster_ip: &str, endpoint: &str| {
+        let mut s = service(cluster_ip, 0, vec![ep(endpoint, 0)]);
+        s.external_ips = vec![ip("192.168.9.9")];
+        s
+    };
+    let plan = plan(
+        1,
+        &[
+            ("default/a", with_external("10.96.0.1", "10.244.1.1")),
+            ("default/b", with_external("10.96.0.2", "10.244.2.2")),
+        ],
+    );
+    cache.sync(&plan, &metrics).expect("a conflict is not an error");
+    let text = runner.recorded().concat();
+    assert_eq!(text.matches("192.168.9.9 . tcp . 80 : goto").count(), 1, "{text}");
+    assert!(
+        text.contains("192.168.9.9 . 80 . 0 : 10.244.1.1 . 8080"),
+        "default/a (first by name) keeps it: {text}"
+    );
+    assert!(!text.contains("192.168.9.9 . 80 . 0 : 10.244.2.2"), "{text}");
+    // Each keeps its own cluster IP.
+    assert!(text.contains("10.96.0.2 . tcp . 80 : goto"), "{text}");
+}
