@@ -1,7 +1,7 @@
 //! The service proxy's sync at 1,000 / 5,000 / 10,000 Services × 10 endpoints: the full sync and
 //! a one-endpoint change, first render + diff alone (the restore input recorded, not run), then,
-//! as root, with the real `iptables-restore` in a network namespace this benchmark creates (and
-//! deletes). The side-by-side comparison with kube-proxy is `e2e`'s benchmark; this one isolates
+//! as root, with the real `iptables-restore` (iptables backend) and `nft` (nftables backend) in a
+//! network namespace this benchmark creates (and deletes). The side-by-side comparison with kube-proxy is `e2e`'s benchmark; this one isolates
 //! Weft's own cost.
 //!
 //! `cargo bench -p weft-agent --bench proxy_sync [-- --no-iptables]`
@@ -41,11 +41,12 @@ fn service(i: u32, drop_endpoint: Option<u32>) -> Resource {
     Resource::encode(Kind::Service, format!("bench/svc-{i}"), &svc)
 }
 
-fn plan(n: u32) -> PlanState {
+fn plan(n: u32, mode: pb::ProxyMode) -> PlanState {
     let net = pb::NetworkSettings {
         pod_cidrs: vec!["10.128.0.0/9".into()],
         service_cidr: "10.96.0.0/12".into(),
         masquerade_bit: 14,
+        proxy_mode: mode as i32,
         ..Default::default()
     };
     let resources = std::iter::once(Resource::encode(Kind::Network, "network", &net))
@@ -67,10 +68,10 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn run(n: u32, runner: Runner, label: &str) {
+fn run(n: u32, mode: pb::ProxyMode, runner: Runner, label: &str) {
     let cache = ProxyCache::with_runner(runner);
     let metrics = AgentMetrics::default();
-    let mut plan = plan(n);
+    let mut plan = plan(n, mode);
     let (full, report) = timed(&cache, &plan, &metrics);
     let mut changes = Vec::new();
     let mut lines = 0;
@@ -108,14 +109,19 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for n in [1_000, 5_000, 10_000] {
-        run(n, Runner::recording(), "render+diff");
+        run(n, pb::ProxyMode::Iptables, Runner::recording(), "iptables render+diff");
+        run(n, pb::ProxyMode::Nftables, Runner::recording(), "nftables render+diff");
         if real {
-            let ns = format!("weft-proxy-bench-{}", std::process::id());
-            let ok = Command::new("ip").args(["netns", "add", &ns]).status().is_ok_and(|s| s.success());
-            if ok {
-                run(n, Runner::in_netns(&ns), "iptables-restore");
+            for (mode, label) in
+                [(pb::ProxyMode::Iptables, "iptables-restore"), (pb::ProxyMode::Nftables, "nft")]
+            {
+                let ns = format!("weft-proxy-bench-{}", std::process::id());
+                let ok = Command::new("ip").args(["netns", "add", &ns]).status().is_ok_and(|s| s.success());
+                if ok {
+                    run(n, mode, Runner::in_netns(&ns), label);
+                }
+                let _ = Command::new("ip").args(["netns", "del", &ns]).status();
             }
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
     }
 }
