@@ -284,6 +284,27 @@ fn certificate(dir: &std::path::Path, host: &str) -> Result<(String, String)> {
     Ok((std::fs::read_to_string(crt)?, std::fs::read_to_string(key)?))
 }
 
+/// The first Warning Event with `reason` on Ingress `ns/name`, as `reason: note`.
+async fn warning_event(c: &TestCluster, ns: &str, name: &str, reason: &str) -> Result<String> {
+    let selector = format!("involvedObject.kind=Ingress,involvedObject.name={name},type=Warning");
+    c.wait_for(&format!("a {reason} Event on Ingress {ns}/{name}"), WAIT, || async {
+        let out = c
+            .kubectl(&[
+                "get",
+                "events",
+                "-n",
+                ns,
+                "--field-selector",
+                &selector,
+                "-o",
+                "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
+            ])
+            .await?;
+        Ok(out.lines().find(|l| l.starts_with(reason)).map(str::to_string))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn tls_with_sni_and_ssl_redirect() -> Result<()> {
     let s = Steps::new("ingress-tls");
@@ -319,8 +340,13 @@ spec:
       - {{path: /, pathType: Prefix, backend: {{service: {{name: secure, port: {{number: 80}}}}}}}}
 "#
     );
-    c.apply_yaml(&format!("{secret}---{ingress}")).await?;
-    s.step("Secret and Ingress applied");
+    // The Ingress first: its host is served over HTTP, and the missing Secret is an Event.
+    c.apply_yaml(&ingress).await?;
+    let event = warning_event(&c, ns, "secure", "TLSSecretMissing").await?;
+    ensure!(event.contains(&format!("{ns}/secure-tls")), "the Event names the Secret: {event}");
+    s.step(&format!("Ingress without its Secret: {event}"));
+    c.apply_yaml(&secret).await?;
+    s.step("Secret applied");
     let ca = dir.join("tls.crt").to_string_lossy().into_owned();
     for node in c.nodes() {
         let resolve = format!("{host}:443:{}", node.ip);
@@ -412,23 +438,7 @@ spec:
 
     wait_answer(&c, &outside, "good.example.test", "/anything", "the good Ingress to serve", pod_is("good"))
         .await?;
-    let event = c
-        .wait_for("a Warning Event on the broken Ingress", WAIT, || async {
-            let out = c
-                .kubectl(&[
-                    "get",
-                    "events",
-                    "-n",
-                    ns,
-                    "--field-selector",
-                    "involvedObject.kind=Ingress,involvedObject.name=broken,type=Warning",
-                    "-o",
-                    "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
-                ])
-                .await?;
-            Ok(out.lines().find(|l| l.starts_with("IngressRejected")).map(str::to_string))
-        })
-        .await?;
+    let event = warning_event(&c, ns, "broken", "IngressRejected").await?;
     ensure!(
         event.contains("spec.rules[0].http.paths[0].path")
             && event.contains("not a valid regular expression"),

@@ -2,12 +2,14 @@
 //! weft-dev and the Weft binaries are taken from next to this one, kube-proxy from the tools dir).
 //!
 //! `weft-bench-proxy side-by-side [--scales 1000,5000,10000] [--changes 20] [--nftables-changes 5]
-//! [--iptables legacy|nft] [--proxies iptables,nftables,weft] [--agent PATH]`: one local control
-//! plane (1 node, Weft's operator, the node's own agent stopped), N selector-less Services × 10
-//! endpoints in hand-written EndpointSlices; then, for each scale and one after the other (2 cores:
-//! running them at once would time the machine, not the proxies), in a fresh network namespace on
-//! the cluster's bridge, each watching the same API server as node-1: kube-proxy `--proxy-mode
-//! iptables`, kube-proxy `--proxy-mode nftables`, and weft-agent (its plan from the operator).
+//! [--iptables legacy|nft] [--proxies iptables,nftables,weft,weft-nftables] [--agent PATH]`: one
+//! local control plane (1 node, Weft's operator, the node's own agent stopped), N selector-less
+//! Services × 10 endpoints in hand-written EndpointSlices; then, for each scale and one after the
+//! other (2 cores: running them at once would time the machine, not the proxies), in a fresh network
+//! namespace on the cluster's bridge, each watching the same API server as node-1: kube-proxy
+//! `--proxy-mode iptables`, kube-proxy `--proxy-mode nftables`, and weft-agent (its plan from the
+//! operator) with each of its backends: `weft-nftables` switches the NetworkConfig to
+//! `spec.proxy.mode: nftables` before its agent starts, `weft` back to `iptables`.
 //! For each: the first (full) sync, from kube-proxy's `sync_full_proxy_rules_duration_seconds`
 //! and Weft's `weft_agent_proxy_sync_duration_seconds` (same definition); then `--changes`
 //! one-endpoint changes (one endpoint of one Service flips readiness, the slice's
@@ -16,7 +18,9 @@
 //! nat + filter; Weft: `weft_agent_proxy_sync_lines_written`); the change's network programming
 //! latency as each reports it; peak memory (`VmHWM`). Both iptables proxies use the same backend:
 //! legacy by default (Debian 12's iptables-nft-restore is quadratic in chains: minutes at a few
-//! thousand Services), through a directory of `iptables*` symlinks first on their PATH.
+//! thousand Services), through a directory of `iptables*` symlinks first on their PATH. Programmed
+//! Services after the first sync, as a check: ClusterIP rules in `iptables-save -t nat`, or the
+//! elements of the `service-ips` map (kube-proxy's table `kube-proxy`, Weft's `weft-proxy`).
 //!
 //! `weft-bench-proxy latency [--changes 40]`: the network programming latency SLI on a 3-node
 //! local cluster (`--cni weft`): a selector-less Service whose hand-written slice is switched
@@ -36,6 +40,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use weft_api::v1alpha1::{NetworkConfig, ProxyMode};
 use weft_e2e::cluster::{
     AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, http_get, repo_root,
 };
@@ -55,15 +60,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// weft-agent vs kube-proxy (iptables, nftables) programming N Services × 10 endpoints.
+    /// weft-agent vs kube-proxy, each in iptables and nftables mode, programming N Services × 10
+    /// endpoints.
     SideBySide {
         #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
         scales: Vec<usize>,
         /// One-endpoint changes per proxy and scale.
         #[arg(long, default_value_t = 20)]
         changes: usize,
-        /// Which proxies, in order: iptables, nftables, weft.
-        #[arg(long, value_delimiter = ',', default_value = "iptables,nftables,weft")]
+        /// Which proxies, in order: iptables, nftables (kube-proxy's modes), weft, weft-nftables
+        /// (weft-agent's backends).
+        #[arg(long, value_delimiter = ',', default_value = "iptables,nftables,weft,weft-nftables")]
         proxies: Vec<String>,
         /// The weft-agent to measure; default `target/release/weft-agent` (kube-proxy is an
         /// optimised build too), else the debug one next to this binary.
@@ -73,7 +80,8 @@ enum Cmd {
         /// iptables-nft-restore takes minutes for a few thousand Services).
         #[arg(long, default_value = "legacy")]
         iptables: String,
-        /// One-endpoint changes for kube-proxy nftables (its syncs take seconds here).
+        /// One-endpoint changes for kube-proxy nftables (its syncs take seconds here); Weft's
+        /// nftables backend gets `--changes`.
         #[arg(long, default_value_t = 5)]
         nftables_changes: usize,
     },
@@ -264,15 +272,26 @@ enum Proxy {
     Iptables,
     Nftables,
     Weft,
+    WeftNftables,
 }
 
 impl Proxy {
+    const ALL: [Proxy; 4] = [Proxy::Iptables, Proxy::Nftables, Proxy::Weft, Proxy::WeftNftables];
+
+    /// Its name in `--proxies`.
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::Iptables => "iptables",
+            Proxy::Nftables => "nftables",
+            Proxy::Weft => "weft",
+            Proxy::WeftNftables => "weft-nftables",
+        }
+    }
+
     fn parse(s: &str) -> Result<Proxy> {
-        Ok(match s {
-            "iptables" => Proxy::Iptables,
-            "nftables" => Proxy::Nftables,
-            "weft" => Proxy::Weft,
-            _ => bail!("unknown proxy {s:?} (iptables, nftables, weft)"),
+        Proxy::ALL.into_iter().find(|p| p.name() == s).with_context(|| {
+            let names: Vec<&str> = Proxy::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown proxy {s:?} ({})", names.join(", "))
         })
     }
 
@@ -280,7 +299,17 @@ impl Proxy {
         match self {
             Proxy::Iptables => "kube-proxy iptables",
             Proxy::Nftables => "kube-proxy nftables",
-            Proxy::Weft => "weft-agent (iptables)",
+            Proxy::Weft => "weft-agent iptables",
+            Proxy::WeftNftables => "weft-agent nftables",
+        }
+    }
+
+    /// weft-agent's backend (the NetworkConfig's `spec.proxy.mode`); `None` for kube-proxy.
+    fn weft_mode(self) -> Option<ProxyMode> {
+        match self {
+            Proxy::Iptables | Proxy::Nftables => None,
+            Proxy::Weft => Some(ProxyMode::Iptables),
+            Proxy::WeftNftables => Some(ProxyMode::Nftables),
         }
     }
 
@@ -292,7 +321,7 @@ impl Proxy {
                 "kubeproxy_sync_full_proxy_rules_duration_seconds",
                 &[("ip_family", "IPv4")],
             ),
-            Proxy::Weft => {
+            Proxy::Weft | Proxy::WeftNftables => {
                 ("weft_agent_proxy_sync_duration_seconds", "weft_agent_proxy_sync_duration_seconds", &[])
             }
         }
@@ -303,7 +332,7 @@ impl Proxy {
             Proxy::Iptables | Proxy::Nftables => {
                 ("kubeproxy_network_programming_duration_seconds", &[("ip_family", "IPv4")])
             }
-            Proxy::Weft => ("weft_agent_network_programming_latency_seconds", &[]),
+            Proxy::Weft | Proxy::WeftNftables => ("weft_agent_network_programming_latency_seconds", &[]),
         }
     }
 
@@ -315,7 +344,7 @@ impl Proxy {
                     .unwrap_or(f64::NAN),
             ),
             Proxy::Nftables => Lines::Gauge(f64::NAN),
-            Proxy::Weft => {
+            Proxy::Weft | Proxy::WeftNftables => {
                 let name = "weft_agent_proxy_sync_lines_written";
                 match sample(text, &format!("{name}_sum"), &[]) {
                     Some(sum) => {
@@ -423,7 +452,7 @@ fn start_proxy(
                 .arg("--v=1");
             (cmd, KUBE_PROXY_METRICS_PORT)
         }
-        Proxy::Weft => {
+        Proxy::Weft | Proxy::WeftNftables => {
             let dir = state.dir.join(format!("bench-{tag}"));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(dir.join("cni/net.d"))?;
@@ -468,19 +497,50 @@ fn bridge_kubeconfig(c: &TestCluster) -> Result<PathBuf> {
 }
 
 /// Rules the proxy installed for Services in its namespace (a sanity check that the first sync
-/// had them all): lines of `iptables-save -t nat` naming a ClusterIP, or the elements of
-/// kube-proxy's nftables service map.
+/// had them all): lines of `iptables-save -t nat` naming a ClusterIP, or the elements of the
+/// nftables `service-ips` map (one per Service IP and port).
 async fn rules_for_services(host: &OutsideHost, proxy: Proxy, legacy: bool) -> Result<usize> {
-    let out = match proxy {
-        Proxy::Nftables => host.run("nft", &["list", "map", "ip", "kube-proxy", "service-ips"]).await?,
-        _ if legacy => host.run("iptables-legacy-save", &["-t", "nat"]).await?,
-        _ => host.run("iptables-nft-save", &["-t", "nat"]).await?,
+    let nft_table = match proxy {
+        Proxy::Nftables => Some("kube-proxy"),
+        Proxy::WeftNftables => Some("weft-proxy"),
+        Proxy::Iptables | Proxy::Weft => None,
+    };
+    let out = match nft_table {
+        Some(table) => host.run("nft", &["list", "map", "ip", table, "service-ips"]).await?,
+        None if legacy => host.run("iptables-legacy-save", &["-t", "nat"]).await?,
+        None => host.run("iptables-nft-save", &["-t", "nat"]).await?,
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(match proxy {
-        Proxy::Nftables => text.matches(" : goto ").count(),
-        _ => text.lines().filter(|l| l.starts_with("-A") && l.contains(" -d 10.96.")).count(),
+    Ok(match nft_table {
+        Some(_) => text.matches(" : goto ").count(),
+        None => text.lines().filter(|l| l.starts_with("-A") && l.contains(" -d 10.96.")).count(),
     })
+}
+
+/// Sets the NetworkConfig's `spec.proxy.mode` and waits until the operator has compiled it into
+/// the plan (its status reports the new generation; it writes status after publishing the plan),
+/// so the agent started next runs that backend from its first sync.
+async fn set_proxy_mode(c: &TestCluster, mode: ProxyMode) -> Result<()> {
+    let configs: Api<NetworkConfig> = Api::all(c.client());
+    if configs.get("default").await?.spec.proxy.mode == mode {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "spec": { "proxy": { "mode": mode } } });
+    let patched = configs
+        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("setting the NetworkConfig's proxy mode to {mode:?}"))?;
+    let generation = patched.metadata.generation.context("the patched NetworkConfig has no generation")?;
+    c.wait_for(&format!("the operator to plan proxy mode {mode:?}"), Duration::from_secs(60), || {
+        let configs = configs.clone();
+        async move {
+            let observed = configs.get("default").await?.status.and_then(|s| s.observed_generation);
+            Ok((observed >= Some(generation)).then_some(()))
+        }
+    })
+    .await?;
+    eprintln!("NetworkConfig default: proxy mode {mode:?} (generation {generation})");
+    Ok(())
 }
 
 async fn measure(
@@ -491,7 +551,10 @@ async fn measure(
     changes: usize,
     flipped: &mut BTreeMap<usize, bool>,
 ) -> Result<Figures> {
-    let tag = format!("{}-{services}", format!("{proxy:?}").to_lowercase());
+    let tag = format!("{}-{services}", proxy.name());
+    if let Some(mode) = proxy.weft_mode() {
+        set_proxy_mode(c, mode).await?;
+    }
     let (running, addr) = start_proxy(c, proxy, opts, 1, &tag)?;
     let (sync, full, labels) = proxy.sync_metric();
     let started = Instant::now();
@@ -662,12 +725,15 @@ fn print_table(
     legacy: bool,
 ) {
     let scales_arg: Vec<String> = scales.iter().map(ToString::to_string).collect();
+    let proxies_arg: Vec<&str> = proxies.iter().map(|p| p.name()).collect();
     let backend = if legacy { "legacy" } else { "nft" };
     println!(
         "\nService proxy side by side, iptables backend {backend}, {changes} one-endpoint changes per \
-         proxy and scale ({nftables_changes} for nftables) (command: `weft-bench-proxy side-by-side \
-         --scales {} --changes {changes} --nftables-changes {nftables_changes} --iptables {backend}`)\n",
-        scales_arg.join(",")
+         proxy and scale ({nftables_changes} for kube-proxy nftables) (command: `weft-bench-proxy \
+         side-by-side --scales {} --changes {changes} --nftables-changes {nftables_changes} \
+         --proxies {} --iptables {backend}`)\n",
+        scales_arg.join(","),
+        proxies_arg.join(",")
     );
     println!(
         "| Services (× 10 endpoints) | proxy | full sync | one-endpoint change p50 / p99 | rules written per change (p50) | programming latency p50 / p99 | peak RSS | service rules after full sync |"
@@ -694,13 +760,16 @@ fn print_table(
     let get = |p: Proxy, n: usize| all.iter().find(|f| f.proxy == p && f.services == n);
     if let (Some(&first), Some(&last)) = (scales.first(), scales.last()) {
         println!();
-        if let (Some(w), Some(k)) = (get(Proxy::Weft, last), get(Proxy::Iptables, last)) {
-            println!(
-                "- full sync at {last}: weft {} vs kube-proxy iptables {}: ratio {:.3} (target ≤ 0.2)",
-                ms(w.full_sync),
-                ms(k.full_sync),
-                w.full_sync / k.full_sync
-            );
+        for w in proxies.iter().filter(|p| p.weft_mode().is_some()).filter_map(|&p| get(p, last)) {
+            if let Some(k) = get(Proxy::Iptables, last) {
+                println!(
+                    "- full sync at {last}: {} {} vs kube-proxy iptables {}: ratio {:.3} (target ≤ 0.2)",
+                    w.proxy.label(),
+                    ms(w.full_sync),
+                    ms(k.full_sync),
+                    w.full_sync / k.full_sync
+                );
+            }
         }
         for &p in proxies {
             if let (Some(a), Some(b)) = (get(p, first), get(p, last)) {

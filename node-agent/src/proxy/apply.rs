@@ -372,7 +372,6 @@ impl ProxyCache {
         let mut delete: BTreeSet<(Table, String)> = BTreeSet::new();
         let mut batch: Vec<Chain> = leaves;
         let mut pending: Vec<(String, Written, i64)> = Vec::new();
-        let now_ms = now_unix_ms();
         for r in stale {
             let svc: pb::Service =
                 r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
@@ -403,7 +402,7 @@ impl ProxyCache {
                 report.chains_written += batch.len();
                 report.lines += self.restore(state, &batch, &[])?;
                 batch.clear();
-                self.commit(state, metrics, pending.drain(..), now_ms);
+                self.commit(state, metrics, pending.drain(..));
             }
             batch.extend(group);
             let written = Written { version: r.version, chains, fragments: rules.fragments, udp: rules.udp };
@@ -465,7 +464,7 @@ impl ProxyCache {
             let delete_refs: Vec<(Table, &str)> = delete.iter().map(|(t, n)| (*t, n.as_str())).collect();
             report.lines += self.restore(state, &batch, &delete_refs)?;
         }
-        self.commit(state, metrics, pending.drain(..), now_ms);
+        self.commit(state, metrics, pending.drain(..));
         for name in removed {
             if let Some(old) = state.services.remove(&name) {
                 clear_udp(&self.runner, &old.udp, &[]);
@@ -487,8 +486,9 @@ impl ProxyCache {
         state: &mut State,
         metrics: &AgentMetrics,
         written: impl Iterator<Item = (String, Written, i64)>,
-        now_ms: i64,
     ) {
+        // After the restore that wrote them: the SLI ends when the rules are in the kernel.
+        let now_ms = now_unix_ms();
         for (name, new, trigger) in written {
             let old = state.services.get(&name);
             if let Some(old) = old {

@@ -23,6 +23,8 @@ const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
 /// The Event reason for an Ingress Weft cannot serve.
 pub const REJECTED: &str = "IngressRejected";
+/// The Event reason for a served Ingress whose TLS Secret is missing.
+pub const TLS_SECRET_MISSING: &str = "TLSSecretMissing";
 
 pub fn settings(config: &api::NetworkConfig) -> Settings {
     let s = &config.spec.ingress;
@@ -130,6 +132,8 @@ pub fn secret(o: &core::Secret) -> Option<TlsSecret> {
 pub struct IngressStatusInputs {
     /// Each Ingress of Weft's class, with why it is left out of the plans (if it is).
     pub ingresses: Vec<(networking::Ingress, Result<(), String>)>,
+    /// Served Ingresses naming TLS Secrets that do not exist (`namespace/name` each).
+    pub missing_secrets: Vec<(networking::Ingress, Vec<String>)>,
     /// The ingress nodes' addresses.
     pub addresses: Vec<Ipv4Addr>,
 }
@@ -144,6 +148,11 @@ impl IngressStatusInputs {
                 .ingresses
                 .iter()
                 .filter_map(|(key, result)| Some((objects.get(key)?.clone(), result.clone())))
+                .collect(),
+            missing_secrets: report
+                .missing_secrets
+                .iter()
+                .filter_map(|(key, names)| Some((objects.get(key)?.clone(), names.clone())))
                 .collect(),
             addresses: report.addresses.clone(),
         }
@@ -171,8 +180,8 @@ fn current_addresses(o: &networking::Ingress) -> Vec<String> {
     ips
 }
 
-/// Writes what changed: addresses of served Ingresses, one Warning Event per new rejection
-/// (`reported` remembers them, so a steady cluster writes nothing).
+/// Writes what changed: addresses of served Ingresses, one Warning Event per new rejection or
+/// missing TLS Secret (`reported` remembers them, so a steady cluster writes nothing).
 pub async fn write_status(
     client: &Client,
     recorder: &Recorder,
@@ -180,6 +189,36 @@ pub async fn write_status(
     reported: &mut HashSet<(ObjectKey, String)>,
 ) {
     let mut still_rejected = HashSet::new();
+    let mut warn = async |object: &networking::Ingress, reason: &str, note: String| {
+        let key = ObjectKey::new(object.namespace().unwrap_or_default(), object.name_any());
+        let entry = (key.clone(), note.clone());
+        still_rejected.insert(entry.clone());
+        if reported.contains(&entry) {
+            return;
+        }
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match recorder.publish(&event, &object.object_ref(&())).await {
+            Ok(()) => {
+                info!(ingress = %key, reason, "Ingress warning: event published");
+                reported.insert(entry);
+            }
+            Err(e) => warn!(error = %e, "cannot publish an Event"),
+        }
+    };
+    for (object, names) in &inputs.missing_secrets {
+        for name in names {
+            let note = format!(
+                "TLS Secret {name} not found (or not a kubernetes.io/tls Secret with tls.crt and tls.key): its hosts are served over HTTP only"
+            );
+            warn(object, TLS_SECRET_MISSING, note).await;
+        }
+    }
     for (object, result) in &inputs.ingresses {
         let key = ObjectKey::new(object.namespace().unwrap_or_default(), object.name_any());
         match result {
@@ -198,27 +237,7 @@ pub async fn write_status(
                     warn!(error = %e, ingress = %key, "cannot write Ingress status");
                 }
             }
-            Err(reason) => {
-                let entry = (key.clone(), reason.clone());
-                still_rejected.insert(entry.clone());
-                if reported.contains(&entry) {
-                    continue;
-                }
-                let event = KubeEvent {
-                    type_: EventType::Warning,
-                    reason: REJECTED.into(),
-                    note: Some(format!("not served by Weft: {reason}")),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                };
-                match recorder.publish(&event, &object.object_ref(&())).await {
-                    Ok(()) => {
-                        info!(ingress = %key, "Ingress rejected: event published");
-                        reported.insert(entry);
-                    }
-                    Err(e) => warn!(error = %e, "cannot publish an Event"),
-                }
-            }
+            Err(reason) => warn(object, REJECTED, format!("not served by Weft: {reason}")).await,
         }
     }
     // A fixed (or deleted) Ingress that breaks again later is reported again.

@@ -138,6 +138,9 @@ impl std::fmt::Debug for TlsSecret {
 pub struct IngressReport {
     /// Served Ingresses (`Ok`) and left-out ones with the reason (`Err`).
     pub ingresses: BTreeMap<ObjectKey, Result<(), String>>,
+    /// Served Ingresses naming TLS Secrets that do not exist (or are not TLS Secrets): their
+    /// hosts are served over HTTP only.
+    pub missing_secrets: BTreeMap<ObjectKey, Vec<String>>,
     /// Addresses of the nodes serving ingress.
     pub addresses: Vec<Ipv4Addr>,
 }
@@ -291,6 +294,7 @@ impl IngressState {
         let mut desired = BTreeMap::new();
         self.referenced_services.clear();
         self.report.ingresses.clear();
+        self.report.missing_secrets.clear();
         if !self.active() {
             return desired;
         }
@@ -312,6 +316,7 @@ impl IngressState {
         add(Kind::IngressSettings, SETTINGS.into(), &settings);
         let mut secrets = BTreeSet::new();
         let mut report = BTreeMap::new();
+        let mut missing_secrets: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
         for ingress in self.ingresses.values().filter(|i| self.is_ours(i)) {
             for rule in &ingress.rules {
                 for path in &rule.paths {
@@ -330,9 +335,17 @@ impl IngressState {
             match result {
                 Ok(payload) => {
                     for tls in &payload.tls {
-                        if !tls.secret.is_empty() {
-                            secrets.insert(tls.secret.clone());
+                        if tls.secret.is_empty() {
+                            continue;
                         }
+                        let found = tls
+                            .secret
+                            .split_once('/')
+                            .is_some_and(|(ns, n)| self.secrets.contains_key(&ObjectKey::new(ns, n)));
+                        if !found {
+                            missing_secrets.entry(ingress.key.clone()).or_default().push(tls.secret.clone());
+                        }
+                        secrets.insert(tls.secret.clone());
                     }
                     add(Kind::Ingress, ingress.key.to_string(), &payload);
                     report.insert(ingress.key.clone(), Ok(()));
@@ -352,6 +365,7 @@ impl IngressState {
         }
         self.referenced_services = referenced;
         self.report.ingresses = report;
+        self.report.missing_secrets = missing_secrets;
         desired
     }
 }

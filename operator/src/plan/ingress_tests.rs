@@ -234,3 +234,23 @@ proptest! {
         prop_assert_eq!(compiler.ingress_report(), full_compiler.ingress_report());
     }
 }
+
+#[test]
+fn a_served_ingress_naming_a_missing_tls_secret_is_reported_until_the_secret_exists() {
+    let mut changes = base();
+    changes.retain(|c| !matches!(c, Change::Secret(s) if s.key.name == "shop-tls"));
+    let (mut compiler, _) = Compiler::full(changes);
+    let report = compiler.ingress_report();
+    assert_eq!(
+        report.ingresses.get(&ObjectKey::new("shop", "wear")),
+        Some(&Ok(())),
+        "still served over HTTP"
+    );
+    assert_eq!(
+        report.missing_secrets.get(&ObjectKey::new("shop", "wear")),
+        Some(&vec!["shop/shop-tls".to_string()])
+    );
+    compiler.apply(Change::Secret(secret("shop-tls")));
+    compiler.flush();
+    assert!(compiler.ingress_report().missing_secrets.is_empty());
+}
