@@ -5,7 +5,7 @@
 //! Needs root and `cargo build --workspace --bins`.
 
 use anyhow::Result;
-use weft_e2e::cluster::{CniMode, TestCluster, TestOptions};
+use weft_e2e::cluster::TestCluster;
 
 mod proxy_scenarios;
 
@@ -14,14 +14,7 @@ static SWITCHED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 /// The shared cluster, switched to the nftables backend: every agent has replaced its iptables
 /// chains with the table (its proxy record says `mode nftables`).
 async fn cluster() -> Result<TestCluster> {
-    let c = TestCluster::shared(
-        TestOptions::default()
-            .nodes(4)
-            .weft(true)
-            .cni(CniMode::Weft)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
-    )
-    .await?;
+    let c = TestCluster::shared(proxy_scenarios::options()).await?;
     SWITCHED
         .get_or_try_init(|| async {
             c.kubectl(&[
@@ -47,19 +40,8 @@ async fn cluster() -> Result<TestCluster> {
     Ok(c)
 }
 
-#[tokio::test]
-async fn cluster_ip_spreads_requests_keeps_affinity_and_follows_endpoints() -> Result<()> {
-    proxy_scenarios::cluster_ip_spreads_requests_keeps_affinity_and_follows_endpoints(&cluster().await?).await
-}
-
-#[tokio::test]
-async fn node_port_answers_on_every_node_and_local_keeps_the_client_address() -> Result<()> {
-    proxy_scenarios::node_port_answers_on_every_node_and_local_keeps_the_client_address(&cluster().await?)
-        .await
-}
-
-#[tokio::test]
-async fn proxy_policy_prefer_same_zone_keeps_traffic_in_the_zone_and_falls_back() -> Result<()> {
-    proxy_scenarios::proxy_policy_prefer_same_zone_keeps_traffic_in_the_zone_and_falls_back(&cluster().await?)
-        .await
-}
+proxy_scenarios::tests!(
+    cluster_ip_spreads_requests_keeps_affinity_and_follows_endpoints,
+    node_port_answers_on_every_node_and_local_keeps_the_client_address,
+    proxy_policy_prefer_same_zone_keeps_traffic_in_the_zone_and_falls_back,
+);

@@ -86,7 +86,11 @@ pub async fn run(
     let cni_task = tokio::spawn(server.run(target.ipam.clone()));
     let _stop_cni = AbortOnDrop(cni_task);
     let mut agent = Agent {
-        plan: PlanState::load(&config.state_dir)?,
+        plan: PlanState::load(&config.state_dir).unwrap_or_else(|e| {
+            // Start empty: the operator sends a snapshot, and nothing is programmed before it.
+            warn!(error = %e, "the saved plan is unreadable; asking the operator for a snapshot");
+            PlanState::default()
+        }),
         applied: false,
         config,
         metrics,

@@ -112,7 +112,9 @@ impl PlanState {
         Ok(Self { version: saved.version, generation: saved.generation, resources })
     }
 
-    /// Saves atomically (temp file + rename), so a crash leaves the old or the new plan.
+    /// Saves atomically (temp file + rename), so a crash leaves the old or the new plan. Not
+    /// fsynced: the file is a cache of what the operator holds for this node (lost or damaged by
+    /// a power cut, the agent asks for a snapshot), and it is written on every plan message.
     pub fn save(&self, dir: &Path) -> Result<(), PlanError> {
         let message = pb::PlanMessage {
             version: self.version,
@@ -123,7 +125,7 @@ impl PlanState {
             trace_context: Default::default(),
         };
         let path = Self::file(dir);
-        crate::programmers::write_atomic(&path, &message.encode_to_vec())
+        crate::programmers::write_replace(&path, &message.encode_to_vec(), false)
             .map_err(|source| PlanError::Write { path, source })
     }
 }

@@ -19,7 +19,26 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{OutsideHost, PodOptions, Steps, TestCluster, whoami_remote_ip};
+use weft_e2e::cluster::{
+    CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, whoami_remote_ip,
+};
+
+/// The cluster both backends' tests share (one per test binary).
+pub fn options() -> TestOptions {
+    TestOptions::default().nodes(4).weft(true).cni(CniMode::Weft).weft_dev(env!("CARGO_BIN_EXE_weft-dev"))
+}
+
+/// One `#[tokio::test]` per scenario, each on the including test binary's `cluster()`.
+macro_rules! tests {
+    ($($scenario:ident),* $(,)?) => {
+        $(#[tokio::test]
+        async fn $scenario() -> anyhow::Result<()> {
+            proxy_scenarios::$scenario(&cluster().await?).await
+        })*
+    };
+}
+
+pub(crate) use tests;
 
 /// Echo pods `(name, node)` labelled `app=<app>`, started together.
 async fn echo_pods(c: &TestCluster, ns: &str, app: &str, pods: &[(&str, &str)]) -> Result<()> {

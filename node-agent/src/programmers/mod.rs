@@ -78,6 +78,14 @@ pub enum ProgramError {
 
 /// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_replace(path, contents, true)
+}
+
+/// Replaces a file with a rename (readers see the old or the new contents), fsyncing first only
+/// when `durable`: records and caches that can be rebuilt skip it, since an fsync of megabytes
+/// costs a loaded node hundreds of milliseconds per plan message, and a process crash loses
+/// nothing the page cache holds.
+pub fn write_replace(path: &Path, contents: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -86,7 +94,9 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     ));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(contents)?;
-    file.sync_all()?;
+    if durable {
+        file.sync_all()?;
+    }
     std::fs::rename(&tmp, path)
 }
 
@@ -154,7 +164,8 @@ impl Programmer {
         if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
             return Ok(false);
         }
-        write_atomic(&path, text.as_bytes()).map_err(|source| ProgramError::Io {
+        // A record for people and tests, rewritten from the plan after any restart.
+        write_replace(&path, text.as_bytes(), false).map_err(|source| ProgramError::Io {
             programmer: self.name,
             path,
             source,

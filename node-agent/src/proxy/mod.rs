@@ -426,28 +426,13 @@ impl<'a> PortPlan<'a> {
         let externally = node_port != 0 || has_external_ips;
         let internal_empty = if svc.internal_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
         let external_empty = if svc.external_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
-        let cluster_refuse = if internal_empty {
-            Some(if any {
-                (Refuse::Drop, "has no local endpoints")
-            } else {
-                (Refuse::Reject, "has no endpoints")
-            })
-        } else if sources_restricted {
-            Some((Refuse::Reject, "source not allowed"))
-        } else {
-            None
+        let refuse = |empty: bool| match (empty, any) {
+            (true, true) => Some((Refuse::Drop, "has no local endpoints")),
+            (true, false) => Some((Refuse::Reject, "has no endpoints")),
+            (false, _) if sources_restricted => Some((Refuse::Reject, "source not allowed")),
+            (false, _) => None,
         };
-        let external_refuse = if external_empty {
-            Some(if any {
-                (Refuse::Drop, "has no local endpoints")
-            } else {
-                (Refuse::Reject, "has no endpoints")
-            })
-        } else if sources_restricted {
-            Some((Refuse::Reject, "source not allowed"))
-        } else {
-            None
-        };
+        let (cluster_refuse, external_refuse) = (refuse(internal_empty), refuse(external_empty));
         Ok(Self {
             proto,
             svc_port,

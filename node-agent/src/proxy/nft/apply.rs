@@ -105,7 +105,8 @@ impl NftCache {
             for ip in &rules.local_endpoints {
                 *hairpin.entry(*ip).or_default() += 1;
             }
-            let written = Service { version: r.version, written: Written::of(&rules), udp: rules.udp };
+            let (written, udp) = Written::of(rules);
+            let written = Service { version: r.version, written, udp };
             pending.push((r.name.clone(), written, svc.last_change_trigger_unix_ms));
         }
         for name in &removed {
@@ -144,7 +145,7 @@ impl NftCache {
         }
 
         let mut text = if full { base(ctx) } else { String::new() };
-        text.push_str(&changes.text());
+        changes.write(&mut text);
         report.chains_written = changes.chains_written();
         report.chains_deleted = changes.chains_deleted();
         report.lines = text.lines().count();

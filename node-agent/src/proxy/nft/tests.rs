@@ -150,7 +150,7 @@ fn an_incremental_sync_ends_where_a_full_one_would() {
         let fresh: std::collections::BTreeMap<(String, String), String> =
             rules.elements.iter().map(|e| ((e.map().to_string(), e.key()), e.value())).collect();
         assert_eq!(model, fresh, "step {i}");
-        written = Some(Written::of(&rules));
+        written = Some(Written::of(rules).0);
     }
 }
 
