@@ -58,12 +58,13 @@ bench-chaos:
 bench-net: tools build
 	target/debug/weft-bench-net 3 5
 
-# Needs the Go-built tools (kube-proxy among them): weft-agent (release build) vs kube-proxy
-# iptables/nftables on one local control plane, then the programming latency on a 3-node cluster.
 # Needs the Go-built tools (CoreDNS among them): a 3-node local cluster of its own.
 bench-dns: tools build
 	target/debug/weft-bench-dns --nodes 3 --changes 20 --services 30
 
+# Needs the Go-built tools (kube-proxy among them): weft-agent (release build; iptables and
+# nftables backends) vs kube-proxy iptables/nftables on one local control plane, then the
+# programming latency on a 3-node cluster.
 bench-proxy: tools build
 	$(CARGO) build --release -p weft-agent --bin weft-agent
 	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20 --nftables-changes 5 --iptables legacy

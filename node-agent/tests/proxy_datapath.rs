@@ -477,15 +477,16 @@ on_both_backends!(
 );
 
 #[test]
-fn the_nftables_table_deleted_or_flushed_from_outside_is_replaced_by_the_check() {
+fn the_nftables_hooks_or_table_deleted_from_outside_are_replaced_by_the_check() {
     require_root();
     let lab = Lab::new(pb::ProxyMode::Nftables);
     let plan = lab.plan(&all(&lab), false);
     lab.sync(&plan);
     assert!(lab.cache.check(&lab.metrics).unwrap(), "a freshly written table passes the check");
 
-    lab.nft(&["flush", "chain", "ip", "weft-proxy", "services"]);
-    assert!(ask(&lab.client, CLUSTER_IP, 9000).is_err(), "the flush broke the service");
+    lab.nft(&["delete", "chain", "ip", "weft-proxy", "nat-prerouting"]);
+    lab.nft(&["delete", "chain", "ip", "weft-proxy", "nat-output"]);
+    assert!(ask(&lab.client, CLUSTER_IP, 9000).is_err(), "the deleted hooks broke the service");
     assert!(!lab.cache.check(&lab.metrics).unwrap());
     lab.sync(&plan);
     assert!(who(&lab.client, CLUSTER_IP, 9000).starts_with("pod"));

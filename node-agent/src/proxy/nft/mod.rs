@@ -149,6 +149,21 @@ const PROTOCOLS: [pb::Protocol; 3] = [pb::Protocol::Tcp, pb::Protocol::Udp, pb::
 pub const SERVICES: &str = "services";
 pub const MARK_MASQ: &str = "mark-for-masquerade";
 pub const REJECT: &str = "reject-traffic";
+/// The chains [`base`] writes (hooks first): what the periodic check looks for.
+pub const SHARED_CHAINS: [&str; 12] = [
+    "nat-prerouting",
+    "nat-output",
+    "nat-postrouting",
+    "filter-input",
+    "filter-forward",
+    "filter-output",
+    SERVICES,
+    MARK_MASQ,
+    "masquerading",
+    "cluster-services",
+    "external-services",
+    REJECT,
+];
 
 /// One element of one of the table's maps: what a Service adds, what an incremental sync diffs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
