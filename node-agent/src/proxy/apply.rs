@@ -323,23 +323,7 @@ impl ProxyCache {
         let rerender_all = full || state.ctx.as_ref() != Some(&ctx);
 
         // Only the Services whose plan resource changed are rendered again.
-        let mut services = 0;
-        let mut cached_seen = 0;
-        let mut stale: Vec<&pb::Resource> = Vec::new();
-        for r in plan.of_kind(Kind::Service) {
-            services += 1;
-            let old = state.services.get(&r.name);
-            cached_seen += usize::from(old.is_some());
-            if rerender_all || old.is_none_or(|o| o.version != r.version) {
-                stale.push(r);
-            }
-        }
-        let removed: Vec<String> = if cached_seen == state.services.len() {
-            Vec::new()
-        } else {
-            let present: HashSet<&str> = plan.of_kind(Kind::Service).map(|r| r.name.as_str()).collect();
-            state.services.keys().filter(|k| !present.contains(k.as_str())).cloned().collect()
-        };
+        let (services, stale, removed) = changed_services(plan, &state.services, |w| w.version, rerender_all);
         let mut report = SyncReport { full, services, services_rendered: stale.len(), ..Default::default() };
         if stale.is_empty() && removed.is_empty() && !rerender_all {
             return Ok(report);
@@ -699,4 +683,34 @@ pub(crate) fn observe_programming_latency(
     if trigger != 0 && trigger >= started_unix_ms {
         metrics.network_programming_latency.observe((now_ms - trigger).max(0) as f64 / 1000.0);
     }
+}
+
+/// The plan's Services against a cache of what was written (by name, with the plan version each
+/// was written at): how many there are, those to render again (all of them when `all`), and the
+/// names of those gone from the plan.
+pub(crate) fn changed_services<'a, W>(
+    plan: &'a PlanState,
+    cache: &HashMap<String, W>,
+    version: impl Fn(&W) -> u64,
+    all: bool,
+) -> (usize, Vec<&'a pb::Resource>, Vec<String>) {
+    let mut services = 0;
+    let mut cached_seen = 0;
+    let mut stale = Vec::new();
+    for r in plan.of_kind(Kind::Service) {
+        services += 1;
+        let old = cache.get(&r.name);
+        cached_seen += usize::from(old.is_some());
+        if all || old.is_none_or(|o| version(o) != r.version) {
+            stale.push(r);
+        }
+    }
+    // Counting the cached names seen spares building a set in the common case: nothing removed.
+    let removed = if cached_seen == cache.len() {
+        Vec::new()
+    } else {
+        let present: HashSet<&str> = plan.of_kind(Kind::Service).map(|r| r.name.as_str()).collect();
+        cache.keys().filter(|k| !present.contains(k.as_str())).cloned().collect()
+    };
+    (services, stale, removed)
 }

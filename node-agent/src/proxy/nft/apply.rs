@@ -1,15 +1,17 @@
 //! Writing the nftables table: a full sync replaces the table in one transaction; after that each
 //! sync writes only the elements, chains and sets of the Services that changed, also in one.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
-use weft_api::plan::{self as pb, Kind};
+use weft_api::plan as pb;
 
 use super::{Changes, Claim, Pick, SHARED_CHAINS, TABLE, Written, base, render_service};
 use crate::metrics::AgentMetrics;
 use crate::plan_state::PlanState;
-use crate::proxy::apply::{Runner, SyncReport, clear_udp, now_unix_ms, observe_programming_latency};
+use crate::proxy::apply::{
+    Runner, SyncReport, changed_services, clear_udp, now_unix_ms, observe_programming_latency,
+};
 use crate::proxy::{Context, ProxyError, UdpFlows};
 
 #[derive(Debug, Clone)]
@@ -51,23 +53,7 @@ impl NftCache {
             self.hairpin.clear();
             self.claims.clear();
         }
-        let mut services = 0;
-        let mut cached_seen = 0;
-        let mut stale: Vec<&pb::Resource> = Vec::new();
-        for r in plan.of_kind(Kind::Service) {
-            services += 1;
-            let old = self.services.get(&r.name);
-            cached_seen += usize::from(old.is_some());
-            if old.is_none_or(|o| o.version != r.version) {
-                stale.push(r);
-            }
-        }
-        let removed: Vec<String> = if cached_seen == self.services.len() {
-            Vec::new()
-        } else {
-            let present: HashSet<&str> = plan.of_kind(Kind::Service).map(|r| r.name.as_str()).collect();
-            self.services.keys().filter(|k| !present.contains(k.as_str())).cloned().collect()
-        };
+        let (services, stale, removed) = changed_services(plan, &self.services, |s| s.version, false);
         let mut report = SyncReport { full, services, services_rendered: stale.len(), ..Default::default() };
         if !full && stale.is_empty() && removed.is_empty() {
             return Ok(report);
