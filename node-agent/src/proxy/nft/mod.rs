@@ -33,7 +33,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use weft_api::plan as pb;
 
-use super::{Context, PortPlan, ProxyError, Refuse, UdpFlows, cidr, hash_suffix};
+use super::{Context, PortPlan, ProxyError, Refuse, UdpFlows, cidr, hash_suffix, service_chain};
 
 pub use apply::NftCache;
 
@@ -315,10 +315,6 @@ fn pod_set(ctx: &Context) -> Option<String> {
     }
 }
 
-fn chain_name(prefix: &str, service: &str, port: &str, protocol: &str) -> String {
-    format!("{prefix}{}", hash_suffix(&format!("{service}:{port}/{protocol}")))
-}
-
 /// Renders one Service (`name` is the plan resource's name, `namespace/name`).
 pub fn render_service(ctx: &Context, name: &str, svc: &pb::Service) -> Result<ServiceRules, ProxyError> {
     let allowed = svc
@@ -466,9 +462,9 @@ fn render_chains(
     let svc_port = plan.svc_port;
     let masquerade = svc.masquerade();
     let affinity = svc.affinity_timeout_seconds;
-    let svc_chain = chain_name("svc-", name, &port.name, pn);
-    let svl_chain = chain_name("svl-", name, &port.name, pn);
-    let ext_chain = chain_name("ext-", name, &port.name, pn);
+    let svc_chain = service_chain("svc-", name, &port.name, pn);
+    let svl_chain = service_chain("svl-", name, &port.name, pn);
+    let ext_chain = service_chain("ext-", name, &port.name, pn);
     let internal_chain = if svc.internal_local { &svl_chain } else { &svc_chain };
     let external_target = if svc.external_local { &svl_chain } else { &svc_chain };
     let guard = (!allowed.is_empty()).then(|| {
