@@ -271,7 +271,7 @@ pub struct ProxySettings {
     /// Proxy backend: `iptables` (WEFT- chains, the default) or `nftables` (table ip weft-proxy; faster at scale, needs nft 1.0+).
     #[serde(default)]
     pub mode: ProxyMode,
-    /// Least time between two rule syncs on a node, in milliseconds (0 to 60000); changes arriving faster are batched. kube-proxy's default is 1000.
+    /// Least time between two rule syncs on a node, in milliseconds (0 to 60000), as kube-proxy's --iptables-min-sync-period (default 1000). Not used yet: agents apply every plan update as it arrives.
     #[schemars(range(max = 60000))]
     #[serde(default = "defaults::min_sync_period_ms")]
     pub min_sync_period_ms: u32,
