@@ -6,7 +6,8 @@
 //!
 //! - the seeds' example: `/wear` and `/watch` (Prefix) to two Services, element-wise
 //!   (`/wearable` is not `/wear`); an Exact path; unmatched requests get 404 until NetworkConfig
-//!   names a default backend, then that; the Ingress's status lists both nodes' addresses;
+//!   names a default backend, then that; the Ingress's status lists both nodes' addresses, and
+//!   loses them when the Ingress moves to another class;
 //! - two hosts routed by the Host header to two Services, and an unknown host to neither;
 //! - TLS with a certificate the test makes (openssl) in a Secret: curl with `--cacert` and SNI
 //!   (`--resolve`) gets the Service; plain HTTP to that host gets a 308 to https;
@@ -222,6 +223,23 @@ spec:
     })
     .await?;
     s.step("status.loadBalancer lists both nodes");
+
+    // An Ingress that leaves Weft's class loses the addresses Weft wrote into its status.
+    let addresses = async |name: &str| {
+        let jsonpath = "jsonpath={.status.loadBalancer.ingress[*].ip}";
+        c.kubectl(&["get", "ingress", name, "-n", ns, "-o", jsonpath]).await
+    };
+    c.wait_for("drinks to get addresses", WAIT, || async {
+        Ok((!addresses("drinks").await?.trim().is_empty()).then_some(()))
+    })
+    .await?;
+    let other_class = r#"{"spec":{"ingressClassName":"someone-else"}}"#;
+    c.kubectl(&["patch", "ingress", "drinks", "-n", ns, "--type", "merge", "-p", other_class]).await?;
+    c.wait_for("drinks' addresses to be removed", WAIT, || async {
+        Ok(addresses("drinks").await?.trim().is_empty().then_some(()))
+    })
+    .await?;
+    s.step("an Ingress moved to another class loses its addresses");
 
     // The cluster's default backend, for requests no rule matches.
     let patch = format!(r#"{{"spec":{{"ingress":{{"defaultBackend":"{ns}/fallback:http"}}}}}}"#);

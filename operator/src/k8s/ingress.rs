@@ -180,13 +180,27 @@ fn current_addresses(o: &networking::Ingress) -> Vec<String> {
     ips
 }
 
-/// Writes what changed: addresses of served Ingresses, one Warning Event per new rejection or
-/// missing TLS Secret (`reported` remembers them, so a steady cluster writes nothing).
+/// Removes the addresses from an Ingress's status (a missing Ingress has none to remove).
+async fn clear_addresses(client: &Client, key: &ObjectKey) {
+    let patch = serde_json::json!({ "status": { "loadBalancer": { "ingress": null } } });
+    let api = Api::<networking::Ingress>::namespaced(client.clone(), &key.namespace);
+    match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => info!(ingress = %key, "Ingress no longer served: its addresses removed"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => warn!(error = %e, ingress = %key, "cannot clear Ingress status"),
+    }
+}
+
+/// Writes what changed: addresses of served Ingresses (and their removal from Ingresses no longer
+/// served: rejected, ingress disabled, class gone; `addressed` remembers where they were written),
+/// one Warning Event per new rejection or missing TLS Secret (`reported` remembers them, so a
+/// steady cluster writes nothing).
 pub async fn write_status(
     client: &Client,
     recorder: &Recorder,
     inputs: &IngressStatusInputs,
     reported: &mut HashSet<(ObjectKey, String)>,
+    addressed: &mut HashSet<ObjectKey>,
 ) {
     let mut still_rejected = HashSet::new();
     let mut warn = async |object: &networking::Ingress, reason: &str, note: String| {
@@ -223,6 +237,7 @@ pub async fn write_status(
         let key = ObjectKey::new(object.namespace().unwrap_or_default(), object.name_any());
         match result {
             Ok(()) => {
+                addressed.insert(key.clone());
                 let want = desired_addresses(&inputs.addresses);
                 if current_addresses(object) == want {
                     continue;
@@ -237,8 +252,25 @@ pub async fn write_status(
                     warn!(error = %e, ingress = %key, "cannot write Ingress status");
                 }
             }
-            Err(reason) => warn(object, REJECTED, format!("not served by Weft: {reason}")).await,
+            Err(reason) => {
+                if !current_addresses(object).is_empty() {
+                    clear_addresses(client, &key).await;
+                }
+                addressed.remove(&key);
+                warn(object, REJECTED, format!("not served by Weft: {reason}")).await;
+            }
         }
+    }
+    let served: HashSet<ObjectKey> = inputs
+        .ingresses
+        .iter()
+        .filter(|(_, result)| result.is_ok())
+        .map(|(o, _)| ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any()))
+        .collect();
+    let gone: Vec<ObjectKey> = addressed.difference(&served).cloned().collect();
+    for key in gone {
+        clear_addresses(client, &key).await;
+        addressed.remove(&key);
     }
     // A fixed (or deleted) Ingress that breaks again later is reported again.
     reported.retain(|e| still_rejected.contains(e));

@@ -360,6 +360,7 @@ pub async fn run(
     let mut reported_overlaps: HashSet<String> = HashSet::new();
     let mut reported = Reported::default();
     let mut reported_ingresses = HashSet::new();
+    let mut addressed_ingresses = HashSet::new();
     loop {
         let leading = *leader.borrow_and_update();
         metrics.leader.set(i64::from(leading));
@@ -374,8 +375,14 @@ pub async fn run(
             writer
                 .write_all(&store, &snapshot, &mut reported_nacks, &mut reported_overlaps, &mut reported)
                 .await;
-            super::ingress::write_status(&client, &recorder, &snapshot.ingress, &mut reported_ingresses)
-                .await;
+            super::ingress::write_status(
+                &client,
+                &recorder,
+                &snapshot.ingress,
+                &mut reported_ingresses,
+                &mut addressed_ingresses,
+            )
+            .await;
         }
         tokio::select! {
             _ = inputs.changed() => {}
