@@ -125,6 +125,32 @@ pub struct Jump {
     pub args: &'static [&'static str],
 }
 
+/// New connections into the filter chains that refuse what no Service serves.
+const NEW_TO_SERVICES: &[&str] = &[
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-m",
+    "comment",
+    "--comment",
+    "weft service portals",
+    "-j",
+    SERVICES,
+];
+const NEW_TO_EXTERNAL_SERVICES: &[&str] = &[
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW",
+    "-m",
+    "comment",
+    "--comment",
+    "weft externally-visible service portals",
+    "-j",
+    EXTERNAL_SERVICES,
+];
+
 pub const JUMPS: &[Jump] = &[
     Jump {
         table: Table::Nat,
@@ -141,75 +167,15 @@ pub const JUMPS: &[Jump] = &[
         from: "POSTROUTING",
         args: &["-m", "comment", "--comment", "weft service masquerade", "-j", POSTROUTING],
     },
-    Jump {
-        table: Table::Filter,
-        from: "INPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "weft externally-visible service portals",
-            "-j",
-            EXTERNAL_SERVICES,
-        ],
-    },
+    Jump { table: Table::Filter, from: "INPUT", args: NEW_TO_EXTERNAL_SERVICES },
     Jump {
         table: Table::Filter,
         from: "FORWARD",
         args: &["-m", "comment", "--comment", "weft forwarding rules", "-j", FORWARD],
     },
-    Jump {
-        table: Table::Filter,
-        from: "FORWARD",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "weft service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
-    Jump {
-        table: Table::Filter,
-        from: "FORWARD",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "weft externally-visible service portals",
-            "-j",
-            EXTERNAL_SERVICES,
-        ],
-    },
-    Jump {
-        table: Table::Filter,
-        from: "OUTPUT",
-        args: &[
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-m",
-            "comment",
-            "--comment",
-            "weft service portals",
-            "-j",
-            SERVICES,
-        ],
-    },
+    Jump { table: Table::Filter, from: "FORWARD", args: NEW_TO_SERVICES },
+    Jump { table: Table::Filter, from: "FORWARD", args: NEW_TO_EXTERNAL_SERVICES },
+    Jump { table: Table::Filter, from: "OUTPUT", args: NEW_TO_SERVICES },
 ];
 
 /// The canary rule, first in both tables' `WEFT-SERVICES` (arguments for `iptables -C`).
