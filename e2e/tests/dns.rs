@@ -9,8 +9,9 @@
 //! longer names, a headless Service (one A record per ready pod), SRV of a named port, an
 //! ExternalName (CNAME), a pod's `a-b-c-d.<ns>.pod` name, PTR of a ClusterIP, a name forwarded to
 //! the upstream, a stub domain; then changing `dns.upstreams` in NetworkConfig reaches every node,
-//! and an upstream that would loop back to kube-dns is refused (NetworkConfig status) while the
-//! nodes keep serving the last good configuration; an agent killed with SIGKILL leaves no CoreDNS
+//! `dns.podRecords: Verified` stops answering pod names that no pod has, and an upstream that
+//! would loop back to kube-dns is refused (NetworkConfig status) while the nodes keep serving the
+//! last good configuration; an agent killed with SIGKILL leaves no CoreDNS
 //! behind and its successor serves again.
 //! Needs root, `cargo build --workspace --bins` and CoreDNS from e2e/tools/install.sh.
 
@@ -277,6 +278,26 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
             .await?;
     }
     s.step("every node forwards to the new upstream");
+
+    // Pod records: Insecure (the default) answers any a-b-c-d name; Verified only the address of
+    // a pod that exists in that namespace.
+    let no_pod = format!("10-244-250-250.{ns}.pod.cluster.local");
+    expect_answer(&c, &ns, "client", &[&no_pod], &["10.244.250.250"]).await?;
+    c.kubectl(&[
+        "patch",
+        "networkconfig",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"dns":{"podRecords":"Verified"}}}"#,
+    ])
+    .await?;
+    for node in &nodes {
+        let at = format!("@{}", node.ip);
+        expect_answer(&c, &ns, "client", &[&at, &no_pod], &[]).await?;
+        expect_answer(&c, &ns, "client", &[&at, &pod_name], &[&client_ip.to_string()]).await?;
+    }
+    s.step("podRecords Verified: only addresses of existing pods answer, on every node");
 
     // Forwarding to kube-dns itself would loop: every agent refuses it (NetworkConfig status
     // says why) and CoreDNS keeps serving what it had.
