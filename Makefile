@@ -71,6 +71,8 @@ bench-proxy: tools build
 	target/debug/weft-bench-proxy latency --changes 40
 
 # Needs the Go-built tools and nginx/wrk (make tools): a 2-node local cluster of its own; route
-# change → serving latency, then wrk straight to a pod vs through the ingress.
+# change → serving latency, then wrk straight to a pod vs through the ingress, first with every
+# process on every CPU, then with one CPU per node (a cluster each).
 bench-ingress: tools build
-	target/debug/weft-bench-ingress --changes 40 --rounds 5 --seconds 10
+	target/debug/weft-bench-ingress --changes 40 --rounds 5 --seconds 10 --path /
+	target/debug/weft-bench-ingress --changes 0 --rounds 5 --seconds 10 --path / --pin

@@ -2,7 +2,7 @@
 //! proxy follows the endpoints): a cluster of its own (1 node, `--cni weft`, Weft on), so no other
 //! test changes Ingresses meanwhile. A second whoami pod joins the Service behind an Ingress; it
 //! answers through the ingress (once nginx renews its keep-alive connection to the ClusterIP,
-//! after at most 100 requests: the proxy balances per connection), and the agent's
+//! at most 5 s after opening it: the proxy balances per connection), and the agent's
 //! `weft_agent_ingress_reloads_total` is unchanged.
 //! Needs root and `cargo build --workspace --bins`.
 

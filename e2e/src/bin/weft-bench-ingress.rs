@@ -9,8 +9,13 @@
 //!   (on node-2) and through the ingress (node-1's nginx → ClusterIP → the same pod), requests/s
 //!   of each, medians and their ratio.
 //!
+//! `--pin` gives each node a CPU of its own, as separate machines would have: node-1's processes
+//! (agent, nginx, its pods) and the `wrk` client on CPU 0, node-2's (the whoami pod) on CPU 1; the
+//! control plane floats. Without it every process shares every CPU, so nginx takes its CPU from
+//! the backend and the client in the same round.
+//!
 //! Root; `cargo build -p weft-e2e --bins` first. Usage:
-//! `weft-bench-ingress [--changes N] [--rounds R] [--seconds S] [--connections C] [--path P]`.
+//! `weft-bench-ingress [--changes N] [--rounds R] [--seconds S] [--connections C] [--path P] [--pin]`.
 
 use std::time::{Duration, Instant};
 
@@ -26,12 +31,18 @@ struct Args {
     seconds: u32,
     connections: u32,
     path: String,
+    pin: bool,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { changes: 40, rounds: 5, seconds: 10, connections: 32, path: "/bench".into() };
+    let mut a =
+        Args { changes: 40, rounds: 5, seconds: 10, connections: 32, path: "/bench".into(), pin: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--pin" {
+            a.pin = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--changes" => a.changes = value.parse()?,
@@ -68,6 +79,58 @@ fn ingress(ns: &str, name: &str, host: &str) -> Result<Ingress> {
             {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "echo", "port": {"number": 80}}}}
         ]}}]}
     }))?)
+}
+
+/// Pins node `i`'s processes to CPU `i` (modulo the CPUs there are): every process in the node's
+/// network namespace and every descendant of one (pods are children of the node's kubelet
+/// runner), threads included.
+fn pin_nodes(c: &TestCluster) -> Result<()> {
+    // (pid, parent pid, `net:[<inode>]` of its network namespace) of every process.
+    let mut procs: Vec<(String, String, String)> = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let pid = entry?.file_name().to_string_lossy().into_owned();
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The fields after the command name (which may hold spaces) follow the last ')'.
+        let ppid =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+        let net = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+        if let (Some(ppid), Some(net)) = (ppid, net) {
+            procs.push((pid, ppid, net.to_string_lossy().into_owned()));
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    for (i, node) in c.nodes().iter().enumerate() {
+        let cpu = (i % cpus).to_string();
+        let ns_ino = std::fs::metadata(format!("/run/netns/{}", node.netns))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .with_context(|| format!("node {} has no network namespace", node.name))?;
+        let wanted = format!("net:[{ns_ino}]");
+        let mut pids: std::collections::BTreeSet<&str> =
+            procs.iter().filter(|(_, _, net)| *net == wanted).map(|(pid, _, _)| pid.as_str()).collect();
+        loop {
+            let children: Vec<&str> = procs
+                .iter()
+                .filter(|(pid, ppid, _)| !pids.contains(pid.as_str()) && pids.contains(ppid.as_str()))
+                .map(|(pid, _, _)| pid.as_str())
+                .collect();
+            if children.is_empty() {
+                break;
+            }
+            pids.extend(children);
+        }
+        let mut pinned = 0;
+        for pid in &pids {
+            // A process may have exited since: the others are still pinned.
+            let status = std::process::Command::new("taskset")
+                .args(["-a", "-p", "-c", &cpu, pid])
+                .stdout(std::process::Stdio::null())
+                .status();
+            pinned += usize::from(status.is_ok_and(|s| s.success()));
+        }
+        ensure!(pinned > 0, "no process of {} could be pinned", node.name);
+        eprintln!("pinned {pinned} processes of {} to CPU {cpu}", node.name);
+    }
+    Ok(())
 }
 
 /// Requests/s from `wrk` output (`Requests/sec: 12345.67`).
@@ -137,10 +200,17 @@ async fn main() -> Result<()> {
     latencies.sort_by(f64::total_cmp);
 
     // Throughput, from node-1's namespace: straight to the pod vs through node-1's ingress.
+    if a.pin {
+        pin_nodes(&c)?;
+    }
     let wrk = |url: String, host: Option<&'static str>| {
-        let (netns, seconds, connections) = (n1.netns.clone(), a.seconds, a.connections);
+        let (netns, seconds, connections, pin) = (n1.netns.clone(), a.seconds, a.connections, a.pin);
         async move {
-            let mut cmd = tokio::process::Command::new("ip");
+            // With --pin the client runs on node-1's CPU, like a client on the ingress node.
+            let mut cmd = tokio::process::Command::new(if pin { "taskset" } else { "ip" });
+            if pin {
+                cmd.args(["-c", "0", "ip"]);
+            }
             cmd.args(["netns", "exec", &netns, "wrk", "-t2", &format!("-c{connections}")])
                 .arg(format!("-d{seconds}s"));
             if let Some(h) = host {
@@ -160,19 +230,22 @@ async fn main() -> Result<()> {
         eprintln!("round {}: direct {:.0} req/s, ingress {:.0} req/s", round + 1, direct[round], via[round]);
     }
 
+    if !latencies.is_empty() {
+        println!(
+            "route change → serving ({} changes): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            a.changes,
+            percentile(&latencies, 50.0) * 1000.0,
+            percentile(&latencies, 99.0) * 1000.0,
+            latencies.last().copied().unwrap_or_default() * 1000.0
+        );
+    }
     println!(
-        "route change → serving ({} changes): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        a.changes,
-        percentile(&latencies, 50.0) * 1000.0,
-        percentile(&latencies, 99.0) * 1000.0,
-        latencies.last().copied().unwrap_or_default() * 1000.0
-    );
-    println!(
-        "throughput ({} rounds × {} s, wrk -t2 -c{} GET {}): direct median {:.0} req/s [{}], ingress median {:.0} req/s [{}], ratio {:.2}",
+        "throughput ({} rounds × {} s, wrk -t2 -c{} GET {}{}): direct median {:.0} req/s [{}], ingress median {:.0} req/s [{}], ratio {:.2}",
         a.rounds,
         a.seconds,
         a.connections,
         a.path,
+        if a.pin { ", one CPU per node" } else { "" },
         median(&direct),
         direct.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
         median(&via),

@@ -279,11 +279,12 @@ fn write_config(
         }
     }
     // Keep-alive connections to each ClusterIP. The proxy balances per connection, so each one
-    // is retired after 100 requests or 10 s idle: new endpoints get their share soon.
+    // is retired 5 s after it was opened (`keepalive_time`): new endpoints get their share within
+    // seconds, without a new connection every few requests under load.
     for u in &upstreams {
         let _ = writeln!(
             o,
-            "    upstream {} {{\n        server {}:{};\n        keepalive 32;\n        keepalive_requests 100;\n        keepalive_timeout 10s;\n    }}",
+            "    upstream {} {{\n        server {}:{};\n        keepalive 32;\n        keepalive_time 5s;\n        keepalive_requests 10000;\n        keepalive_timeout 10s;\n    }}",
             u.name(),
             u.ip,
             u.port

@@ -99,7 +99,8 @@ fn the_preamble_points_nginx_at_its_own_directory_and_declares_keepalive_upstrea
         upstream b_10_96_0_11_8080 {
             server 10.96.0.11:8080;
             keepalive 32;
-            keepalive_requests 100;
+            keepalive_time 5s;
+            keepalive_requests 10000;
             keepalive_timeout 10s;
         }
     "#);
