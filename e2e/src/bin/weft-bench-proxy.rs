@@ -690,6 +690,17 @@ async fn side_by_side(
     // node-1's own agent would program its namespace and compete for the CPU: the benchmark runs
     // its own agent for node-1 in a fresh namespace instead.
     c.stop_process("agent-node-1").await?;
+    // Only the proxy is measured: no ingress controller for the benchmark's agent (its nginx
+    // would not start in the fresh namespace and every plan would be NACKed).
+    c.kubectl(&[
+        "patch",
+        "networkconfig",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ingress":{"enabled":false}}}"#,
+    ])
+    .await?;
     c.kubectl(&["create", "namespace", BENCH_NS]).await?;
     let client = c.client();
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), BENCH_NS);
