@@ -36,6 +36,15 @@ const WEFT_BLOCK: &str = "10.250.0.0/24";
 const REFERENCE_SUBNET: &str = "10.251.0.0/24";
 const MTU: u32 = 1400;
 
+// The guard the datapath tests use; this benchmark needs only part of it.
+#[allow(dead_code)]
+#[path = "../tests/support/netns.rs"]
+mod netns;
+use netns::Netns;
+
+/// Prefix of this benchmark's namespaces.
+const PREFIX: &str = "wbench";
+
 fn main() -> Result<()> {
     if !is_root() {
         eprintln!("cni_add: skipped, it needs root for network namespaces");
@@ -55,31 +64,6 @@ fn main() -> Result<()> {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-}
-
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Result<Self> {
-        let name = format!("wbench-{tag}-{}", std::process::id());
-        let out =
-            Command::new("ip").args(["netns", "add", &name]).output().context("running ip netns add")?;
-        ensure!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(Self { name })
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
 }
 
 /// One network as a runtime sees it: a conflist and the directories to find its plugins in.
@@ -239,7 +223,7 @@ impl Drop for Attached<'_> {
 fn pods(tag: &str, n: usize) -> Result<Vec<Pod>> {
     (0..n)
         .map(|i| {
-            let netns = Netns::new(&format!("{tag}{i}"))?;
+            let netns = Netns::new(PREFIX, &format!("{tag}{i}"))?;
             let container_id = format!("{}{i:04}{}", tag, std::process::id());
             Ok(Pod { name: format!("{tag}-{i}"), container_id, netns })
         })
@@ -319,7 +303,7 @@ fn run() -> Result<String> {
     )?;
 
     // The node and the pods (declared before the guards that DEL, so those drop first).
-    let node = Netns::new("node")?;
+    let node = Netns::new(PREFIX, "node")?;
     let weft_pods = pods("w", PODS)?;
     let reference_pods = pods("r", PODS)?;
     let node_ns = std::fs::File::open(node.path()).context("opening the node's namespace")?;

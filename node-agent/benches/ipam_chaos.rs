@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -43,6 +43,15 @@ const DEFAULT_CYCLES: u64 = 1000;
 const DEFAULT_SEED: u64 = 0x5eed_cafe_f00d_0001;
 const NODE: &str = "chaos-node";
 const MTU: u32 = 1400;
+
+// The guard the datapath tests use; this benchmark needs only part of it.
+#[allow(dead_code)]
+#[path = "../tests/support/netns.rs"]
+mod netns;
+use netns::Netns;
+
+/// Prefix of this benchmark's namespaces.
+const PREFIX: &str = "wchaos";
 
 fn main() -> Result<()> {
     if !is_root() {
@@ -101,57 +110,22 @@ impl Rng {
     }
 }
 
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Result<Self> {
-        let name = format!("wchaos-{tag}-{}", std::process::id());
-        let out =
-            Command::new("ip").args(["netns", "add", &name]).output().context("running ip netns add")?;
-        ensure!(out.status.success(), "ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(Self { name })
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// The IPv4 addresses on eth0, read from the namespace.
-    fn eth0_addresses(&self) -> Result<Vec<Ipv4Addr>> {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "-4", "-o", "addr", "show", "dev", "eth0"])
-            .output()
-            .context("running ip addr show")?;
-        ensure!(
-            out.status.success(),
-            "ip -n {} addr show: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut addresses = Vec::new();
-        for line in text.lines() {
-            let mut words = line.split_whitespace();
-            while let Some(word) = words.next() {
-                if word == "inet"
-                    && let Some(cidr) = words.next()
-                {
-                    let ip = cidr.split('/').next().unwrap_or(cidr);
-                    addresses.push(ip.parse().with_context(|| format!("{ip} from ip addr is not IPv4"))?);
-                }
+/// The IPv4 addresses on eth0, read from the namespace.
+fn eth0_addresses(ns: &Netns) -> Result<Vec<Ipv4Addr>> {
+    let text = ns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+    let mut addresses = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "inet"
+                && let Some(cidr) = words.next()
+            {
+                let ip = cidr.split('/').next().unwrap_or(cidr);
+                addresses.push(ip.parse().with_context(|| format!("{ip} from ip addr is not IPv4"))?);
             }
         }
-        Ok(addresses)
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
+    Ok(addresses)
 }
 
 struct Pod {
@@ -335,7 +309,7 @@ fn check(agent: &Agent, live: &BTreeMap<u64, Live>, report: &mut Report) -> Resu
     report.namespace_checks += 1;
     let mut in_namespaces = BTreeSet::new();
     for l in live.values() {
-        let addresses = l.pod.netns.eth0_addresses()?;
+        let addresses = eth0_addresses(&l.pod.netns)?;
         if addresses != [l.ip] {
             report.disagreements += 1;
             eprintln!("{}: ADD gave {}, eth0 has {addresses:?}", l.pod.name, l.ip);
@@ -370,7 +344,7 @@ fn run(cycles: u64, seed: u64) -> Result<Report> {
     obj.insert("name".into(), list["name"].clone());
     obj.insert("cniVersion".into(), list["cniVersion"].clone());
 
-    let node = Netns::new("node")?;
+    let node = Netns::new(PREFIX, "node")?;
     let node_ns = std::fs::File::open(node.path()).context("opening the node's namespace")?;
     nix::sched::setns(&node_ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .context("entering the node's namespace")?;
@@ -400,7 +374,7 @@ fn run(cycles: u64, seed: u64) -> Result<Report> {
             0 => {
                 let i = next_pod;
                 next_pod += 1;
-                let netns = Netns::new(&format!("p{i}"))?;
+                let netns = Netns::new(PREFIX, &format!("p{i}"))?;
                 let pod = Pod {
                     name: format!("pod-{i}"),
                     container_id: format!("chaos{}{i:06}", std::process::id()),

@@ -6,8 +6,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Output, Stdio};
 
 use serde_json::{Value, json};
 use weft_agent::cni::{CniServer, conflist};
@@ -15,56 +14,35 @@ use weft_agent::ipam::{AttachmentKey, IpamHandle, PodRef};
 use weft_api::plan::NetworkSettings;
 
 mod support;
+use support::netns::Netns;
 use support::{ok, require_root, run};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_weft-cni");
 const GATEWAY: &str = "169.254.1.1";
 const BLOCK: &str = "10.250.0.0/29";
 
-fn unique(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("wcni-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+/// Prefix of this test's namespaces.
+const PREFIX: &str = "wcni";
+
+fn netns(tag: &str) -> Netns {
+    Netns::new(PREFIX, tag).unwrap()
 }
 
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = unique(tag);
-        ok(Command::new("ip").args(["netns", "add", &name]));
-        Self { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-
+/// What these tests read from a namespace.
+trait Inspect {
     /// `ip -j <args>` in this namespace, parsed.
+    fn ip_json(&self, args: &[&str]) -> Value;
+    fn has_link(&self, name: &str) -> bool;
+}
+
+impl Inspect for Netns {
     fn ip_json(&self, args: &[&str]) -> Value {
-        let out = run(Command::new("ip").args(["-n", &self.name, "-j"]).args(args));
-        if !out.status.success() {
-            return Value::Null;
-        }
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        let Ok(out) = self.ip(&[&["-j"][..], args].concat()) else { return Value::Null };
+        serde_json::from_str(&out).unwrap_or(Value::Null)
     }
 
     fn has_link(&self, name: &str) -> bool {
-        run(Command::new("ip").args(["-n", &self.name, "link", "show", "dev", name])).status.success()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        self.ip(&["link", "show", "dev", name]).is_ok()
     }
 }
 
@@ -89,7 +67,7 @@ impl Agent {
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let server = runtime.block_on(async { CniServer::bind(&socket) }).unwrap();
         runtime.spawn(server.run(ipam.clone()));
-        let host = Netns::new("host");
+        let host = netns("host");
         ok(host.exec("sh").args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]));
         Self { ipam, socket, host, dir, _runtime: runtime }
     }
@@ -166,8 +144,8 @@ struct Pod {
 
 impl Pod {
     fn new(name: &str) -> Self {
-        let netns = Netns::new(name);
-        let container_id = netns.name.replace('-', "");
+        let netns = netns(name);
+        let container_id = netns.name().replace('-', "");
         Self { name: name.into(), container_id, netns }
     }
 
@@ -348,7 +326,7 @@ fn failures_are_cni_errors_a_person_can_act_on() {
     assert!(success, "STATUS with a block: {out}");
 
     // A missing network namespace on ADD: a clear error, and no address spent on it.
-    let gone = Path::new("/run/netns").join(unique("gone"));
+    let gone = Path::new("/run/netns").join(format!("{PREFIX}-gone-{}", std::process::id()));
     let env =
         [("CNI_CONTAINERID", "missingns"), ("CNI_NETNS", gone.to_str().unwrap()), ("CNI_IFNAME", "eth0")];
     let (success, out) = agent.plugin("ADD", &env, &agent.netconf().to_string());
@@ -375,18 +353,7 @@ fn failures_are_cni_errors_a_person_can_act_on() {
     assert!(!pod.netns.has_link("eth0"));
 
     // The pod already has an eth0 (not ours): the interface error, and nothing left behind.
-    ok(Command::new("ip").args([
-        "-n",
-        &pod.netns.name,
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "other0",
-    ]));
+    pod.netns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other0"]).unwrap();
     let (success, out) = agent.call("ADD", &pod, &agent.netconf());
     assert!(!success);
     assert_eq!(error_code(&out), 102, "{out}");

@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use weft_agent::metrics::{AgentMetrics, ResultLabel};
@@ -19,6 +17,7 @@ use weft_agent::proxy::{ProxyCache, Runner};
 use weft_api::plan::{self as pb, Kind, Resource};
 
 mod support;
+use support::netns::Netns;
 use support::{ok, require_root, run};
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -29,31 +28,21 @@ const NODE_PORT: u16 = 30123;
 /// Where the client reads its answers; long only so a slow machine never fails a test.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
+/// A namespace of this test (`wpx-…`) with `lo` up.
+fn netns(tag: &str) -> Netns {
+    let ns = Netns::new("wpx", tag).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns
 }
 
-impl Netns {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("wpx-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        ok(Command::new("ip").args(["netns", "add", &name]));
-        ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Self { name }
-    }
-
-    fn ip(&self, args: &[&str]) {
-        ok(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-
-    fn exec(&self, program: &str, args: &[&str]) -> Output {
-        run(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
-    }
-
+trait Enter {
     /// Runs `f` on a thread inside this namespace: sockets it creates live here.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T;
+}
+
+impl Enter for Netns {
     fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(format!("/run/netns/{}", self.name)).unwrap();
+        let file = File::open(self.path()).unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -62,12 +51,6 @@ impl Netns {
             .join()
             .unwrap()
         })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -107,27 +90,28 @@ struct Lab {
 
 impl Lab {
     fn new(mode: pb::ProxyMode) -> Self {
-        let node = Netns::new("node");
-        ok(Command::new("ip").args(["netns", "exec", &node.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]));
+        let node = netns("node");
+        ok(node.exec("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
         let mut pods = Vec::new();
         for i in 1..=3u8 {
-            let pod = Netns::new(&format!("pod{i}"));
+            let pod = netns(&format!("pod{i}"));
             let ip = attach(&node, &pod, i);
             serve(&pod, &format!("pod{i}"));
             pods.push((pod, ip));
         }
-        let client = Netns::new("client");
+        let client = netns("client");
         attach(&node, &client, 9);
-        let outside = Netns::new("out");
-        node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &outside.name]);
-        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"]);
-        node.ip(&["link", "set", "eth0", "up"]);
+        let outside = netns("out");
+        node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", outside.name()])
+            .unwrap();
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"]).unwrap();
+        node.ip(&["link", "set", "eth0", "up"]).unwrap();
         // The node's default route (host-originated traffic to a ClusterIP needs one to be routed
         // before it is DNATed).
-        node.ip(&["route", "add", "default", "via", OUTSIDE_IP]);
-        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"]);
-        outside.ip(&["link", "set", "eth0", "up"]);
-        let cache = ProxyCache::with_runner(Runner::in_netns(&node.name));
+        node.ip(&["route", "add", "default", "via", OUTSIDE_IP]).unwrap();
+        outside.ip(&["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"]).unwrap();
+        outside.ip(&["link", "set", "eth0", "up"]).unwrap();
+        let cache = ProxyCache::with_runner(Runner::in_netns(node.name()));
         Self { node, pods, client, outside, cache, metrics: AgentMetrics::default(), mode }
     }
 
@@ -136,12 +120,12 @@ impl Lab {
     }
 
     fn iptables(&self, args: &[&str]) {
-        let out = self.node.exec("iptables", args);
+        let out = run(self.node.exec("iptables").args(args));
         assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn nft(&self, args: &[&str]) {
-        let out = self.node.exec("nft", args);
+        let out = run(self.node.exec("nft").args(args));
         assert!(out.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
@@ -157,12 +141,12 @@ impl Lab {
 /// Connects `pod` to `node` with a veth: the pod gets 10.244.<i>.2/24, the node 10.244.<i>.1.
 fn attach(node: &Netns, pod: &Netns, i: u8) -> Ipv4Addr {
     let host = format!("vp{i}");
-    node.ip(&["link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &pod.name]);
-    node.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host]);
-    node.ip(&["link", "set", &host, "up"]);
-    pod.ip(&["addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")]);
+    node.ip(&["link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", pod.name()]).unwrap();
+    node.ip(&["addr", "add", &format!("10.244.{i}.1/24"), "dev", &host]).unwrap();
+    node.ip(&["link", "set", &host, "up"]).unwrap();
+    pod.ip(&["addr", "add", &format!("10.244.{i}.2/24"), "dev", "eth0"]).unwrap();
+    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    pod.ip(&["route", "add", "default", "via", &format!("10.244.{i}.1")]).unwrap();
     Ipv4Addr::new(10, 244, i, 2)
 }
 
@@ -395,14 +379,14 @@ fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
     let lab = Lab::new(pb::ProxyMode::Iptables);
     lab.sync(&lab.plan(&all(&lab), false));
     let chains = |lab: &Lab| {
-        let out = lab.node.exec("iptables-save", &["-t", "nat"]);
+        let out = run(lab.node.exec("iptables-save").args(["-t", "nat"]));
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(":WEFT-")).count()
     };
     let before = chains(&lab);
 
     // A new agent (empty cache), whose plan no longer has default/echo; it writes in small
     // batches, each of which must be valid on its own.
-    let restarted = ProxyCache::with_runner(Runner::in_netns(&lab.node.name)).with_max_chains_per_restore(2);
+    let restarted = ProxyCache::with_runner(Runner::in_netns(lab.node.name())).with_max_chains_per_restore(2);
     let mut without_echo = lab.plan(&all(&lab), false);
     without_echo
         .resources
@@ -506,10 +490,11 @@ fn switching_backends_removes_what_the_other_one_wrote() {
     require_root();
     let lab = Lab::new(pb::ProxyMode::Iptables);
     let weft_chains = |lab: &Lab| {
-        let out = lab.node.exec("iptables-save", &[]);
+        let out = run(&mut lab.node.exec("iptables-save"));
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("WEFT-")).count()
     };
-    let table = |lab: &Lab| lab.node.exec("nft", &["list", "table", "ip", "weft-proxy"]).status.success();
+    let table =
+        |lab: &Lab| run(lab.node.exec("nft").args(["list", "table", "ip", "weft-proxy"])).status.success();
     lab.sync(&plan(pb::ProxyMode::Iptables, &all(&lab), false));
     assert!(weft_chains(&lab) > 0);
 

@@ -23,11 +23,12 @@ fn settings() -> pb::NetworkSettings {
     }
 }
 
-fn ctx() -> Context {
+/// Also used by the nftables backend's tests (the context does not depend on the proxy mode).
+pub(super) fn ctx() -> Context {
     Context::from_settings(&settings()).expect("context")
 }
 
-fn ip(s: &str) -> u32 {
+pub(super) fn ip(s: &str) -> u32 {
     u32::from(s.parse::<Ipv4Addr>().expect("ip"))
 }
 

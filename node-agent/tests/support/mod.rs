@@ -3,6 +3,8 @@
 
 use std::process::{Command, Output};
 
+pub mod netns;
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))

@@ -1,10 +1,9 @@
-use std::net::Ipv4Addr;
-
 use weft_api::plan::{self as pb, Kind, Resource};
 
 use super::*;
 use crate::metrics::AgentMetrics;
 use crate::plan_state::PlanState;
+use crate::proxy::tests::{ctx, ip};
 use crate::proxy::{ProxyCache, Runner};
 
 const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
@@ -17,14 +16,6 @@ fn settings() -> pb::NetworkSettings {
         proxy_mode: pb::ProxyMode::Nftables as i32,
         ..Default::default()
     }
-}
-
-fn ctx() -> Context {
-    Context::from_settings(&settings()).expect("context")
-}
-
-fn ip(s: &str) -> u32 {
-    u32::from(s.parse::<Ipv4Addr>().expect("ip"))
 }
 
 fn ep(addr: &str, flags: u32) -> pb::Endpoint {
