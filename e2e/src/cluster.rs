@@ -33,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 
+pub use nodes::plan_token;
 pub use observability::{Observability, PromSample, SpanRecord};
 pub use outside::OutsideHost;
 pub use process::ProcRecord;
@@ -417,10 +418,46 @@ impl Cluster {
         let k = nodes::start_kubelet(&self.state, &node)?;
         self.record(k)?;
         if self.state.weft {
+            self.write_plan_token(&node)?;
             let a = nodes::start_agent(&self.state, &node)?;
             self.record(a)?;
         }
         Ok(node)
+    }
+
+    /// Writes the token the node's agent proves its identity with: a `weft-system/weft-agent`
+    /// token for the operator's audience, bound to the Node object — on a real cluster the
+    /// DaemonSet's projected token is bound to the agent's Pod on that node, which the operator's
+    /// TokenReview reads the same way. The Node must exist first: its runner registers it a
+    /// moment after starting.
+    fn write_plan_token(&self, node: &NodeState) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let token = loop {
+            let minted = self.kubectl_ok(&[
+                "create",
+                "token",
+                "weft-agent",
+                "--namespace",
+                "weft-system",
+                "--audience",
+                "weft-operator",
+                "--bound-object-kind",
+                "Node",
+                "--bound-object-name",
+                &node.name,
+                "--duration",
+                "8760h",
+            ]);
+            match minted {
+                Ok(token) => break token,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => return Err(e.context(format!("a plan token bound to Node {}", node.name))),
+            }
+        };
+        let path = nodes::plan_token(node);
+        fs::write(&path, token.trim()).with_context(|| format!("writing {}", path.display()))?;
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(())
     }
 
     /// Waits until every node of the cluster is registered and Ready.

@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub node_name: String,
     /// The operator's plan endpoint, e.g. `http://172.18.0.1:7700`.
     pub operator: String,
+    /// The ServiceAccount token (audience `weft-operator`, bound to this node) presented on the
+    /// plan stream; read at every connection, so a rotated token is picked up.
+    pub plan_token_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     /// Delay before retrying a failed apply, and the cap of the reconnect backoff.
     pub retry_interval: Duration,
@@ -109,11 +112,21 @@ pub async fn run(
         let started = Instant::now();
         tokio::select! {
             result = agent.session() => {
+                // An admin must hear about a missing or wrong token, not only about outages.
+                let refused = matches!(
+                    &result,
+                    Err(SessionError::Token { .. })
+                ) || matches!(
+                    &result,
+                    Err(SessionError::Stream(s)) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+                );
                 let error = result.err().map(|e| e.to_string()).unwrap_or_default();
                 // Once per outage at WARN: losing the operator is worth an admin's attention,
                 // every failed retry is not.
                 if agent.status.borrow().connected {
                     warn!(%error, "lost the plan stream; the node stays as programmed and the agent reconnects");
+                } else if refused {
+                    warn!(%error, "the operator refused the plan stream; the node stays as programmed");
                 } else {
                     debug!(%error, "cannot reach the operator yet");
                 }
@@ -135,6 +148,19 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(agent.config.retry_interval.max(Duration::from_millis(200)));
     }
+}
+
+/// `Bearer <token>` from the token file.
+fn bearer(
+    path: &std::path::Path,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, SessionError> {
+    let failed = |reason: String| SessionError::Token { path: path.to_path_buf(), reason };
+    let token = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(failed("it is empty".into()));
+    }
+    format!("Bearer {token}").parse().map_err(|_| failed("it is not a token (non-ASCII characters)".into()))
 }
 
 /// Stops the CNI socket server with the agent.
@@ -166,6 +192,8 @@ enum SessionError {
     Stream(#[from] tonic::Status),
     #[error("the operator closed the stream")]
     Closed,
+    #[error("cannot read the plan token {path}: {reason}")]
+    Token { path: PathBuf, reason: String },
     #[error("{0}; reconnecting for a snapshot")]
     Diverged(PlanError),
 }
@@ -181,7 +209,11 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let _ = tx.send(agent_message(pb::agent_message::Kind::Hello(hello))).await;
-        let mut inbound = client.watch(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(path) = &self.config.plan_token_file {
+            request.metadata_mut().insert("authorization", bearer(path)?);
+        }
+        let mut inbound = client.watch(request).await?.into_inner();
         self.status.send_modify(|s| s.connected = true);
         self.metrics.connected.set(1);
         info!(operator = %self.config.operator, version = self.plan.version, "plan stream open");

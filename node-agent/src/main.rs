@@ -22,6 +22,10 @@ struct Args {
     /// The operator's plan endpoint.
     #[arg(long, env = "WEFT_OPERATOR", default_value = "http://weft-operator.weft-system.svc:7700")]
     operator: String,
+    /// The ServiceAccount token proving this node's identity to the operator (audience
+    /// `weft-operator`, bound to the agent's Pod or Node; re-read at every connection).
+    #[arg(long, env = "WEFT_PLAN_TOKEN_FILE")]
+    plan_token_file: Option<PathBuf>,
     /// Where the agent keeps its plan and what it programmed.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     state_dir: PathBuf,
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let config = AgentConfig {
         node_name: args.node_name,
         operator: args.operator,
+        plan_token_file: args.plan_token_file,
         state_dir: args.state_dir,
         retry_interval: args.retry_interval,
         cni: weft_agent::programmers::CniOptions {

@@ -11,7 +11,7 @@ use weft_api::telemetry::{self, AdminState, Readiness};
 use weft_operator::k8s::metrics::{PoolCollector, ReconcileMetrics};
 use weft_operator::k8s::{cluster, ipam, status};
 use weft_operator::server::metrics::{ConvergenceCollector, PlanMetrics};
-use weft_operator::server::{PlanServer, PlanStore};
+use weft_operator::server::{AgentAuth, PlanServer, PlanStore};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Weft's operator: compiles a plan per node and streams it to the node agents")]
@@ -28,6 +28,10 @@ struct Args {
     /// This replica's identity in the Lease (defaults to the hostname and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The agents' ServiceAccount (`namespace/name`): plan streams need one of its tokens, for
+    /// the audience `weft-operator` and bound to the agent's node (checked with TokenReview).
+    #[arg(long, env = "WEFT_AGENT_SERVICE_ACCOUNT", default_value = "weft-system/weft-agent")]
+    agent_service_account: String,
 }
 
 const LEASE: &str = "weft-operator";
@@ -113,7 +117,12 @@ async fn main() -> anyhow::Result<()> {
         status_metrics,
     )));
 
-    let server = PlanServer::new(store, metrics).into_service();
+    let (sa_namespace, sa_name) = args
+        .agent_service_account
+        .split_once('/')
+        .context("--agent-service-account must be namespace/name")?;
+    let auth = AgentAuth::token_review(client.clone(), sa_namespace, sa_name);
+    let server = PlanServer::new(store, metrics, auth).into_service();
     let listener = tokio::net::TcpListener::bind(args.plan_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.plan_listen))?;

@@ -18,7 +18,7 @@ use weft_agent::{AgentConfig, AgentStatus};
 use weft_operator::plan::Compiler;
 use weft_operator::plan::model::*;
 use weft_operator::server::metrics::PlanMetrics;
-use weft_operator::server::{PlanServer, PlanStore};
+use weft_operator::server::{AgentAuth, PlanServer, PlanStore};
 
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
@@ -104,7 +104,8 @@ impl Operator {
         };
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
-        let service = PlanServer::new(store.clone(), PlanMetrics::default()).into_service();
+        let service =
+            PlanServer::new(store.clone(), PlanMetrics::default(), AgentAuth::Trusting).into_service();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -145,6 +146,7 @@ impl Agent {
         let config = AgentConfig {
             node_name: node.into(),
             operator: format!("http://{operator}"),
+            plan_token_file: None,
             state_dir: dir.to_path_buf(),
             retry_interval: Duration::from_millis(200),
             cni: Default::default(),

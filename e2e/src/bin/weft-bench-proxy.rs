@@ -460,6 +460,8 @@ fn start_proxy(
             let mut cmd = host.command(&opts.agent.to_string_lossy(), &[]);
             cmd.args(["--node-name", "node-1"])
                 .args(["--operator", &format!("http://{}", state.plan_addr())])
+                .arg("--plan-token-file")
+                .arg(weft_e2e::cluster::plan_token(state.nodes.first().context("the cluster has no node")?))
                 .arg("--state-dir")
                 .arg(dir.join("agent"))
                 .args(["--metrics-listen", &format!("{ip}:{AGENT_METRICS_PORT}")])

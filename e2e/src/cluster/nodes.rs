@@ -170,6 +170,11 @@ pub fn dns_kubeconfig(node: &NodeState) -> PathBuf {
     node.dir.join("dns-kubeconfig")
 }
 
+/// The token the node's agent presents on its plan stream (see `Cluster::write_plan_token`).
+pub fn plan_token(node: &NodeState) -> PathBuf {
+    node.dir.join("plan-token")
+}
+
 /// Starts `weft-agent` inside the node's namespace, connected to the operator's plan server.
 pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
     let agent = state.weft_bin_dir.join("weft-agent");
@@ -184,6 +189,8 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     .netns(&node.netns)
     .args(["--node-name", &node.name])
     .args(["--operator", &format!("http://{}", state.plan_addr())])
+    .arg("--plan-token-file")
+    .arg(plan_token(node))
     .arg("--state-dir")
     .arg(&node.agent_state_dir)
     .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])

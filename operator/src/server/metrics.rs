@@ -22,6 +22,11 @@ pub struct KindLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabel {
     pub node: String,
 }
@@ -43,6 +48,7 @@ pub struct PlanMetrics {
     pub node_bytes_sent: Family<NodeLabel, Counter>,
     pub node_acks: Family<NodeLabel, Counter>,
     pub node_nacks: Family<NodeLabel, Counter>,
+    pub auth_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl PlanMetrics {
@@ -72,6 +78,11 @@ impl PlanMetrics {
             "plan_node_nacks",
             "Plan versions rejected (NACKed), per node",
             m.node_nacks.clone(),
+        );
+        registry.register(
+            "plan_auth_refusals",
+            "Plan streams refused, by reason (no_token, invalid, wrong_user, not_bound, wrong_node, unavailable)",
+            m.auth_refusals.clone(),
         );
         m
     }

@@ -11,18 +11,26 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 use weft_api::plan::{self as pb, plan_service_server::PlanService};
 
-use super::metrics::{KindLabel, NodeLabel, PlanMetrics};
+use super::auth::{self, AgentAuth, AuthError};
+use super::metrics::{KindLabel, NodeLabel, PlanMetrics, ReasonLabel};
 use super::store::{Connection, PlanStore};
 
 #[derive(Debug, Clone)]
 pub struct PlanServer {
     store: Arc<PlanStore>,
     metrics: PlanMetrics,
+    auth: AgentAuth,
 }
 
 impl PlanServer {
-    pub fn new(store: Arc<PlanStore>, metrics: PlanMetrics) -> Self {
-        Self { store, metrics }
+    pub fn new(store: Arc<PlanStore>, metrics: PlanMetrics, auth: AgentAuth) -> Self {
+        Self { store, metrics, auth }
+    }
+
+    fn refuse(&self, e: AuthError) -> Status {
+        warn!(error = %e, "plan stream refused");
+        self.metrics.auth_refusals.get_or_create(&ReasonLabel { reason: e.reason() }).inc();
+        e.into()
     }
 
     pub fn into_service(self) -> pb::plan_service_server::PlanServiceServer<Self> {
@@ -40,6 +48,10 @@ impl PlanService for PlanServer {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<PlanStream>, Status> {
+        let authenticated = {
+            let span = info_span!("plan.authenticate");
+            self.auth.node(request.metadata()).instrument(span).await.map_err(|e| self.refuse(e))?
+        };
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
@@ -49,7 +61,7 @@ impl PlanService for PlanServer {
         if hello.node.is_empty() {
             return Err(Status::invalid_argument("Hello.node is empty: the agent must name its Node"));
         }
-        // Node identity is taken on trust: agent authentication (DESIGN §3) is not built yet.
+        auth::check_hello(authenticated.as_deref(), &hello.node).map_err(|e| self.refuse(e))?;
         let span = info_span!("plan.stream", node = %hello.node);
         span.in_scope(|| {
             info!(version = hello.version, held = hello.resources.len(), agent = %hello.agent_version, "agent connected")
