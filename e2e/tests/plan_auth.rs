@@ -1,7 +1,8 @@
 //! Agents prove which node they run on before they get a plan (DESIGN §3): a cluster of its own
 //! (2 nodes, Weft on) whose agents present `weft-system/weft-agent` tokens for the audience
-//! `weft-operator`, bound to their Node. A gRPC client of the plan service, on the nodes' bridge
-//! like an agent, tries the ways in a node could lie or a stranger could ask: no token, another
+//! `weft-operator`, bound to their Node, over TLS (the cluster CA signed the plan service's
+//! certificate). A gRPC client of the plan service, on the nodes' bridge like an agent, tries the
+//! ways in a node could lie or a stranger could ask: plain text, no token, another
 //! node's token, a token bound to nothing, one for the API server's audience, one of another
 //! ServiceAccount. Each is refused with a message that says why (and counted in
 //! `weft_plan_auth_refusals_total`); node-1's own token opens node-1's plan.
@@ -14,14 +15,24 @@ use tokio_stream::StreamExt as _;
 use weft_api::plan::{self as pb, plan_service_client::PlanServiceClient};
 use weft_e2e::cluster::{Steps, TestCluster, TestOptions, metric_value, plan_token};
 
+/// A client of the cluster's plan service over TLS, trusting the cluster's CA.
+async fn client(c: &TestCluster) -> Result<PlanServiceClient<tonic::transport::Channel>> {
+    let state = c.state();
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(state.ca_cert())?);
+    let channel = tonic::transport::Endpoint::from_shared(state.plan_url())?
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))?
+        .connect()
+        .await?;
+    Ok(PlanServiceClient::new(channel))
+}
+
 /// What the plan service said to a Hello as `node`, presenting `token`: the first plan message,
 /// or the refusal.
 async fn ask(
-    c: &TestCluster,
+    mut client: PlanServiceClient<tonic::transport::Channel>,
     token: Option<&str>,
     node: &str,
 ) -> Result<Result<pb::PlanMessage, tonic::Status>> {
-    let mut client = PlanServiceClient::connect(format!("http://{}", c.state().plan_addr())).await?;
     let hello = pb::AgentMessage {
         kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
             node: node.into(),
@@ -57,7 +68,7 @@ async fn expect_refused(
     code: tonic::Code,
     says: &str,
 ) -> Result<()> {
-    match ask(c, token, node).await? {
+    match ask(client(c).await?, token, node).await? {
         Ok(m) => bail!("a Hello as {node} was answered with plan version {} instead of refused", m.version),
         Err(status) => {
             ensure!(
@@ -97,6 +108,15 @@ async fn plan_streams_need_a_token_bound_to_the_node_they_ask_for() -> Result<()
     s.step("cluster up: both agents got their plans with their own tokens");
     let node1_token = std::fs::read_to_string(plan_token(&nodes[0]))?.trim().to_string();
 
+    // The service speaks only TLS: a plain HTTP/2 client with node-1's own token gets nothing.
+    let plain = async {
+        let client = PlanServiceClient::connect(format!("http://{}", c.state().plan_addr())).await?;
+        ask(client, Some(&node1_token), "node-1").await
+    };
+    if let Ok(Ok(m)) = plain.await {
+        bail!("a plain-text client got plan version {}", m.version);
+    }
+    s.step("plain HTTP/2: no plan");
     expect_refused(&c, None, "node-1", tonic::Code::Unauthenticated, "no bearer token").await?;
     s.step("no token: Unauthenticated");
     expect_refused(&c, Some(&node1_token), "node-2", tonic::Code::PermissionDenied, "issued for node node-1")
@@ -145,7 +165,9 @@ async fn plan_streams_need_a_token_bound_to_the_node_they_ask_for() -> Result<()
     }
     s.step("each refusal counted by reason");
 
-    let plan = ask(&c, Some(&node1_token), "node-1").await?.map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
+    let plan = ask(client(&c).await?, Some(&node1_token), "node-1")
+        .await?
+        .map_err(|s| anyhow::anyhow!("refused: {s:?}"))?;
     ensure!(
         plan.version > 0,
         "node-1's own token opened a stream, but its first message has no plan version"

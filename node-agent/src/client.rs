@@ -27,6 +27,9 @@ pub struct AgentConfig {
     /// The ServiceAccount token (audience `weft-operator`, bound to this node) presented on the
     /// plan stream; read at every connection, so a rotated token is picked up.
     pub plan_token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the operator's TLS certificate is checked against, for an
+    /// `https://` operator.
+    pub operator_ca_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     /// Delay before retrying a failed apply, and the cap of the reconnect backoff.
     pub retry_interval: Duration,
@@ -115,7 +118,7 @@ pub async fn run(
                 // An admin must hear about a missing or wrong token, not only about outages.
                 let refused = matches!(
                     &result,
-                    Err(SessionError::Token { .. })
+                    Err(SessionError::Token { .. } | SessionError::Tls(_))
                 ) || matches!(
                     &result,
                     Err(SessionError::Stream(s)) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
@@ -148,6 +151,25 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(agent.config.retry_interval.max(Duration::from_millis(200)));
     }
+}
+
+/// A channel to the operator: TLS verified against `operator_ca_file` for an `https://` address.
+async fn connect(config: &AgentConfig) -> Result<tonic::transport::Channel, SessionError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(config.operator.clone())?;
+    if config.operator.starts_with("https://") {
+        let path = config.operator_ca_file.as_ref().ok_or_else(|| {
+            SessionError::Tls(format!(
+                "{} is https: give the CA that signed its certificate with --operator-ca-file",
+                config.operator
+            ))
+        })?;
+        let ca = std::fs::read(path)
+            .map_err(|e| SessionError::Tls(format!("cannot read {}: {e}", path.display())))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 /// `Bearer <token>` from the token file.
@@ -194,13 +216,15 @@ enum SessionError {
     Closed,
     #[error("cannot read the plan token {path}: {reason}")]
     Token { path: PathBuf, reason: String },
+    #[error("TLS to the operator: {0}")]
+    Tls(String),
     #[error("{0}; reconnecting for a snapshot")]
     Diverged(PlanError),
 }
 
 impl Agent {
     async fn session(&mut self) -> Result<(), SessionError> {
-        let mut client = PlanServiceClient::connect(self.config.operator.clone()).await?;
+        let mut client = PlanServiceClient::new(connect(&self.config).await?);
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::Hello {
             node: self.config.node_name.clone(),

@@ -26,6 +26,10 @@ struct Args {
     /// `weft-operator`, bound to the agent's Pod or Node; re-read at every connection).
     #[arg(long, env = "WEFT_PLAN_TOKEN_FILE")]
     plan_token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the operator's plan certificate, for an `https://`
+    /// --operator.
+    #[arg(long, env = "WEFT_OPERATOR_CA_FILE")]
+    operator_ca_file: Option<PathBuf>,
     /// Where the agent keeps its plan and what it programmed.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
     state_dir: PathBuf,
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         node_name: args.node_name,
         operator: args.operator,
         plan_token_file: args.plan_token_file,
+        operator_ca_file: args.operator_ca_file,
         state_dir: args.state_dir,
         retry_interval: args.retry_interval,
         cni: weft_agent::programmers::CniOptions {
@@ -125,4 +130,19 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     task.await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    /// The DaemonSet (config/agent/daemonset.yaml) passes only flags the agent knows.
+    #[test]
+    fn the_daemonsets_arguments_are_the_agents_flags() {
+        let manifest = include_str!("../../config/agent/daemonset.yaml");
+        let args = manifest.lines().filter_map(|l| l.trim().strip_prefix("- --")).map(|a| format!("--{a}"));
+        let parsed = super::Args::try_parse_from(std::iter::once("weft-agent".to_string()).chain(args));
+        let parsed = parsed.unwrap_or_else(|e| panic!("config/agent/daemonset.yaml: {e}"));
+        assert!(parsed.plan_token_file.is_some() && parsed.operator_ca_file.is_some());
+    }
 }

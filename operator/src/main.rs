@@ -1,6 +1,7 @@
 //! `weft-operator`: watches the cluster, serves plan streams; the lease holder writes status.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -32,6 +33,13 @@ struct Args {
     /// the audience `weft-operator` and bound to the agent's node (checked with TokenReview).
     #[arg(long, env = "WEFT_AGENT_SERVICE_ACCOUNT", default_value = "weft-system/weft-agent")]
     agent_service_account: String,
+    /// PEM certificate (chain) the plan service presents; with --plan-tls-key the plan streams are
+    /// TLS (agents verify it with --operator-ca-file). Read at start.
+    #[arg(long, env = "WEFT_PLAN_TLS_CERT", requires = "plan_tls_key")]
+    plan_tls_cert: Option<PathBuf>,
+    /// PEM private key of --plan-tls-cert.
+    #[arg(long, env = "WEFT_PLAN_TLS_KEY", requires = "plan_tls_cert")]
+    plan_tls_key: Option<PathBuf>,
 }
 
 const LEASE: &str = "weft-operator";
@@ -129,8 +137,21 @@ async fn main() -> anyhow::Result<()> {
     readiness.set("plan-server", true);
     info!(listen = %args.plan_listen, "serving plans");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.plan_tls_cert, &args.plan_tls_key) {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("the plan service's TLS certificate and key")?;
+        info!(cert = %cert.display(), "plan streams over TLS");
+    } else {
+        warn!(
+            "plan streams are NOT encrypted (no --plan-tls-cert/--plan-tls-key): agents' tokens and their plans, TLS keys included, cross the network in the clear"
+        );
+    }
     tokio::select! {
-        result = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming) => {
+        result = builder.add_service(server).serve_with_incoming(incoming) => {
             result.context("plan server failed")?;
         }
         _ = tokio::signal::ctrl_c() => info!("shutting down"),
@@ -159,5 +180,20 @@ async fn terminate() {
             s.recv().await;
         }
         Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    /// The Deployment (config/operator/deployment.yaml) passes only flags the operator knows.
+    #[test]
+    fn the_deployments_arguments_are_the_operators_flags() {
+        let manifest = include_str!("../../config/operator/deployment.yaml");
+        let args = manifest.lines().filter_map(|l| l.trim().strip_prefix("- --")).map(|a| format!("--{a}"));
+        let parsed = super::Args::try_parse_from(std::iter::once("weft-operator".to_string()).chain(args));
+        let parsed = parsed.unwrap_or_else(|e| panic!("config/operator/deployment.yaml: {e}"));
+        assert!(parsed.plan_tls_cert.is_some() && parsed.plan_tls_key.is_some());
     }
 }

@@ -147,6 +147,7 @@ impl Agent {
             node_name: node.into(),
             operator: format!("http://{operator}"),
             plan_token_file: None,
+            operator_ca_file: None,
             state_dir: dir.to_path_buf(),
             retry_interval: Duration::from_millis(200),
             cni: Default::default(),

@@ -459,7 +459,9 @@ fn start_proxy(
             std::fs::create_dir_all(dir.join("cni/bin"))?;
             let mut cmd = host.command(&opts.agent.to_string_lossy(), &[]);
             cmd.args(["--node-name", "node-1"])
-                .args(["--operator", &format!("http://{}", state.plan_addr())])
+                .args(["--operator", &state.plan_url()])
+                .arg("--operator-ca-file")
+                .arg(state.ca_cert())
                 .arg("--plan-token-file")
                 .arg(weft_e2e::cluster::plan_token(state.nodes.first().context("the cluster has no node")?))
                 .arg("--state-dir")

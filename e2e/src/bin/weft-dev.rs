@@ -290,7 +290,7 @@ fn print_weft(s: &cluster::ClusterState) {
     }
     println!(
         "weft: weft-operator serves plans on {} (metrics http://{}/metrics, log {})",
-        s.plan_addr(),
+        s.plan_url(),
         s.operator_metrics_addr(),
         s.logs_dir().join("weft-operator.log").display()
     );

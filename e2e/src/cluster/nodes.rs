@@ -188,7 +188,9 @@ pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord
     )
     .netns(&node.netns)
     .args(["--node-name", &node.name])
-    .args(["--operator", &format!("http://{}", state.plan_addr())])
+    .args(["--operator", &state.plan_url()])
+    .arg("--operator-ca-file")
+    .arg(state.ca_cert())
     .arg("--plan-token-file")
     .arg(plan_token(node))
     .arg("--state-dir")
@@ -238,8 +240,13 @@ pub fn operator_launch(
     if !op.is_file() {
         bail!("{} is missing; build it with `cargo build --workspace --bins`", op.display());
     }
+    let tls = Pki { dir: state.pki_dir() }.plan();
     Ok(Launch::new(name, op, log)
         .args(["--plan-listen", &plan.to_string()])
+        .arg("--plan-tls-cert")
+        .arg(tls.cert)
+        .arg("--plan-tls-key")
+        .arg(tls.key)
         .args(["--metrics-listen", &metrics.to_string()])
         .env("KUBECONFIG", state.admin_kubeconfig())
         .env("PATH", path_env(state))

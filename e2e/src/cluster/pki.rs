@@ -37,6 +37,11 @@ impl Pki {
         self.pair("apiserver")
     }
 
+    /// The operator's plan service (TLS for the agents' streams).
+    pub fn plan(&self) -> CertPair {
+        self.pair("plan")
+    }
+
     pub fn admin(&self) -> CertPair {
         self.pair("admin")
     }
@@ -54,7 +59,7 @@ impl Pki {
         CertPair { cert: self.dir.join(format!("{stem}.crt")), key: self.dir.join(format!("{stem}.key")) }
     }
 
-    /// Creates the CA, the API server's serving certificate, the admin, controller-manager and
+    /// Creates the CA, the API server's and the plan service's serving certificates, the admin, controller-manager and
     /// scheduler client certificates and the service-account key pair.
     pub fn create(dir: &Path, cluster: &str, apiserver_ips: &[Ipv4Addr]) -> Result<Pki> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -86,6 +91,12 @@ impl Pki {
             let _ = write!(sans, ",IP:{ip}");
         }
         pki.issue("apiserver", "kube-apiserver", None, Usage::Server { sans: &sans })?;
+        // The operator's plan service listens on the same addresses' bridge side.
+        let mut plan_sans = String::from("DNS:localhost,DNS:weft-operator.weft-system.svc,IP:127.0.0.1");
+        for ip in apiserver_ips {
+            let _ = write!(plan_sans, ",IP:{ip}");
+        }
+        pki.issue("plan", "weft-operator", None, Usage::Server { sans: &plan_sans })?;
         pki.issue("admin", "weft-admin", Some("system:masters"), Usage::Client)?;
         pki.issue("controller-manager", "system:kube-controller-manager", None, Usage::Client)?;
         pki.issue("scheduler", "system:kube-scheduler", None, Usage::Client)?;

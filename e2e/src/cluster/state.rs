@@ -237,6 +237,16 @@ impl ClusterState {
         std::net::SocketAddrV4::new(self.bridge_ip, PLAN_PORT)
     }
 
+    /// The plan endpoint as agents are given it: TLS, with a certificate of the cluster's CA.
+    pub fn plan_url(&self) -> String {
+        format!("https://{}", self.plan_addr())
+    }
+
+    /// The cluster CA's certificate (it signed the API server's and the plan service's).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.pki_dir().join("ca.crt")
+    }
+
     /// The operator's `/metrics`, `/healthz` and `/readyz` (loopback).
     pub fn operator_metrics_addr(&self) -> std::net::SocketAddrV4 {
         std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.ports.operator_metrics)
