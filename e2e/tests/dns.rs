@@ -112,16 +112,9 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
             "example.test:53 {{\n    bind {new_ip}\n    hosts {{\n        192.0.2.11 www.example.test\n    }}\n}}\n"
         ),
     )?;
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        &format!(
-            r#"{{"spec":{{"dns":{{"upstreams":["{up_ip}"],"stubDomains":[{{"domain":"corp.test","servers":["{up_ip}:5353"]}}]}}}}}}"#
-        ),
-    ])
+    c.patch_network_config(serde_json::json!({
+        "dns": { "upstreams": [up_ip.to_string()], "stubDomains": [{ "domain": "corp.test", "servers": [format!("{up_ip}:5353")] }] }
+    }))
     .await?;
 
     let ns = c.namespace("dns").await?;
@@ -261,15 +254,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
 
     // A new upstream reaches every node.
     s.step("changing dns.upstreams");
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        &format!(r#"{{"spec":{{"dns":{{"upstreams":["{new_ip}"]}}}}}}"#),
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({ "dns": { "upstreams": [new_ip.to_string()] } })).await?;
     for node in &nodes {
         expect_answer(&c, &ns, "client", &[&format!("@{}", node.ip), "www.example.test"], &["192.0.2.11"])
             .await?;
@@ -283,15 +268,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
     // a pod that exists in that namespace.
     let no_pod = format!("10-244-250-250.{ns}.pod.cluster.local");
     expect_answer(&c, &ns, "client", &[&no_pod], &["10.244.250.250"]).await?;
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"dns":{"podRecords":"Verified"}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"dns":{"podRecords":"Verified"}})).await?;
     for node in &nodes {
         let at = format!("@{}", node.ip);
         expect_answer(&c, &ns, "client", &[&at, &no_pod], &[]).await?;
@@ -301,15 +278,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
 
     // Forwarding to kube-dns itself would loop: every agent refuses it (NetworkConfig status
     // says why) and CoreDNS keeps serving what it had.
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"dns":{"upstreams":["10.96.0.10"]}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"dns":{"upstreams":["10.96.0.10"]}})).await?;
     c.wait_for("NetworkConfig status to report the refused upstream", Duration::from_secs(30), || {
         let status = c.kubectl(&[
             "get",

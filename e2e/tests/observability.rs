@@ -219,15 +219,7 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
         ns = ns.name()
     ))
     .await?;
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"dns":{"cacheTTLSeconds":31}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"dns":{"cacheTTLSeconds":31}})).await?;
     let _ =
         c.curl_from_pod(ns.name(), "client", &format!("http://web.{}.svc.cluster.local/", ns.name())).await;
     let path = repo_root().join("config/dashboards/weft.json");

@@ -81,15 +81,7 @@ async fn pods_reach_each_other_over_vxlan_without_nat() -> Result<()> {
     ensure!(nodes.len() == 2, "expected 2 nodes, got {}", nodes.len());
 
     let before = plan_version(&c).await?;
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"podNetwork":{"encapsulation":"VXLAN"}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"podNetwork":{"encapsulation":"VXLAN"}})).await?;
     let plan = wait_converged_after(&c, before).await?;
     step(&format!("networkconfig default: VXLAN, converged 2/2 at plan {plan}"));
 
@@ -167,15 +159,7 @@ async fn pods_reach_each_other_over_vxlan_without_nat() -> Result<()> {
 
     // Back to direct routing: the device goes, the pods still reach each other.
     let before = plan_version(&c).await?;
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"podNetwork":{"encapsulation":"None"}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"podNetwork":{"encapsulation":"None"}})).await?;
     let plan = wait_converged_after(&c, before).await?;
     for node in &nodes {
         let (ok, link) = ip_in(node, &["link", "show", "weft.vxlan"])?;

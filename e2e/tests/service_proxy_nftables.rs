@@ -17,15 +17,7 @@ async fn cluster() -> Result<TestCluster> {
     let c = TestCluster::shared(proxy_scenarios::options()).await?;
     SWITCHED
         .get_or_try_init(|| async {
-            c.kubectl(&[
-                "patch",
-                "networkconfig",
-                "default",
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"proxy":{"mode":"nftables"}}}"#,
-            ])
-            .await?;
+            c.patch_network_config(serde_json::json!({"proxy":{"mode":"nftables"}})).await?;
             c.wait_for("every agent on the nftables backend", std::time::Duration::from_secs(60), || async {
                 for node in c.nodes() {
                     if !c.programmed(&node.name, "proxy").await?.starts_with("mode nftables\n") {

@@ -22,7 +22,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_name: String,
-    /// The operator's plan endpoint, e.g. `http://172.18.0.1:7700`.
+    /// The operator's plan endpoint, e.g. `https://172.18.0.1:7700`.
     pub operator: String,
     /// The ServiceAccount token (audience `weft-operator`, bound to this node) presented on the
     /// plan stream; read at every connection, so a rotated token is picked up.
@@ -115,14 +115,7 @@ pub async fn run(
         let started = Instant::now();
         tokio::select! {
             result = agent.session() => {
-                // An admin must hear about a missing or wrong token, not only about outages.
-                let refused = matches!(
-                    &result,
-                    Err(SessionError::Token { .. } | SessionError::Tls(_))
-                ) || matches!(
-                    &result,
-                    Err(SessionError::Stream(s)) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
-                );
+                let refused = result.as_ref().err().is_some_and(SessionError::is_refusal);
                 let error = result.err().map(|e| e.to_string()).unwrap_or_default();
                 // Once per outage at WARN: losing the operator is worth an admin's attention,
                 // every failed retry is not.
@@ -220,6 +213,19 @@ enum SessionError {
     Tls(String),
     #[error("{0}; reconnecting for a snapshot")]
     Diverged(PlanError),
+}
+
+impl SessionError {
+    /// A refusal an admin must hear about (a missing or wrong token or CA), not a passing outage.
+    fn is_refusal(&self) -> bool {
+        match self {
+            Self::Token { .. } | Self::Tls(_) => true,
+            Self::Stream(s) => {
+                matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Agent {

@@ -131,12 +131,6 @@ async fn main() -> anyhow::Result<()> {
         .context("--agent-service-account must be namespace/name")?;
     let auth = AgentAuth::token_review(client.clone(), sa_namespace, sa_name);
     let server = PlanServer::new(store, metrics, auth).into_service();
-    let listener = tokio::net::TcpListener::bind(args.plan_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.plan_listen))?;
-    readiness.set("plan-server", true);
-    info!(listen = %args.plan_listen, "serving plans");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.plan_tls_cert, &args.plan_tls_key) {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
@@ -150,6 +144,12 @@ async fn main() -> anyhow::Result<()> {
             "plan streams are NOT encrypted (no --plan-tls-cert/--plan-tls-key): agents' tokens and their plans, TLS keys included, cross the network in the clear"
         );
     }
+    let listener = tokio::net::TcpListener::bind(args.plan_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.plan_listen))?;
+    readiness.set("plan-server", true);
+    info!(listen = %args.plan_listen, "serving plans");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tokio::select! {
         result = builder.add_service(server).serve_with_incoming(incoming) => {
             result.context("plan server failed")?;

@@ -125,15 +125,7 @@ async fn main() -> Result<()> {
 
     // The same pods over VXLAN: switch `networkconfig default`, wait for both nodes to route the
     // other's blocks through `weft.vxlan`.
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"podNetwork":{"encapsulation":"VXLAN"}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"podNetwork":{"encapsulation":"VXLAN"}})).await?;
     c.wait_for("both nodes to route through weft.vxlan", Duration::from_secs(90), || async {
         for node in [&n1, &n2] {
             let out = Command::new("ip").args(["-n", &node.netns, "route", "show"]).output()?;

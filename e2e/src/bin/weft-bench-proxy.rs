@@ -696,15 +696,7 @@ async fn side_by_side(
     c.stop_process("agent-node-1").await?;
     // Only the proxy is measured: no ingress controller for the benchmark's agent (its nginx
     // would not start in the fresh namespace and every plan would be NACKed).
-    c.kubectl(&[
-        "patch",
-        "networkconfig",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ingress":{"enabled":false}}}"#,
-    ])
-    .await?;
+    c.patch_network_config(serde_json::json!({"ingress":{"enabled":false}})).await?;
     c.kubectl(&["create", "namespace", BENCH_NS]).await?;
     let client = c.client();
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), BENCH_NS);

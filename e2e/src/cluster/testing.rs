@@ -187,6 +187,18 @@ impl TestCluster {
         self.client.clone()
     }
 
+    /// Merges `spec` into the spec of NetworkConfig `default` (a JSON merge patch, as
+    /// `kubectl patch --type=merge` sends).
+    pub async fn patch_network_config(&self, spec: serde_json::Value) -> Result<()> {
+        let configs: Api<weft_api::v1alpha1::NetworkConfig> = Api::all(self.client());
+        let patch = serde_json::json!({ "spec": spec });
+        configs
+            .patch("default", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("patching NetworkConfig default with spec {spec}"))?;
+        Ok(())
+    }
+
     /// Adds a node and waits for it to be Ready.
     pub async fn add_node(&self) -> Result<NodeState> {
         let inner = self.inner.clone();
