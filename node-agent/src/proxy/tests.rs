@@ -12,9 +12,10 @@ use crate::plan_state::PlanState;
 const READY: u32 = 0;
 const NOT_READY: u32 = pb::EndpointFlag::EndpointNotReady as u32;
 const TERMINATING: u32 = pb::EndpointFlag::EndpointTerminating as u32;
-const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
+pub(super) const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
 
-fn settings() -> pb::NetworkSettings {
+/// The iptables backend's settings; the nftables backend's tests change only the mode.
+pub(super) fn settings() -> pb::NetworkSettings {
     pb::NetworkSettings {
         pod_cidrs: vec!["10.244.0.0/16".into()],
         service_cidr: "10.96.0.0/16".into(),

@@ -3,19 +3,11 @@ use weft_api::plan::{self as pb, Kind, Resource};
 use super::*;
 use crate::metrics::AgentMetrics;
 use crate::plan_state::PlanState;
-use crate::proxy::tests::{ctx, ip};
+use crate::proxy::tests::{LOCAL, ctx, ip};
 use crate::proxy::{ProxyCache, Runner};
 
-const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
-
 fn settings() -> pb::NetworkSettings {
-    pb::NetworkSettings {
-        pod_cidrs: vec!["10.244.0.0/16".into()],
-        service_cidr: "10.96.0.0/16".into(),
-        masquerade_bit: 14,
-        proxy_mode: pb::ProxyMode::Nftables as i32,
-        ..Default::default()
-    }
+    pb::NetworkSettings { proxy_mode: pb::ProxyMode::Nftables as i32, ..crate::proxy::tests::settings() }
 }
 
 fn ep(addr: &str, flags: u32) -> pb::Endpoint {
