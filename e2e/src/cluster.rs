@@ -20,6 +20,7 @@ mod observability;
 mod outside;
 mod pki;
 mod process;
+mod realnode;
 mod state;
 mod testing;
 
@@ -38,8 +39,8 @@ pub use observability::{Observability, PromSample, SpanRecord};
 pub use outside::OutsideHost;
 pub use process::ProcRecord;
 pub use state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState,
-    PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
+    NodeRuntime, NodeState, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
     Fatal, PodOptions, ReplicaGuard, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get,
@@ -126,6 +127,9 @@ pub struct UpOptions {
     /// Nodes to create.
     pub nodes: u8,
     pub cni: CniMode,
+    /// What runs the pods. With [`NodeRuntime::Kubelet`] the CNI follows from `weft` (Weft's own
+    /// with Weft, the reference plugins without) and Weft is installed from `config/` as pods.
+    pub runtime: NodeRuntime,
     /// Run Weft: apply `config/namespace.yaml`, `config/rbac/`, `config/default/`, start
     /// `weft-operator` in the root namespace and one `weft-agent` per node. Independent of the
     /// CNI (default true).
@@ -153,6 +157,7 @@ impl Default for UpOptions {
             dir: None,
             nodes: 3,
             cni: CniMode::Reference,
+            runtime: NodeRuntime::Runner,
             weft: true,
             tools_bin_dir: None,
             weft_bin_dir: None,
@@ -203,6 +208,13 @@ impl Cluster {
             None => tools_bin_dir()?,
         };
         controlplane::check_tools(&tools)?;
+        let cni = match opts.runtime {
+            NodeRuntime::Runner => opts.cni,
+            NodeRuntime::Kubelet => {
+                realnode::check_available(&tools)?;
+                if opts.weft { CniMode::Weft } else { CniMode::Reference }
+            }
+        };
         let weft_bin = opts.weft_bin_dir.clone().unwrap_or_else(default_weft_bin_dir);
         // A fresh directory, apart from earlier logs.
         if dir.exists() {
@@ -221,7 +233,8 @@ impl Cluster {
         let state = ClusterState {
             name: opts.name.clone(),
             idx,
-            cni: opts.cni,
+            cni,
+            runtime: opts.runtime,
             weft: opts.weft,
             dir: dir.clone(),
             tools_bin_dir: tools,
@@ -259,7 +272,12 @@ impl Cluster {
         }
         controlplane::check_ports_free(&self.state)?;
         net::create_bridge(&self.state.bridge, self.state.bridge_ip, 24)?;
-        let pki = Pki::create(&self.state.pki_dir(), &self.state.name, &[self.state.bridge_ip])?;
+        // Real nodes run the operator's replicas on node-1 and node-2 (the control-plane nodes).
+        let plan_ips: Vec<std::net::Ipv4Addr> = match self.state.runtime {
+            NodeRuntime::Runner => Vec::new(),
+            NodeRuntime::Kubelet => (1..=OPERATOR_NODES).map(|n| nodes::node_ip(&self.state, n)).collect(),
+        };
+        let pki = Pki::create(&self.state.pki_dir(), &self.state.name, &[self.state.bridge_ip], &plan_ips)?;
         pki::write_kubeconfig(
             &self.state.admin_kubeconfig(),
             &self.state.name,
@@ -289,7 +307,15 @@ impl Cluster {
         if opts.apply_crds {
             self.apply_crds()?;
         }
-        if self.state.weft {
+        if self.state.runtime == NodeRuntime::Kubelet {
+            let registry = realnode::start_registry(&self.state)?;
+            let rec = registry.0.clone();
+            self.record(registry)?;
+            realnode::wait_registry(&self.state, &rec, Duration::from_secs(30))?;
+            if self.state.weft {
+                self.install_weft()?;
+            }
+        } else if self.state.weft {
             // What config/README.md installs, minus the operator Deployment and agent DaemonSet:
             // here they run as processes (operator in the root namespace, agents in the nodes').
             for part in ["config/namespace.yaml", "config/rbac", "config/default"] {
@@ -313,6 +339,9 @@ impl Cluster {
         self.wait_controllers(Duration::from_secs(90))?;
         for _ in 0..opts.nodes {
             self.add_node()?;
+        }
+        if self.state.runtime == NodeRuntime::Kubelet && self.state.weft {
+            self.label_operator_nodes(Duration::from_secs(60))?;
         }
         if opts.wait_nodes_ready && opts.nodes > 0 {
             self.wait_nodes_ready(Duration::from_secs(120))?;
@@ -414,6 +443,17 @@ impl Cluster {
         if let Some(obs) = &self.state.observability {
             // Prometheus re-reads the file: the new node's agent is scraped from now on.
             observability::write_agent_targets(&self.state, obs)?;
+        }
+        if self.state.runtime == NodeRuntime::Kubelet {
+            realnode::prepare(&self.state, &node, &self.state.ca_cert())?;
+            let containerd = realnode::start_containerd(&self.state, &node)?;
+            let rec = containerd.0.clone();
+            self.record(containerd)?;
+            realnode::wait_containerd(&node, &rec, Duration::from_secs(30))?;
+            let kubelet = realnode::start_kubelet(&self.state, &node, &rec)?;
+            self.record(kubelet)?;
+            // Weft's agent comes with its DaemonSet.
+            return Ok(node);
         }
         let k = nodes::start_kubelet(&self.state, &node)?;
         self.record(k)?;
@@ -550,6 +590,106 @@ impl Cluster {
             );
         }
         Ok(())
+    }
+
+    /// Installs Weft as config/README.md tells a user to: namespace, bootstrap ConfigMap (this
+    /// cluster's API server, the operator replicas' addresses on node-1 and node-2, the CA of the
+    /// plan certificate), the plan TLS Secret, RBAC, the operator Deployment, the agent DaemonSet
+    /// and the default objects. The images come from the cluster's registry.
+    fn install_weft(&mut self) -> Result<()> {
+        progress(format_args!(
+            "cluster {}: installing Weft from config/ (images from {})",
+            self.state.name,
+            realnode::registry_addr(&self.state)
+        ));
+        let config = |part: &str| repo_root().join("config").join(part).to_string_lossy().into_owned();
+        self.kubectl_ok(&["apply", "-f", &config("namespace.yaml")])?;
+        let ca = fs::read_to_string(self.state.ca_cert()).context("reading the cluster CA")?;
+        let operators: Vec<String> = (1..=OPERATOR_NODES)
+            .map(|n| format!("https://{}:{PLAN_PORT}", nodes::node_ip(&self.state, n)))
+            .collect();
+        let server = format!("https://{}:{}", self.state.bridge_ip, self.state.ports.apiserver);
+        let bootstrap = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "weft-bootstrap",
+                "namespace": "weft-system",
+                "labels": { "app.kubernetes.io/part-of": "weft" },
+            },
+            "data": {
+                "apiserver-host": self.state.bridge_ip.to_string(),
+                "apiserver-port": self.state.ports.apiserver.to_string(),
+                "operator-address": operators.join(","),
+                "operator-ca.crt": ca,
+                "dns-kubeconfig": dns_token_kubeconfig(&server),
+            },
+        });
+        self.kubectl_stdin(&["apply", "-f", "-"], &bootstrap.to_string())?;
+        let tls = self.pki().plan();
+        let secret = self.kubectl_ok(&[
+            "create",
+            "secret",
+            "tls",
+            "weft-operator-plan-tls",
+            "--namespace=weft-system",
+            &format!("--cert={}", tls.cert.display()),
+            &format!("--key={}", tls.key.display()),
+            "--dry-run=client",
+            "-o",
+            "json",
+        ])?;
+        self.kubectl_stdin(&["apply", "-f", "-"], &secret)?;
+        for part in ["rbac", "operator", "agent", "default"] {
+            self.kubectl_ok(&["apply", "-R", "-f", &config(part)])?;
+        }
+        Ok(())
+    }
+
+    /// Labels node-1 and node-2 as control-plane nodes once they have registered: the operator
+    /// Deployment runs its replicas there, as on a cluster whose control plane has kubelets.
+    fn label_operator_nodes(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let names: Vec<String> =
+            self.state.nodes.iter().filter(|n| n.index <= OPERATOR_NODES).map(|n| n.name.clone()).collect();
+        for name in names {
+            loop {
+                self.check_processes()?;
+                let labelled = self.kubectl_ok(&[
+                    "label",
+                    "--overwrite",
+                    "node",
+                    &name,
+                    "node-role.kubernetes.io/control-plane=",
+                ]);
+                match labelled {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
+                    Err(e) => return Err(e.context(format!("node {name} did not register"))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `kubectl` fed `input` on stdin; must succeed.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
+        let mut child = self
+            .kubectl_command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", self.state.kubectl_bin().display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Applies `crds/*.yaml` and waits for them to be Established; skipped (with a warning) when
@@ -738,10 +878,19 @@ impl Cluster {
         // What a runner killed before tearing its pods down left: CNI DEL inside the node's
         // namespace (so before deleting it), pod namespaces, /etc/netns files.
         for n in &self.state.nodes {
-            if n.kubelet_state_dir.exists()
-                && let Err(e) = crate::kubelet::cleanup_state(&n.kubelet_state_dir)
-            {
-                tracing::warn!("cleaning up the pods of {}: {e:#}", n.name);
+            match self.state.runtime {
+                // Shims and containers, which left containerd's process tree, are found by the
+                // node's cgroup; the node's mounts go with its mount namespace.
+                NodeRuntime::Kubelet => {
+                    errors.extend(realnode::teardown_node(&self.state, n, &mut self.children))
+                }
+                NodeRuntime::Runner => {
+                    if n.kubelet_state_dir.exists()
+                        && let Err(e) = crate::kubelet::cleanup_state(&n.kubelet_state_dir)
+                    {
+                        tracing::warn!("cleaning up the pods of {}: {e:#}", n.name);
+                    }
+                }
             }
         }
         // Pod namespaces (named by the runner, not by us) are found through their veth peers in
@@ -796,6 +945,35 @@ impl Cluster {
             bail!("tearing down cluster {}: {}", self.state.name, errors.join("; "))
         }
     }
+}
+
+/// How many nodes (node-1, node-2) are control-plane nodes running the operator's replicas on
+/// real nodes (the Deployment's 2 replicas, one per node).
+const OPERATOR_NODES: u8 = 2;
+
+/// The kubeconfig each node's CoreDNS reads the API with: the weft-dns token the agent
+/// DaemonSet mounts (config/rbac/dns.yaml), as in config/bootstrap.yaml.
+fn dns_token_kubeconfig(server: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: cluster
+  cluster:
+    server: {server}
+    certificate-authority: /var/run/secrets/weft-dns/ca.crt
+users:
+- name: weft-dns
+  user:
+    tokenFile: /var/run/secrets/weft-dns/token
+contexts:
+- name: weft-dns
+  context:
+    cluster: cluster
+    user: weft-dns
+current-context: weft-dns
+"
+    )
 }
 
 /// What [`Cluster::stop_process`] did.

@@ -11,6 +11,10 @@ COREDNS_VERSION=${COREDNS_VERSION:-v1.14.6}
 CNI_VERSION=${CNI_VERSION:-v1.3.0}
 # The newest collector release whose contrib prometheusexporter the Go module proxy serves.
 OTELCOL_VERSION=${OTELCOL_VERSION:-v0.161.0}
+# Real nodes: containerd 2.x (Debian's 1.6 lacks CNI STATUS and the kubelet's RuntimeConfig) and
+# crane, which assembles and pushes the project's images (e2e/tools/images.sh).
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
+CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
 WEFT_CACHE=${WEFT_CACHE:-/var/cache/weft}
 BIN="$WEFT_CACHE/bin"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -23,7 +27,10 @@ debian_packages() {
   # usually asked to run; they run with the host's tools.
   local pkgs=(iproute2 iptables nftables nginx-light containernetworking-plugins dnsutils curl
     iperf3 conntrack openssl procps psmisc util-linux iputils-ping netcat-openbsd tcpdump wrk
-    prometheus)
+    prometheus
+    # Real nodes (kubelet + containerd): runc, the local OCI registry, and what the images are
+    # made of (mmdebstrap builds Debian root filesystems; busybox-static is the busybox image).
+    runc docker-registry mmdebstrap busybox-static)
   local missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if ((${#missing[@]})); then
@@ -40,24 +47,31 @@ debian_packages() {
     elif ! $had_pid && [[ -s /run/nginx.pid ]]; then
       kill "$(cat /run/nginx.pid)" >/dev/null 2>&1 || true
     fi
-    # Likewise Prometheus (:9090): each local cluster runs its own with its own config.
+    # Likewise Prometheus (:9090) and the registry (:5000): each local cluster runs its own with its own config.
     if [[ -d /run/systemd/system ]]; then
       systemctl disable --now prometheus >/dev/null 2>&1 || true
     elif ! $had_prom_pid && [[ -s /run/prometheus/prometheus.pid ]]; then
       kill "$(cat /run/prometheus/prometheus.pid)" >/dev/null 2>&1 || true
     fi
+    # (the registry's package starts it only under systemd)
+    [[ -d /run/systemd/system ]] && { systemctl disable --now docker-registry >/dev/null 2>&1 || true; }
   fi
 }
 
 # Kubernetes from its Go modules: a scratch module requires k8s.io/kubernetes at the tag and
 # replaces each staging module (k8s.io/api, …) with its published v0.Y.Z.
 kubernetes() {
-  local stamp="$BIN/.k8s-$K8S_VERSION"
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kubelet)
+  # The stamp names the commands too: adding one rebuilds.
+  local stamp="$BIN/.k8s-$K8S_VERSION-$(echo "${cmds[*]}" | sha256sum | cut -c1-12)"
   [[ -f $stamp ]] && return
   local src="$WEFT_CACHE/src/k8s-$K8S_VERSION" staging="v0.${K8S_VERSION#v1.}"
   mkdir -p "$src"
   log "building Kubernetes $K8S_VERSION (first run only; takes a while on 2 cores)"
-  curl -fsSL "https://proxy.golang.org/k8s.io/kubernetes/@v/$K8S_VERSION.mod" -o "$src/upstream.mod"
+  # The go client knows where modules live: it downloads the module and names its go.mod.
+  local upstream_mod
+  upstream_mod=$(cd "$src" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+  cp "$upstream_mod" "$src/upstream.mod"
   {
     echo "module weft.local/k8stools"
     echo "go 1.25.0"
@@ -76,10 +90,11 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
   (cd "$src" && go mod tidy >&2 &&
-    for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl; do
+    for c in "${cmds[@]}"; do
       log "go build $c"
       CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
         -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
@@ -103,11 +118,12 @@ etcd() {
   touch "$stamp"
 }
 
-go_install() { # name stamp-version package@version
+go_install() { # name stamp-version package@version…
   local stamp="$BIN/.$1-$2"
   [[ -f $stamp ]] && return
-  log "go install $3"
-  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$3" >&2
+  shift 2
+  log "go install $*"
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -tags 'no_btrfs no_devmapper no_zfs' -ldflags "-s -w" "$@" >&2
   touch "$stamp"
 }
 
@@ -136,4 +152,10 @@ etcd
 go_install coredns "$COREDNS_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION"
 go_install cnitool "$CNI_VERSION" "github.com/containernetworking/cni/cnitool@$CNI_VERSION"
 otelcol
+# containerd, its runc shim and ctr: CGO off, without the snapshotters that need C libraries.
+go_install containerd "$CONTAINERD_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+  "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+go_install crane "$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 echo "$BIN"

@@ -22,8 +22,8 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node_name: String,
-    /// The operator's plan endpoint, e.g. `https://172.18.0.1:7700`.
-    pub operator: String,
+    /// The operator's plan endpoints, e.g. `https://172.18.0.11:7700`, tried in turn.
+    pub operators: Vec<String>,
     /// The ServiceAccount token (audience `weft-operator`, bound to this node) presented on the
     /// plan stream; read at every connection, so a rotated token is picked up.
     pub plan_token_file: Option<PathBuf>,
@@ -146,14 +146,32 @@ pub async fn run(
     }
 }
 
-/// A channel to the operator: TLS verified against `operator_ca_file` for an `https://` address.
-async fn connect(config: &AgentConfig) -> Result<tonic::transport::Channel, SessionError> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(config.operator.clone())?;
-    if config.operator.starts_with("https://") {
+/// A channel to the first of the operator endpoints that answers, and its address. Every replica
+/// serves plan streams, so any will do; the last error is returned when none answers.
+async fn connect(config: &AgentConfig) -> Result<(tonic::transport::Channel, String), SessionError> {
+    let mut last = SessionError::Tls("no operator address given (--operator)".into());
+    for operator in &config.operators {
+        match connect_one(config, operator).await {
+            Ok(channel) => return Ok((channel, operator.clone())),
+            Err(e) => {
+                debug!(%operator, error = %e, "operator endpoint unreachable");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A channel to `operator`: TLS verified against `operator_ca_file` for an `https://` address.
+async fn connect_one(
+    config: &AgentConfig,
+    operator: &str,
+) -> Result<tonic::transport::Channel, SessionError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(operator.to_string())?;
+    if operator.starts_with("https://") {
         let path = config.operator_ca_file.as_ref().ok_or_else(|| {
             SessionError::Tls(format!(
-                "{} is https: give the CA that signed its certificate with --operator-ca-file",
-                config.operator
+                "{operator} is https: give the CA that signed its certificate with --operator-ca-file"
             ))
         })?;
         let ca = std::fs::read(path)
@@ -230,7 +248,8 @@ impl SessionError {
 
 impl Agent {
     async fn session(&mut self) -> Result<(), SessionError> {
-        let mut client = PlanServiceClient::new(connect(&self.config).await?);
+        let (channel, operator) = connect(&self.config).await?;
+        let mut client = PlanServiceClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::Hello {
             node: self.config.node_name.clone(),
@@ -246,7 +265,7 @@ impl Agent {
         let mut inbound = client.watch(request).await?.into_inner();
         self.status.send_modify(|s| s.connected = true);
         self.metrics.connected.set(1);
-        info!(operator = %self.config.operator, version = self.plan.version, "plan stream open");
+        info!(%operator, version = self.plan.version, "plan stream open");
         let mut ipam_changes = self.target.ipam.subscribe();
         ipam_changes.mark_changed();
         let mut checks =

@@ -19,9 +19,16 @@ struct Args {
     /// This node's name, as in its Node object.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The operator's plan endpoint.
-    #[arg(long, env = "WEFT_OPERATOR", default_value = "http://weft-operator.weft-system.svc:7700")]
-    operator: String,
+    /// The operator's plan endpoints, comma-separated (one per operator replica, or a VIP): the
+    /// agent connects to the first that answers and moves on when one is unreachable.
+    #[arg(
+        long,
+        env = "WEFT_OPERATOR",
+        value_delimiter = ',',
+        required = true,
+        default_value = "http://weft-operator.weft-system.svc:7700"
+    )]
+    operator: Vec<String>,
     /// The ServiceAccount token proving this node's identity to the operator (audience
     /// `weft-operator`, bound to the agent's Pod or Node; re-read at every connection).
     #[arg(long, env = "WEFT_PLAN_TOKEN_FILE")]
@@ -95,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let config = AgentConfig {
         node_name: args.node_name,
-        operator: args.operator,
+        operators: args.operator,
         plan_token_file: args.plan_token_file,
         operator_ca_file: args.operator_ca_file,
         state_dir: args.state_dir,

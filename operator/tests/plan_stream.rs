@@ -145,7 +145,8 @@ impl Agent {
         let (stop, stop_rx) = watch::channel(false);
         let config = AgentConfig {
             node_name: node.into(),
-            operator: format!("http://{operator}"),
+            // An unreachable endpoint first: the agent must move on to the one that answers.
+            operators: vec!["http://127.0.0.1:1".into(), format!("http://{operator}")],
             plan_token_file: None,
             operator_ca_file: None,
             state_dir: dir.to_path_buf(),

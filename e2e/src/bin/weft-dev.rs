@@ -22,7 +22,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use weft_e2e::cluster::{
-    self, Cluster, CniMode, PodOptions, UpOptions, client_for, dev_kubeconfig, repo_root, wait_for,
+    self, Cluster, CniMode, NodeRuntime, PodOptions, UpOptions, client_for, dev_kubeconfig, repo_root,
+    wait_for,
 };
 
 #[derive(Debug, Parser)]
@@ -51,6 +52,11 @@ enum Cmd {
         /// bridge + host-local plugins (`reference`, for comparison and for `--no-weft`).
         #[arg(long, value_enum, default_value_t = CniMode::Weft)]
         cni: CniMode,
+        /// What runs the pods: the project's pod runner, or the real kubelet with containerd
+        /// (then Weft is installed from config/ as pods, images from `make images`, and the CNI
+        /// is Weft's, or the reference plugins with --no-weft).
+        #[arg(long, value_enum, default_value_t = NodeRuntime::Runner)]
+        runtime: NodeRuntime,
         /// Run without Weft: no config/, no weft-operator, no weft-agents.
         #[arg(long)]
         no_weft: bool,
@@ -170,9 +176,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Cmd::Up { nodes, cni, no_weft, name, no_samples } => {
-            cni.check_available(!no_weft)?;
-            up(name.unwrap_or(cli.cluster), nodes, cni, !no_weft, !no_samples).await?;
+        Cmd::Up { nodes, cni, runtime, no_weft, name, no_samples } => {
+            if runtime == NodeRuntime::Runner {
+                cni.check_available(!no_weft)?;
+            }
+            up(name.unwrap_or(cli.cluster), nodes, cni, runtime, !no_weft, !no_samples).await?;
         }
         Cmd::Down { name, all } => {
             let name = name.unwrap_or(cli.cluster);
@@ -214,7 +222,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(name: String, nodes: u8, cni: CniMode, weft: bool, samples: bool) -> Result<()> {
+async fn up(
+    name: String,
+    nodes: u8,
+    cni: CniMode,
+    runtime: NodeRuntime,
+    weft: bool,
+    samples: bool,
+) -> Result<()> {
     let dir = cluster::weft_dir().join(&name);
     if let Ok(existing) = Cluster::open_dir(&dir) {
         if existing.processes().iter().all(|(_, alive)| *alive) {
@@ -225,7 +240,7 @@ async fn up(name: String, nodes: u8, cni: CniMode, weft: bool, samples: bool) ->
         eprintln!("cluster {name} is partly down; removing it before starting again");
         tokio::task::spawn_blocking(move || cluster::teardown_dir(&dir)).await??;
     }
-    let opts = UpOptions { name: name.clone(), nodes, cni, weft, ..UpOptions::default() };
+    let opts = UpOptions { name: name.clone(), nodes, cni, runtime, weft, ..UpOptions::default() };
     let c = tokio::task::spawn_blocking(move || Cluster::up(&opts)).await??;
     std::fs::copy(c.kubeconfig(), dev_kubeconfig())
         .with_context(|| format!("writing {}", dev_kubeconfig().display()))?;

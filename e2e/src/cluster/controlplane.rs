@@ -84,6 +84,11 @@ pub fn start_apiserver(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecor
             .arg(format!("--service-account-key-file={}", pki.sa_pub().display()))
             .arg(format!("--service-account-signing-key-file={}", pki.sa_key().display()))
             .arg("--allow-privileged=true")
+            // Kubelets (real nodes) are reached by their InternalIP (no resolvable hostnames here)
+            // with a client certificate they authorize through the API.
+            .arg("--kubelet-preferred-address-types=InternalIP")
+            .arg(format!("--kubelet-client-certificate={}", pki.kubelet_client().cert.display()))
+            .arg(format!("--kubelet-client-key={}", pki.kubelet_client().key.display()))
             .arg("--profiling=false")
             .arg(format!("--cert-dir={}", pki.dir.display()))
             .arg("--v=1")

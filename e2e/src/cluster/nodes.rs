@@ -14,7 +14,8 @@ use super::net;
 use super::pki::{Pki, write_kubeconfig};
 use super::process::{Launch, ProcRecord};
 use super::state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, POD_CIDR, ZONES,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeRuntime, NodeState, POD_CIDR,
+    ZONES,
 };
 
 /// The next node of the cluster (not created yet).
@@ -25,21 +26,31 @@ pub fn plan(state: &ClusterState) -> Result<NodeState> {
     };
     let name = format!("node-{index}");
     let dir = state.dir.join("nodes").join(&name);
+    // Real nodes keep these at their standard paths, bound from the node's directory.
+    let node_path = |standard: &str, runner: &str| match state.runtime {
+        NodeRuntime::Kubelet => dir.join("host").join(standard.trim_start_matches('/')),
+        NodeRuntime::Runner => dir.join(runner),
+    };
     Ok(NodeState {
-        ip: Ipv4Addr::new(172, 18, state.idx, 10 + index),
+        ip: node_ip(state, index),
         netns: format!("{}{name}", state.netns_prefix()),
         veth: format!("wv{}n{index}", state.idx),
         zone: ZONES[usize::from(index - 1) % ZONES.len()].to_string(),
         pod_cidr: format!("10.244.{index}.0/24"),
         kubeconfig: dir.join("kubeconfig"),
-        cni_conf_dir: dir.join("cni/net.d"),
-        cni_bin_dir: dir.join("cni/bin"),
-        kubelet_state_dir: dir.join("kubelet"),
-        agent_state_dir: dir.join("agent"),
+        cni_conf_dir: node_path("/etc/cni/net.d", "cni/net.d"),
+        cni_bin_dir: node_path("/opt/cni/bin", "cni/bin"),
+        kubelet_state_dir: node_path("/var/lib/kubelet", "kubelet"),
+        agent_state_dir: node_path("/var/lib/weft", "agent"),
         dir,
         index,
         name,
     })
+}
+
+/// The address of node `index` on the cluster's underlay.
+pub fn node_ip(state: &ClusterState, index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, state.idx, 10 + index)
 }
 
 /// Creates the node's namespace, directories and kubeconfig; in reference mode also its CNI

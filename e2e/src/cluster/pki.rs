@@ -37,6 +37,11 @@ impl Pki {
         self.pair("apiserver")
     }
 
+    /// The API server's client certificate towards kubelets.
+    pub fn kubelet_client(&self) -> CertPair {
+        self.pair("apiserver-kubelet-client")
+    }
+
     /// The operator's plan service (TLS for the agents' streams).
     pub fn plan(&self) -> CertPair {
         self.pair("plan")
@@ -61,7 +66,12 @@ impl Pki {
 
     /// Creates the CA, the API server's and the plan service's serving certificates, the admin, controller-manager and
     /// scheduler client certificates and the service-account key pair.
-    pub fn create(dir: &Path, cluster: &str, apiserver_ips: &[Ipv4Addr]) -> Result<Pki> {
+    pub fn create(
+        dir: &Path,
+        cluster: &str,
+        apiserver_ips: &[Ipv4Addr],
+        plan_ips: &[Ipv4Addr],
+    ) -> Result<Pki> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let pki = Pki { dir: dir.to_path_buf() };
         let ca = pki.ca();
@@ -91,13 +101,22 @@ impl Pki {
             let _ = write!(sans, ",IP:{ip}");
         }
         pki.issue("apiserver", "kube-apiserver", None, Usage::Server { sans: &sans })?;
-        // The operator's plan service listens on the same addresses' bridge side.
+        // The operator's plan service listens on the bridge address (a process there) or on the
+        // addresses of the nodes its replicas run on (real nodes).
         let mut plan_sans = String::from("DNS:localhost,DNS:weft-operator.weft-system.svc,IP:127.0.0.1");
-        for ip in apiserver_ips {
+        for ip in apiserver_ips.iter().chain(plan_ips) {
             let _ = write!(plan_sans, ",IP:{ip}");
         }
         pki.issue("plan", "weft-operator", None, Usage::Server { sans: &plan_sans })?;
         pki.issue("admin", "weft-admin", Some("system:masters"), Usage::Client)?;
+        // What the API server presents to kubelets (exec, logs, port-forward), which authorize it
+        // with a SubjectAccessReview.
+        pki.issue(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            Some("system:masters"),
+            Usage::Client,
+        )?;
         pki.issue("controller-manager", "system:kube-controller-manager", None, Usage::Client)?;
         pki.issue("scheduler", "system:kube-scheduler", None, Usage::Client)?;
         openssl(&[

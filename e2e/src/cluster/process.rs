@@ -45,6 +45,9 @@ pub struct Launch {
     /// Run inside this network namespace (entered with `nsenter --net`, which keeps the root
     /// mount namespace so that network namespaces the process creates are visible to everyone).
     pub netns: Option<String>,
+    /// With `netns`: also enter this mount namespace (`/proc/<pid>/ns/mnt` of a real node's
+    /// containerd).
+    pub mountns: Option<PathBuf>,
     pub log: PathBuf,
 }
 
@@ -56,6 +59,7 @@ impl Launch {
             args: Vec::new(),
             env: Vec::new(),
             netns: None,
+            mountns: None,
             log: log.into(),
         }
     }
@@ -90,6 +94,11 @@ impl Launch {
         self
     }
 
+    pub fn mountns(mut self, ns: impl Into<PathBuf>) -> Launch {
+        self.mountns = Some(ns.into());
+        self
+    }
+
     fn command_line(&self) -> String {
         let mut s = self.program.display().to_string();
         for a in &self.args {
@@ -116,7 +125,11 @@ impl Launch {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&self.program);
+                c.arg(format!("--net=/run/netns/{ns}"));
+                if let Some(mnt) = &self.mountns {
+                    c.arg(format!("--mount={}", mnt.display()));
+                }
+                c.arg("--").arg(&self.program);
                 c
             }
             None => Command::new(&self.program),

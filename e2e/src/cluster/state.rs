@@ -49,6 +49,28 @@ impl std::fmt::Display for CniMode {
     }
 }
 
+/// What runs a node's pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRuntime {
+    /// The project's own pod runner (`weft-dev kubelet`) with built-in stand-ins for a fixed
+    /// list of images; Weft runs as processes beside it.
+    #[default]
+    Runner,
+    /// The real kubelet with containerd 2.x + runc, pulling images from the cluster's registry;
+    /// Weft is installed from `config/` as a user installs it (Deployment + DaemonSet).
+    Kubelet,
+}
+
+impl std::fmt::Display for NodeRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeRuntime::Runner => "runner",
+            NodeRuntime::Kubelet => "kubelet",
+        })
+    }
+}
+
 /// The service CIDR, matching Weft's default `NetworkConfig`.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The ClusterIP of the `kubernetes` Service (first address of [`SERVICE_CIDR`]).
@@ -154,6 +176,9 @@ pub struct ClusterState {
     /// Machine-wide index: underlay `172.18.<idx>.0/24`, ports `20000 + 10·idx …`.
     pub idx: u8,
     pub cni: CniMode,
+    /// What runs the nodes' pods. Missing in older state files: the runner.
+    #[serde(default)]
+    pub runtime: NodeRuntime,
     /// Whether Weft runs: `config/` applied, `weft-operator` in the root namespace, one
     /// `weft-agent` per node (independent of the CNI). Missing in older state files: true.
     #[serde(default = "default_true")]

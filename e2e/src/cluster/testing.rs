@@ -17,7 +17,8 @@ use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
 use super::{
-    Cluster, ClusterState, CniMode, NodeState, OperatorReplica, ProcRecord, Stopped, UpOptions, weft_dir,
+    Cluster, ClusterState, CniMode, NodeRuntime, NodeState, OperatorReplica, ProcRecord, Stopped, UpOptions,
+    weft_dir,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -37,6 +38,8 @@ pub struct TestOptions {
     /// Nodes to start with (default 2).
     pub nodes: u8,
     pub cni: CniMode,
+    /// What runs the pods (default the pod runner).
+    pub runtime: NodeRuntime,
     /// Run Weft — its configuration, `weft-operator` and one `weft-agent` per node (default
     /// false: tests of the cluster itself do without).
     pub weft: bool,
@@ -54,6 +57,7 @@ impl Default for TestOptions {
         TestOptions {
             nodes: 2,
             cni: CniMode::Reference,
+            runtime: NodeRuntime::Runner,
             weft: false,
             apply_crds: true,
             weft_bin_dir: None,
@@ -70,6 +74,12 @@ impl TestOptions {
 
     pub fn cni(mut self, cni: CniMode) -> Self {
         self.cni = cni;
+        self
+    }
+
+    /// Real nodes (kubelet + containerd) with Weft installed from `config/` as pods.
+    pub fn runtime(mut self, runtime: NodeRuntime) -> Self {
+        self.runtime = runtime;
         self
     }
 
@@ -518,6 +528,7 @@ async fn start_inner(opts: TestOptions, owned: bool) -> Result<Inner> {
         name,
         nodes: opts.nodes,
         cni: opts.cni,
+        runtime: opts.runtime,
         weft: opts.weft,
         tools_bin_dir: None,
         weft_bin_dir: opts.weft_bin_dir,
