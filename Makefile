@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
+.PHONY: all build tools images test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
 
 all: build
 
@@ -14,6 +14,11 @@ build:
 # Debian packages and the Go-built Kubernetes, etcd, CoreDNS and cnitool (cached by version).
 tools:
 	bash e2e/tools/install.sh >/dev/null
+
+# The images real nodes pull (Weft's own from the release build, and the workloads' and tests'),
+# into the registry store under /var/cache/weft (cached by content; see docs/IMAGES.md).
+images: tools
+	bash e2e/tools/images.sh
 
 crds:
 	$(CARGO) run -q -p weft-operator --bin crdgen
@@ -31,13 +36,13 @@ fmt:
 unit:
 	$(CARGO) test --workspace --exclude weft-e2e
 
-e2e: tools build
+e2e: tools build images
 	$(CARGO) test -p weft-e2e -- --test-threads=2
 
 test: lint unit e2e
 
-up: tools build
-	$(DEV) up
+up: tools build images
+	$(DEV) up --runtime kubelet
 
 down:
 	$(DEV) down
