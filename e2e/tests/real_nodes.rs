@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use weft_e2e::cluster::{NodeRuntime, Steps, TestCluster, TestOptions, wait_for};
 
+/// The tests share one cluster, and one of them deletes an agent pod: they take turns.
+static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn cluster() -> Result<TestCluster> {
     TestCluster::shared(
         TestOptions::default()
@@ -87,9 +90,13 @@ fn spread(out: &str) -> BTreeMap<String, u32> {
 #[tokio::test]
 async fn weft_runs_as_pods_and_the_seed_lab_answers_through_kubectl_exec() -> Result<()> {
     let steps = Steps::new("real_nodes::seed_lab");
+    let _turn = TURNS.lock().await;
     let c = cluster().await?;
 
     steps.step("the agent DaemonSet and the operator Deployment run from the images built here");
+    for what in ["daemonset/weft-agent", "deployment/weft-operator"] {
+        c.kubectl(&["-n", "weft-system", "rollout", "status", what, "--timeout=120s"]).await?;
+    }
     let ds = c
         .kubectl(&[
             "-n",
@@ -158,6 +165,7 @@ async fn weft_runs_as_pods_and_the_seed_lab_answers_through_kubectl_exec() -> Re
 #[tokio::test]
 async fn a_deleted_agent_pod_comes_back_and_traffic_never_stops() -> Result<()> {
     let steps = Steps::new("real_nodes::agent_restart");
+    let _turn = TURNS.lock().await;
     let c = cluster().await?;
     let ns = c.namespace("failstatic").await?;
     let svc = start_lab(&c, &ns, "node-2").await?;
