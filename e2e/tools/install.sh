@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the local cluster and the e2e tests need, on a fresh machine, as root:
-# Debian packages, and the Go-built Kubernetes, etcd, CoreDNS, cnitool and OpenTelemetry Collector binaries at pinned
+# Debian packages, and the Go-built Kubernetes (with its e2e suite), etcd, CoreDNS, cnitool and OpenTelemetry Collector binaries at pinned
 # versions. Binaries are cached by version under $WEFT_CACHE (outside the repo), so a second run
 # costs seconds. Prints the bin directory on its last line.
 set -euo pipefail
@@ -54,7 +54,9 @@ debian_packages() {
       kill "$(cat /run/prometheus/prometheus.pid)" >/dev/null 2>&1 || true
     fi
     # (the registry's package starts it only under systemd)
-    [[ -d /run/systemd/system ]] && { systemctl disable --now docker-registry >/dev/null 2>&1 || true; }
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
   fi
 }
 
@@ -103,6 +105,45 @@ GO
         -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION" \
         -o "$BIN/$c" "k8s.io/kubernetes/cmd/$c" >&2
     done)
+  touch "$stamp"
+}
+
+# The Kubernetes e2e suite (e2e.test) and the ginkgo runner at the version its go.mod pins, for
+# `make conformance`. A module of its own: e2e.test imports most of the tree (the test sources
+# e2e_test.go lists), which the tools above need not resolve.
+kubernetes_e2e() {
+  local stamp="$BIN/.k8s-e2e-$K8S_VERSION"
+  [[ -f $stamp ]] && return
+  local src="$WEFT_CACHE/src/k8s-e2e-$K8S_VERSION" staging="v0.${K8S_VERSION#v1.}"
+  mkdir -p "$src"
+  log "building the Kubernetes $K8S_VERSION e2e suite (first run only; several minutes on 2 cores)"
+  local upstream_mod upstream_dir
+  upstream_mod=$(cd "$src" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+  upstream_dir=$(cd "$src" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+  {
+    echo "module weft.local/k8se2e"
+    echo "go 1.25.0"
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    grep -oE '^\s+k8s\.io/[a-z0-9-]+ => \./staging' "$upstream_mod" \
+      | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } >"$src/go.mod"
+  # Every package the suite's test file imports, and ginkgo's command: tidy then resolves them all
+  # at the versions k8s.io/kubernetes pins.
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    sed -n '/^import (/,/^)/p' "$upstream_dir/test/e2e/e2e_test.go" | grep -oE '"(k8s\.io|github\.com/onsi)/[^"]+"' \
+      | sort -u | sed 's/^/\t_ /'
+    printf '\t_ "k8s.io/kubernetes/test/e2e"\n\t_ "github.com/onsi/ginkgo/v2/ginkgo"\n)\n'
+  } >"$src/tools.go"
+  (cd "$src" && go mod tidy >&2 &&
+    log "go build ginkgo" &&
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/ginkgo" github.com/onsi/ginkgo/v2/ginkgo >&2 &&
+    log "go test -c k8s.io/kubernetes/test/e2e" &&
+    CGO_ENABLED=0 go test -c -trimpath -ldflags "-s -w \
+      -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+      -X k8s.io/component-base/version.gitMajor=1 \
+      -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
+      -o "$BIN/e2e.test" k8s.io/kubernetes/test/e2e >&2)
   touch "$stamp"
 }
 
@@ -157,5 +198,6 @@ go_install containerd "$CONTAINERD_VERSION" \
   "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
   "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
   "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+kubernetes_e2e
 go_install crane "$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 echo "$BIN"
