@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools images test unit e2e lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
+.PHONY: all build tools images test unit e2e conformance conformance-subset lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
 
 all: build
 
@@ -40,6 +40,15 @@ e2e: tools build images
 	$(CARGO) test -p weft-e2e -- --test-threads=2
 
 test: lint unit e2e
+
+# The Kubernetes network e2e tests (upstream e2e.test under ginkgo) on a 2-node real-node cluster
+# per proxy mode; results in docs/conformance/ (see docs/CONFORMANCE.md). `conformance` runs every
+# [sig-network] test that can run here; `conformance-subset` only those tagged [Conformance].
+conformance: tools build images
+	target/debug/weft-conformance --suite network --modes nftables,iptables
+
+conformance-subset: tools build images
+	target/debug/weft-conformance --suite conformance --modes nftables,iptables
 
 up: tools build images
 	$(DEV) up --runtime kubelet

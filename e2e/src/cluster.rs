@@ -14,6 +14,7 @@
 //! async test API over it.
 
 mod controlplane;
+pub mod egress;
 mod net;
 mod nodes;
 mod observability;
@@ -378,12 +379,32 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_reaper(&mut self, owner: u32) -> Result<()> {
+    /// The API server's HTTP CONNECT proxy into the cluster network, in `node`'s namespace.
+    fn start_egress_proxy(&mut self, node: &NodeState) -> Result<()> {
+        let p = process::Launch::new(
+            "egress-proxy",
+            self.weft_dev()?,
+            self.state.logs_dir().join("egress-proxy.log"),
+        )
+        .netns(&node.netns)
+        .arg("egress-proxy")
+        .arg("--socket")
+        .arg(egress::socket_path(&self.state))
+        .spawn()?;
+        self.record(p)
+    }
+
+    /// The weft-dev binary, which also runs the cluster's helper processes.
+    fn weft_dev(&self) -> Result<PathBuf> {
         let dev = self.state.weft_bin_dir.join("weft-dev");
         if !dev.is_file() {
-            bail!("{} is missing (it tears test clusters down); `cargo build -p weft-e2e`", dev.display());
+            bail!("{} is missing (it runs test clusters' helpers); `cargo build -p weft-e2e`", dev.display());
         }
-        let p = process::Launch::new("reaper", dev, self.state.logs_dir().join("reaper.log"))
+        Ok(dev)
+    }
+
+    fn start_reaper(&mut self, owner: u32) -> Result<()> {
+        let p = process::Launch::new("reaper", self.weft_dev()?, self.state.logs_dir().join("reaper.log"))
             .arg("reap")
             .arg("--dir")
             .arg(&self.state.dir)
@@ -452,6 +473,9 @@ impl Cluster {
             realnode::wait_containerd(&node, &rec, Duration::from_secs(30))?;
             let kubelet = realnode::start_kubelet(&self.state, &node, &rec)?;
             self.record(kubelet)?;
+            if node.index == 1 {
+                self.start_egress_proxy(&node)?;
+            }
             // Weft's agent comes with its DaemonSet.
             return Ok(node);
         }

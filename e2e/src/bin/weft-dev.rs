@@ -94,6 +94,13 @@ enum Cmd {
         #[arg(long)]
         pid: u32,
     },
+    /// Serve the API server's HTTP CONNECT proxy on SOCKET (started by `up` inside node-1's
+    /// namespace on real nodes).
+    #[command(hide = true)]
+    EgressProxy {
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Fail if anything of a local test cluster (namespaces, links, registry entries) is left,
     /// waiting up to --wait seconds for reapers to finish.
     Leftovers {
@@ -201,6 +208,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Pod(cmd) => return pod(&cli.cluster, cmd).await,
         Cmd::Kubelet(args) => weft_e2e::kubelet::run(args).await?,
         Cmd::Reap { dir, pid } => tokio::task::spawn_blocking(move || cluster::reap(&dir, pid)).await??,
+        Cmd::EgressProxy { socket } => cluster::egress::serve(&socket).await?,
         Cmd::Leftovers { wait, all } => {
             let deadline = std::time::Instant::now() + Duration::from_secs(wait);
             loop {
@@ -325,7 +333,7 @@ fn print_weft(s: &cluster::ClusterState) {
         println!("weft: pods use the reference plugins; agents only record their CNI and routes programming");
     }
     println!(
-        "weft: agents program Services (WEFT- iptables chains), a CoreDNS per node behind kube-dns {} and nginx for Ingresses of class weft",
+        "weft: agents program Services (nftables table ip weft-proxy unless NetworkConfig says iptables), a CoreDNS per node behind kube-dns {} and nginx for Ingresses of class weft",
         cluster::CLUSTER_DNS
     );
 }
