@@ -1,6 +1,6 @@
-//! The service proxy with real packets, iptables backend (the default): the scenarios of
-//! `proxy_scenarios` (ClusterIP spread, affinity, endpoint removal and rejection; NodePort from
-//! outside with externalTrafficPolicy Local; ProxyPolicy PreferSameZone).
+//! The service proxy with real packets, iptables backend (`spec.proxy.mode: iptables`): the same
+//! scenarios as `service_proxy_nftables.rs`, on a cluster of its own whose NetworkConfig switches
+//! the agents to WEFT- chains before the first test runs.
 //!
 //! Needs root and `cargo build --workspace --bins`.
 
@@ -9,8 +9,10 @@ use weft_e2e::cluster::TestCluster;
 
 mod proxy_scenarios;
 
+static SWITCHED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
 async fn cluster() -> Result<TestCluster> {
-    TestCluster::shared(proxy_scenarios::options()).await
+    proxy_scenarios::cluster_in_mode("iptables", &SWITCHED).await
 }
 
 proxy_scenarios::tests!(

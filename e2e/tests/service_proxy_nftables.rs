@@ -1,6 +1,8 @@
-//! The service proxy with real packets, nftables backend (`spec.proxy.mode: nftables`): the same
-//! scenarios as `service_proxy.rs`, on a cluster of its own whose NetworkConfig switches the
-//! agents to the nftables table before the first test runs.
+//! The service proxy with real packets, nftables backend (`spec.proxy.mode: nftables`, the
+//! default): the scenarios of `proxy_scenarios` (ClusterIP spread, affinity, endpoint removal and
+//! rejection; NodePort from outside with externalTrafficPolicy Local; ProxyPolicy
+//! PreferSameZone), on a cluster of its own whose agents are on the nftables table before the
+//! first test runs.
 //!
 //! Needs root and `cargo build --workspace --bins`.
 
@@ -11,25 +13,8 @@ mod proxy_scenarios;
 
 static SWITCHED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 
-/// The shared cluster, switched to the nftables backend: every agent has replaced its iptables
-/// chains with the table (its proxy record says `mode nftables`).
 async fn cluster() -> Result<TestCluster> {
-    let c = TestCluster::shared(proxy_scenarios::options()).await?;
-    SWITCHED
-        .get_or_try_init(|| async {
-            c.patch_network_config(serde_json::json!({"proxy":{"mode":"nftables"}})).await?;
-            c.wait_for("every agent on the nftables backend", std::time::Duration::from_secs(60), || async {
-                for node in c.nodes() {
-                    if !c.programmed(&node.name, "proxy").await?.starts_with("mode nftables\n") {
-                        return Ok(None);
-                    }
-                }
-                Ok(Some(()))
-            })
-            .await
-        })
-        .await?;
-    Ok(c)
+    proxy_scenarios::cluster_in_mode("nftables", &SWITCHED).await
 }
 
 proxy_scenarios::tests!(

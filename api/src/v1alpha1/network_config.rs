@@ -257,10 +257,10 @@ impl Default for PortRange {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
-    /// iptables chains prefixed WEFT-, written with iptables-restore.
-    #[default]
+    /// iptables chains prefixed WEFT-, written with iptables-restore: for nodes without nft 1.0+.
     Iptables,
     /// One nftables table, ip weft-proxy, built on verdict maps: changes cost the same at any number of Services.
+    #[default]
     Nftables,
 }
 
@@ -268,7 +268,7 @@ pub enum ProxyMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySettings {
-    /// Proxy backend: `iptables` (WEFT- chains, the default) or `nftables` (table ip weft-proxy; faster at scale, needs nft 1.0+).
+    /// Proxy backend: `nftables` (table ip weft-proxy, the default; needs nft 1.0+) or `iptables` (WEFT- chains, for older nodes).
     #[serde(default)]
     pub mode: ProxyMode,
     /// Least time between two rule syncs on a node, in milliseconds (0 to 60000), as kube-proxy's --iptables-min-sync-period (default 1000). Not used yet: agents apply every plan update as it arrives.
@@ -284,7 +284,7 @@ pub struct ProxySettings {
 impl Default for ProxySettings {
     fn default() -> Self {
         Self {
-            mode: ProxyMode::Iptables,
+            mode: ProxyMode::default(),
             min_sync_period_ms: defaults::min_sync_period_ms(),
             masquerade_bit: defaults::masquerade_bit(),
         }

@@ -28,6 +28,36 @@ pub fn options() -> TestOptions {
     TestOptions::default().nodes(4).weft(true).cni(CniMode::Weft).weft_dev(env!("CARGO_BIN_EXE_weft-dev"))
 }
 
+/// The including test binary's shared cluster, with NetworkConfig `default` set to proxy `mode`
+/// (`iptables` or `nftables`) before the first scenario runs: every agent's proxy record says
+/// that mode.
+pub async fn cluster_in_mode(
+    mode: &'static str,
+    switched: &tokio::sync::OnceCell<()>,
+) -> Result<TestCluster> {
+    let c = TestCluster::shared(options()).await?;
+    switched
+        .get_or_try_init(|| async {
+            c.patch_network_config(serde_json::json!({"proxy": {"mode": mode}})).await?;
+            let record = format!("mode {mode}\n");
+            c.wait_for(
+                &format!("every agent on the {mode} backend"),
+                std::time::Duration::from_secs(60),
+                || async {
+                    for node in c.nodes() {
+                        if !c.programmed(&node.name, "proxy").await?.starts_with(&record) {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(()))
+                },
+            )
+            .await
+        })
+        .await?;
+    Ok(c)
+}
+
 /// One `#[tokio::test]` per scenario, each on the including test binary's `cluster()`.
 macro_rules! tests {
     ($($scenario:ident),* $(,)?) => {

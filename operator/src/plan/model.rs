@@ -198,7 +198,7 @@ impl Default for NetworkSettings {
             service_cidr: "10.96.0.0/16".into(),
             node_port_range: (30000, 32767),
             node_port_addresses: Vec::new(),
-            nftables: false,
+            nftables: true,
             masquerade_bit: 14,
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dir: "/opt/cni/bin".into(),
