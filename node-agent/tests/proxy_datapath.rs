@@ -54,11 +54,17 @@ impl Enter for Netns {
     }
 }
 
-/// A TCP server answering every connection with `<name> <client address>`, and a UDP server
-/// answering every datagram with `<name>`; they run until the test process exits.
+/// A TCP server on 80 answering every connection with `<name> <client address>`, and UDP
+/// servers answering every datagram with `<name>` (on 5353) and `<name>:5354` (on 5354, the
+/// target of a changed targetPort); they run until the test process exits.
 fn serve(ns: &Netns, name: &str) {
-    let (tcp, udp) =
-        ns.enter(|| (TcpListener::bind("0.0.0.0:80").unwrap(), UdpSocket::bind("0.0.0.0:5353").unwrap()));
+    let (tcp, udp, udp_alt) = ns.enter(|| {
+        (
+            TcpListener::bind("0.0.0.0:80").unwrap(),
+            UdpSocket::bind("0.0.0.0:5353").unwrap(),
+            UdpSocket::bind("0.0.0.0:5354").unwrap(),
+        )
+    });
     let tcp_name = name.to_string();
     std::thread::spawn(move || {
         for conn in tcp.incoming() {
@@ -67,13 +73,14 @@ fn serve(ns: &Netns, name: &str) {
             let _ = conn.write_all(format!("{tcp_name} {peer}").as_bytes());
         }
     });
-    let udp_name = name.to_string();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((_, from)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(udp_name.as_bytes(), from);
-        }
-    });
+    for (socket, answer) in [(udp, name.to_string()), (udp_alt, format!("{name}:5354"))] {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(answer.as_bytes(), from);
+            }
+        });
+    }
 }
 
 /// The node, three pods with echo servers, a client pod, and an outside host on the node's
@@ -349,6 +356,46 @@ fn a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one(mode: pb::ProxyMode
     assert_ne!(after, first, "the flow still goes to the removed endpoint");
 }
 
+fn a_udp_flow_follows_a_changed_target_port(mode: pb::ProxyMode) {
+    require_root();
+    let lab = Lab::new(mode);
+    let pod1 = [(lab.pods[0].1, 0)];
+    lab.sync(&lab.plan(&pod1, false));
+    let target: SocketAddr = format!("{CLUSTER_IP}:53").parse().unwrap();
+    let socket = lab.client.enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let exchange = || {
+        socket.send_to(b"hi", target).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(exchange(), "pod1");
+    // Same endpoint IP, new port: the flow's conntrack entry still says 5353 unless cleared.
+    lab.sync(&plan_with(mode, &pod1, |echo| echo.ports[1].endpoints[0].port = 5354));
+    assert_eq!(exchange(), "pod1:5354", "the flow still goes to the old target port");
+}
+
+/// kube-proxy's conntrack TCP timeouts, in the node's namespace (and only there).
+fn conntrack_tcp_timeouts_are_kube_proxys(mode: pb::ProxyMode) {
+    require_root();
+    let lab = Lab::new(mode);
+    let host_close_wait =
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait");
+    lab.sync(&lab.plan(&all(&lab), false));
+    let value = |key: &str| {
+        let out = run(lab.node.exec("sysctl").args(["-n", key]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(value("net.netfilter.nf_conntrack_tcp_timeout_close_wait"), "3600");
+    assert_eq!(value("net.netfilter.nf_conntrack_tcp_timeout_established"), "86400");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait").ok(),
+        host_close_wait.ok(),
+        "the host's own namespace was changed"
+    );
+}
+
 fn a_node_port_masquerades_external_clients_unless_the_policy_is_local(mode: pb::ProxyMode) {
     require_root();
     let lab = Lab::new(mode);
@@ -457,6 +504,8 @@ on_both_backends!(
     a_cluster_ip_reaches_every_endpoint_and_what_has_no_endpoint_is_refused_at_once,
     a_removed_endpoint_leaves_the_rotation_and_an_unchanged_plan_writes_nothing,
     a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one,
+    a_udp_flow_follows_a_changed_target_port,
+    conntrack_tcp_timeouts_are_kube_proxys,
     a_node_port_masquerades_external_clients_unless_the_policy_is_local,
 );
 

@@ -316,6 +316,9 @@ impl ProxyCache {
         if mode == pb::ProxyMode::Nftables {
             let report = state.nft.sync(&self.runner, &ctx, plan, metrics, state.started_unix_ms)?;
             state.restores += u64::from(report.lines > 0);
+            if state.active.is_none() {
+                set_conntrack_timeouts(&self.runner);
+            }
             state.active = Some(mode);
             return Ok(report);
         }
@@ -459,6 +462,9 @@ impl ProxyCache {
         }
         state.ctx = Some(ctx);
         state.synced = true;
+        if state.active.is_none() {
+            set_conntrack_timeouts(&self.runner);
+        }
         state.active = Some(mode);
         Ok(report)
     }
@@ -632,29 +638,77 @@ impl ProxyCache {
     }
 }
 
-/// Deletes the conntrack entries of UDP flows to endpoints that went away; without this a
-/// client keeps sending to the dead endpoint for as long as it keeps the flow alive. Best
-/// effort: a failure is logged, the rules are already right.
+/// Deletes the conntrack entries of UDP flows to endpoints that went away or changed port;
+/// without this a client keeps sending to the dead endpoint for as long as it keeps the flow
+/// alive. Best effort: a failure is logged, the rules are already right.
 pub(crate) fn clear_udp(runner: &Runner, old: &[UdpFlows], new: &[UdpFlows]) {
+    for filter in stale_udp_filters(old, new) {
+        let filter: Vec<&str> = filter.iter().map(String::as_str).collect();
+        conntrack_delete(runner, &filter);
+    }
+}
+
+/// The `conntrack -D -p udp` filters for the flows of `old` that `new` no longer serves: per
+/// endpoint gone or moved to another port, its flows to each Service address and to the NodePort.
+/// By endpoint IP, as kube-proxy: conntrack cannot filter on the NATed port.
+pub(crate) fn stale_udp_filters(old: &[UdpFlows], new: &[UdpFlows]) -> Vec<Vec<String>> {
+    let mut filters = Vec::new();
     for flows in old {
         let kept = new.iter().find(|n| n.port == flows.port && n.node_port == flows.node_port);
         for ep in &flows.endpoints {
             if kept.is_some_and(|k| k.endpoints.contains(ep)) {
                 continue;
             }
-            let ep_text = ep.to_string();
-            let port = flows.port.to_string();
+            let ep_ip = ep.ip().to_string();
             for ip in &flows.ips {
-                conntrack_delete(
-                    runner,
-                    &["--orig-dst", &ip.to_string(), "--orig-port-dst", &port, "--dst-nat", &ep_text],
+                filters.push(
+                    [
+                        "--orig-dst",
+                        &ip.to_string(),
+                        "--orig-port-dst",
+                        &flows.port.to_string(),
+                        "--dst-nat",
+                        &ep_ip,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
                 );
             }
             if flows.node_port != 0 {
-                conntrack_delete(
-                    runner,
-                    &["--orig-port-dst", &flows.node_port.to_string(), "--dst-nat", &ep_text],
+                filters.push(
+                    ["--orig-port-dst", &flows.node_port.to_string(), "--dst-nat", &ep_ip]
+                        .map(String::from)
+                        .to_vec(),
                 );
+            }
+        }
+    }
+    filters
+}
+
+/// kube-proxy's conntrack TCP timeouts (its `conntrack.tcpEstablishedTimeout` and
+/// `tcpCloseWaitTimeout` defaults), which workloads and the conformance tests expect: a day for
+/// established flows, an hour for CLOSE_WAIT (the kernel's 60 s would drop half-closed
+/// long-lived connections). Per network namespace; set once the first rules have loaded
+/// nf_conntrack. Best effort, as kube-proxy: a failure is logged.
+const CONNTRACK_TIMEOUTS: &[(&str, &str)] = &[
+    ("net.netfilter.nf_conntrack_tcp_timeout_established", "86400"),
+    ("net.netfilter.nf_conntrack_tcp_timeout_close_wait", "3600"),
+];
+
+fn set_conntrack_timeouts(runner: &Runner) {
+    if runner.recorded.is_some() {
+        return;
+    }
+    for (key, value) in CONNTRACK_TIMEOUTS {
+        let setting = format!("{key}={value}");
+        match runner.command("sysctl").args(["-q", "-w", &setting]).stdout(Stdio::null()).output() {
+            Ok(out) if out.status.success() => tracing::debug!(%setting, "conntrack timeout set"),
+            Ok(out) => {
+                tracing::warn!(%setting, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "cannot set a conntrack timeout")
+            }
+            Err(e) => {
+                tracing::warn!(%setting, error = %e, "cannot run sysctl; conntrack timeouts stay the kernel's")
             }
         }
     }

@@ -29,7 +29,7 @@ pub mod nft;
 mod tests;
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
 use weft_api::plan as pb;
@@ -232,15 +232,26 @@ pub struct Fragments {
     pub filter_external: String,
 }
 
-/// A UDP destination of a Service and the endpoints behind it: when an endpoint goes away its
-/// conntrack entries must go too, or the client keeps talking to the dead pod.
+/// A UDP destination of a Service and the endpoints behind it: when an endpoint goes away, or
+/// its port changes (a new targetPort), its conntrack entries must go too, or the client keeps
+/// talking to the dead pod or port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpFlows {
     /// Cluster IP, external IPs, load-balancer IPs.
     pub ips: Vec<Ipv4Addr>,
     pub port: u16,
     pub node_port: u16,
-    pub endpoints: Vec<Ipv4Addr>,
+    /// Sorted, no duplicates.
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// The endpoints a UDP Service port's flows may be NATed to, for [`UdpFlows::endpoints`].
+pub(crate) fn udp_endpoints(cluster: &[&pb::Endpoint], local: &[&pb::Endpoint]) -> Vec<SocketAddrV4> {
+    let mut eps: Vec<SocketAddrV4> =
+        cluster.iter().chain(local).map(|e| SocketAddrV4::new(Ipv4Addr::from(e.ip), e.port as u16)).collect();
+    eps.sort();
+    eps.dedup();
+    eps
 }
 
 /// Everything one Service contributes.
@@ -626,10 +637,7 @@ fn render_port(
     out.chains.append(&mut chains);
 
     if port.protocol() == pb::Protocol::Udp {
-        let mut endpoints: Vec<Ipv4Addr> =
-            cluster_eps.iter().chain(local_eps.iter()).map(|e| Ipv4Addr::from(e.ip)).collect();
-        endpoints.sort();
-        endpoints.dedup();
+        let endpoints = udp_endpoints(&cluster_eps, &local_eps);
         out.udp.push(UdpFlows {
             ips: cluster_ip.into_iter().chain(external.iter().map(|(ip, _)| *ip)).collect(),
             port: svc_port,

@@ -198,6 +198,30 @@ fn internal_traffic_policy_local_uses_only_local_endpoints_for_the_cluster_ip() 
 }
 
 #[test]
+fn a_udp_target_port_change_clears_the_flows_to_the_old_port() {
+    let at = |target: u32| {
+        let eps = vec![pb::Endpoint { ip: ip("10.244.1.5"), port: target, flags: READY }];
+        render_service(
+            &ctx(),
+            "ns/dns",
+            &service("10.96.0.20", vec![port("udp", pb::Protocol::Udp, 80, 30080, eps)]),
+        )
+        .expect("render")
+        .udp
+    };
+    let (before, after) = (at(8080), at(9090));
+    let expected: Vec<Vec<String>> = [
+        &["--orig-dst", "10.96.0.20", "--orig-port-dst", "80", "--dst-nat", "10.244.1.5"][..],
+        &["--orig-port-dst", "30080", "--dst-nat", "10.244.1.5"][..],
+    ]
+    .iter()
+    .map(|f| f.iter().map(|a| a.to_string()).collect())
+    .collect();
+    assert_eq!(apply::stale_udp_filters(&before, &after), expected);
+    assert!(apply::stale_udp_filters(&after, &after).is_empty(), "an unchanged Service keeps its flows");
+}
+
+#[test]
 fn chain_names_are_stable_short_and_owned() {
     let svc = service_chain("WEFT-SVC-", "default/web", "http", "tcp");
     assert_eq!(svc, service_chain("WEFT-SVC-", "default/web", "http", "tcp"));

@@ -33,7 +33,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use weft_api::plan as pb;
 
-use super::{Context, PortPlan, ProxyError, Refuse, UdpFlows, cidr, hash_suffix, service_chain};
+use super::{
+    Context, PortPlan, ProxyError, Refuse, UdpFlows, cidr, hash_suffix, service_chain, udp_endpoints,
+};
 
 pub use apply::NftCache;
 
@@ -429,10 +431,7 @@ fn render_port(
     }
 
     if p == pb::Protocol::Udp {
-        let mut endpoints: Vec<Ipv4Addr> =
-            plan.cluster_eps.iter().chain(plan.local_eps.iter()).map(|e| Ipv4Addr::from(e.ip)).collect();
-        endpoints.sort();
-        endpoints.dedup();
+        let endpoints = udp_endpoints(&plan.cluster_eps, &plan.local_eps);
         out.udp.push(UdpFlows {
             ips: cluster_ip.into_iter().chain(external.iter().copied()).collect(),
             port: svc_port,
