@@ -376,6 +376,53 @@ fn a_udp_flow_follows_a_changed_target_port(mode: pb::ProxyMode) {
     assert_eq!(exchange(), "pod1:5354", "the flow still goes to the old target port");
 }
 
+/// The HTTP status of `GET /healthz` on the node's health check node port, from outside, or the
+/// connect error.
+fn health_status(lab: &Lab, port: u16) -> Result<u16, ErrorKind> {
+    let addr: SocketAddr = format!("{NODE_IP}:{port}").parse().unwrap();
+    lab.outside.enter(|| {
+        let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| e.kind())?;
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = conn.read_to_string(&mut out);
+        Ok(out.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0))
+    })
+}
+
+fn a_health_check_node_port_says_whether_the_node_has_a_ready_endpoint(mode: pb::ProxyMode) {
+    require_root();
+    const HEALTH_PORT: u16 = 31999;
+    let lab = Lab::new(mode);
+    let local = |flags: u32| vec![(lab.pods[0].1, pb::EndpointFlag::EndpointLocal as u32 | flags)];
+    let with_health = |echo: &mut pb::Service| {
+        echo.external_local = true;
+        echo.health_check_node_port = u32::from(HEALTH_PORT);
+    };
+    // The listener comes up on its own thread: wait for it.
+    let wait_for = |want: Result<u16, ErrorKind>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = health_status(&lab, HEALTH_PORT);
+            if got == want || std::time::Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    lab.sync(&plan_with(mode, &local(0), with_health));
+    assert_eq!(wait_for(Ok(200)), Ok(200), "a ready local endpoint");
+    let terminating = pb::EndpointFlag::EndpointTerminating as u32;
+    lab.sync(&plan_with(mode, &local(terminating), with_health));
+    assert_eq!(wait_for(Ok(503)), Ok(503), "only a terminating endpoint");
+    lab.sync(&lab.plan(&local(0), true));
+    assert_eq!(
+        wait_for(Err(ErrorKind::ConnectionRefused)),
+        Err(ErrorKind::ConnectionRefused),
+        "no health port"
+    );
+}
+
 /// kube-proxy's conntrack TCP timeouts, in the node's namespace (and only there).
 fn conntrack_tcp_timeouts_are_kube_proxys(mode: pb::ProxyMode) {
     require_root();
@@ -506,6 +553,7 @@ on_both_backends!(
     a_udp_flow_to_a_removed_endpoint_moves_to_a_remaining_one,
     a_udp_flow_follows_a_changed_target_port,
     conntrack_tcp_timeouts_are_kube_proxys,
+    a_health_check_node_port_says_whether_the_node_has_a_ready_endpoint,
     a_node_port_masquerades_external_clients_unless_the_policy_is_local,
 );
 

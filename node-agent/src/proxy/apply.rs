@@ -15,6 +15,7 @@ use super::{
 };
 use crate::metrics::{AgentMetrics, ResultLabel};
 use crate::plan_state::PlanState;
+use crate::proxy::health::{self, HealthServer};
 use crate::proxy::nft::NftCache;
 
 /// Runs the iptables tools: in the agent's own network namespace, in a named one through
@@ -186,6 +187,7 @@ pub struct ProxyCache {
     state: Arc<Mutex<State>>,
     runner: Runner,
     max_chains_per_restore: usize,
+    health: HealthServer,
 }
 
 impl Default for ProxyCache {
@@ -215,7 +217,8 @@ pub struct SyncReport {
 
 impl ProxyCache {
     pub fn with_runner(runner: Runner) -> Self {
-        Self { state: Arc::default(), runner, max_chains_per_restore: MAX_CHAINS_PER_RESTORE }
+        let health = HealthServer::new(runner.netns.clone());
+        Self { state: Arc::default(), runner, max_chains_per_restore: MAX_CHAINS_PER_RESTORE, health }
     }
 
     /// Splits big writes into restores of at most `chains` chains (whole Services each).
@@ -260,6 +263,13 @@ impl ProxyCache {
         let result = self.sync_locked(&mut state, plan, metrics);
         match &result {
             Ok(report) => {
+                // The health check node ports follow the rules just written.
+                if self.runner.recorded.is_none() {
+                    match health::checks(plan) {
+                        Ok(checks) => self.health.set(checks),
+                        Err(e) => tracing::warn!(error = %e, "health check node ports left as they were"),
+                    }
+                }
                 span.record("services", report.services);
                 span.record("chains_changed", report.chains_written + report.chains_deleted);
                 span.record("lines", report.lines);

@@ -24,6 +24,7 @@
 //! own `WEFT-PROXY-POSTROUTING` so neither ever rewrites the other's chain.
 
 mod apply;
+pub mod health;
 pub mod nft;
 #[cfg(test)]
 mod tests;

@@ -86,6 +86,10 @@ pub fn service(svc: &core::Service) -> Option<model::Service> {
         affinity_timeout_seconds,
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port: spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0),
         prefer_close: matches!(spec.traffic_distribution.as_deref(), Some("PreferClose" | "PreferSameZone")),
         policy: ProxyOverrides::default(),
     })

@@ -549,7 +549,7 @@ fn is_node_dependent(service: &Service) -> bool {
         || !service.external_ips.is_empty()
         || !service.load_balancer_ips.is_empty();
     service.internal_local
-        || (service.external_local && external)
+        || (service.external_local && (external || service.health_check_node_port.is_some()))
         || service.prefer_close
         || service.policy.topology != TopologyMode::None
 }
@@ -583,6 +583,7 @@ fn service_message(service: &Service, ports: Vec<pb::ServicePort>, trigger_unix_
         } as i32,
         allowed_source_cidrs: policy.allowed_source_cidrs.clone(),
         last_change_trigger_unix_ms: trigger_unix_ms,
+        health_check_node_port: service.health_check_node_port.map(u32::from).unwrap_or_default(),
     }
 }
 

@@ -36,6 +36,7 @@ fn service(name: &str, last: u8) -> Service {
         affinity_timeout_seconds: None,
         external_local: false,
         internal_local: false,
+        health_check_node_port: None,
         prefer_close: false,
         policy: ProxyOverrides::default(),
     }

@@ -120,6 +120,9 @@ pub struct Service {
     pub affinity_timeout_seconds: Option<u32>,
     pub external_local: bool,
     pub internal_local: bool,
+    /// `healthCheckNodePort` (set by the API server for LoadBalancer Services with
+    /// externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
     /// `trafficDistribution: PreferClose` (or `PreferSameZone`).
     pub prefer_close: bool,
     pub policy: ProxyOverrides,

@@ -36,6 +36,7 @@ fn service(name: &str) -> Service {
         affinity_timeout_seconds: None,
         external_local: false,
         internal_local: false,
+        health_check_node_port: None,
         prefer_close: false,
         policy: ProxyOverrides::default(),
     }
@@ -141,6 +142,31 @@ fn external_traffic_policy_local_marks_each_nodes_own_endpoints() {
     assert_eq!(endpoints_seen(&store, "n1", "web"), ["10.244.0.1:80/4", "10.244.0.2:80/0"]);
     assert_eq!(endpoints_seen(&store, "n2", "web"), ["10.244.0.1:80/0", "10.244.0.2:80/4"]);
     assert_eq!(endpoints_seen(&store, "n3", "web"), ["10.244.0.1:80/0", "10.244.0.2:80/0"]);
+}
+
+#[test]
+fn a_health_check_node_port_reaches_every_node_with_its_local_endpoints_marked() {
+    // A LoadBalancer Service with allocateLoadBalancerNodePorts: false has no node port, only
+    // the health check one: still a per-node plan.
+    let mut svc = service("lb");
+    svc.external_local = true;
+    svc.health_check_node_port = Some(32100);
+    let (_, store) = compiled(vec![
+        Change::Node(node("n1", "a", 1)),
+        Change::Node(node("n2", "a", 2)),
+        Change::Service(svc),
+        Change::Slice(slice("lb", "1", vec![endpoint(1, "n1", "a")])),
+    ]);
+    for (n, flags) in [("n1", 4), ("n2", 0)] {
+        let plan = store.plan_of(n).unwrap_or_default();
+        let r = plan
+            .iter()
+            .find(|r| r.kind() == Kind::Service && r.name == "default/lb")
+            .expect("service in plan");
+        let svc: pb::Service = r.decode().expect("decode");
+        assert_eq!(svc.health_check_node_port, 32100, "{n}");
+        assert_eq!(endpoints_seen(&store, n, "lb"), [format!("10.244.0.1:80/{flags}")], "{n}");
+    }
 }
 
 #[test]
