@@ -527,9 +527,9 @@ fn client_ip_affinity_keeps_a_client_on_one_endpoint(mode: pb::ProxyMode) {
 fn a_pod_reaches_itself_through_its_service(mode: pb::ProxyMode) {
     require_root();
     let lab = Lab::new(mode);
-    let local = pb::EndpointFlag::EndpointLocal as u32;
-    let eps: Vec<(Ipv4Addr, u32)> = all(&lab).into_iter().map(|(ip, _)| (ip, local)).collect();
-    lab.sync(&lab.plan(&eps, false));
+    // No endpoint marked local: the operator marks them only for Services whose endpoints
+    // differ per node (traffic policies Local, topology), not for a plain ClusterIP.
+    lab.sync(&lab.plan(&all(&lab), false));
     // pod1 is one of the endpoints: when the balancing picks it, the packet must be
     // masqueraded (hairpin), or pod1 would answer itself directly and the connection fail.
     let (pod1, ip1) = &lab.pods[0];

@@ -27,7 +27,7 @@ pub struct NftCache {
     ctx: Option<Context>,
     services: HashMap<String, Service>,
     picks: BTreeSet<Pick>,
-    /// How many Services have each node-local endpoint (the hairpin set holds those above 0).
+    /// How many Services have each endpoint (the hairpin set holds those above 0).
     hairpin: HashMap<Ipv4Addr, u32>,
     /// Which Service owns each map key it wrote: the first to claim a key keeps it; the other's
     /// element is left out (logged) instead of failing the whole transaction.
@@ -85,10 +85,10 @@ impl NftCache {
                 }
             });
             changes.service(old.map(|o| &o.written), &rules);
-            for ip in old.iter().flat_map(|o| &o.written.local_endpoints) {
+            for ip in old.iter().flat_map(|o| &o.written.hairpin_endpoints) {
                 *hairpin.entry(*ip).or_default() -= 1;
             }
-            for ip in &rules.local_endpoints {
+            for ip in &rules.hairpin_endpoints {
                 *hairpin.entry(*ip).or_default() += 1;
             }
             let (written, udp) = Written::of(rules);
@@ -103,7 +103,7 @@ impl NftCache {
                         self.claims.remove(&e.claim());
                     }
                 }
-                for ip in &old.written.local_endpoints {
+                for ip in &old.written.hairpin_endpoints {
                     *hairpin.entry(*ip).or_default() -= 1;
                 }
             }

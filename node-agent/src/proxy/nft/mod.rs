@@ -299,8 +299,8 @@ pub struct ServiceRules {
     pub elements: Vec<Element>,
     pub chains: Vec<NftChain>,
     pub sets: Vec<AffinitySet>,
-    /// Endpoints on this node (for the hairpin set), sorted, without duplicates.
-    pub local_endpoints: Vec<Ipv4Addr>,
+    /// Endpoints for the hairpin set, sorted, without duplicates.
+    pub hairpin_endpoints: Vec<Ipv4Addr>,
     pub udp: Vec<UdpFlows>,
 }
 
@@ -333,8 +333,8 @@ pub fn render_service(ctx: &Context, name: &str, svc: &pb::Service) -> Result<Se
     }
     out.elements.sort();
     out.elements.dedup();
-    out.local_endpoints.sort();
-    out.local_endpoints.dedup();
+    out.hairpin_endpoints.sort();
+    out.hairpin_endpoints.dedup();
     Ok(out)
 }
 
@@ -360,11 +360,12 @@ fn render_port(
         && masquerade == pb::Masquerade::Auto
         && !(svc.external_local && plan.externally);
 
-    for e in plan.cluster_eps.iter().chain(plan.local_eps.iter()) {
-        if e.has(pb::EndpointFlag::EndpointLocal) {
-            out.local_endpoints.push(Ipv4Addr::from(e.ip));
-        }
-    }
+    // Every endpoint, not only those marked local: the operator marks them only in the plans of
+    // Services whose endpoints differ per node, and a pod reaching itself through any Service
+    // must be masqueraded. (Only a pod of this node can hairpin here: the others' elements never
+    // match.)
+    out.hairpin_endpoints
+        .extend(plan.cluster_eps.iter().chain(plan.local_eps.iter()).map(|e| Ipv4Addr::from(e.ip)));
     if let (Some(ip), Some((refuse, _))) = (cluster_ip, plan.cluster_refuse) {
         out.elements.push(Element::ServiceRefuse { ip, proto: p, port: svc_port, refuse });
     }
@@ -722,7 +723,7 @@ pub struct Written {
     pub elements: Vec<Element>,
     pub chains: Vec<(String, u64)>,
     pub sets: Vec<AffinitySet>,
-    pub local_endpoints: Vec<Ipv4Addr>,
+    pub hairpin_endpoints: Vec<Ipv4Addr>,
 }
 
 impl Written {
@@ -734,7 +735,7 @@ impl Written {
             elements: rules.elements,
             chains,
             sets: rules.sets,
-            local_endpoints: rules.local_endpoints,
+            hairpin_endpoints: rules.hairpin_endpoints,
         };
         (written, rules.udp)
     }
