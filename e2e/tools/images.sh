@@ -460,8 +460,9 @@ stage() { rm -rf "$TMP/stage/$1" && mkdir -p "$TMP/stage/$1" && echo "$TMP/stage
 # usrmerge, which brings all of perl: 50 MB.)
 NET_PKGS=(usr-is-merged iptables nftables conntrack iproute2 nginx-light util-linux procps ca-certificates)
 # tools — netshoot's kind of tool box, also agnhost's base (upstream: alpine + bind-tools curl
-# netcat-openbsd iproute2 iperf bash) and jessie-dnsutils' (Debian + dnsutils);
-TOOLS_PKGS=(usr-is-merged curl dnsutils iperf3 iperf tcpdump netcat-openbsd iputils-ping iproute2 zsh procps
+# netcat-openbsd iproute2 iperf bash, and busybox's wget, which the Services e2e tests exec) and
+# jessie-dnsutils' (Debian + dnsutils);
+TOOLS_PKGS=(usr-is-merged curl wget dnsutils iperf3 iperf tcpdump netcat-openbsd iputils-ping iproute2 zsh procps
   ca-certificates bash conntrack)
 # base — distroless: libc, libgcc, netbase, CA certificates; the operator, regression-issue-74839.
 BASE_PKGS=(libc6 libgcc-s1 base-files netbase)

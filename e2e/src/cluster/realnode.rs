@@ -378,15 +378,18 @@ fn path_env(state: &ClusterState) -> std::ffi::OsString {
     p
 }
 
-/// The shell that makes the node's mount namespace: binds each `<src> <dst>` pair given after
-/// the config path, then becomes containerd.
+/// The shell that makes the node's mount and UTS namespaces: names the node `$NODE_HOSTNAME`,
+/// binds each `<src> <dst>` pair given after the config path, then becomes containerd.
 const CONTAINERD_WRAPPER: &str = r#"set -e
+hostname "$NODE_HOSTNAME"
 conf=$1; shift
 while [ $# -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done
 exec containerd --config "$conf""#;
 
-/// Starts containerd in the node's network namespace and a new mount namespace (mounts from the
-/// root namespace still propagate in; none of the node's propagate out).
+/// Starts containerd in the node's network namespace, a new mount namespace (mounts from the
+/// root namespace still propagate in; none of the node's propagate out) and a new UTS namespace
+/// whose hostname is the node's name, as on a real node: hostNetwork pods share it (the
+/// Services e2e tests check their hostname against the node name).
 pub fn start_containerd(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
     let mut launch = Launch::new(
         format!("containerd-{}", node.name),
@@ -394,12 +397,12 @@ pub fn start_containerd(state: &ClusterState, node: &NodeState) -> Result<(ProcR
         state.logs_dir().join(format!("containerd-{}.log", node.name)),
     )
     .netns(&node.netns)
-    .args(["--mount", "--propagation", "slave", "--", "sh", "-c", CONTAINERD_WRAPPER, "sh"])
+    .args(["--mount", "--uts", "--propagation", "slave", "--", "sh", "-c", CONTAINERD_WRAPPER, "sh"])
     .arg(containerd_config(node));
     for p in NODE_PATHS {
         launch = launch.arg(host_path(node, p)).arg(p);
     }
-    let started = launch.env("PATH", path_env(state)).spawn()?;
+    let started = launch.env("PATH", path_env(state)).env("NODE_HOSTNAME", &node.name).spawn()?;
     join_cgroup(state, node, started.0.pid)?;
     Ok(started)
 }
