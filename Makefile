@@ -39,7 +39,8 @@ unit:
 e2e: tools build images
 	$(CARGO) test -p weft-e2e -- --test-threads=2
 
-test: lint unit e2e
+# The [Conformance] subset of the upstream network tests runs here too; `make conformance` runs the rest.
+test: lint unit e2e conformance-subset
 
 # The Kubernetes network e2e tests (upstream e2e.test under ginkgo) on a 2-node real-node cluster
 # per proxy mode; results in docs/conformance/ (see docs/CONFORMANCE.md). `conformance` runs every
