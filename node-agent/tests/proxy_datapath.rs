@@ -376,18 +376,53 @@ fn a_udp_flow_follows_a_changed_target_port(mode: pb::ProxyMode) {
     assert_eq!(exchange(), "pod1:5354", "the flow still goes to the old target port");
 }
 
-/// The HTTP status of `GET /healthz` on the node's health check node port, from outside, or the
-/// connect error.
-fn health_status(lab: &Lab, port: u16) -> Result<u16, ErrorKind> {
-    let addr: SocketAddr = format!("{NODE_IP}:{port}").parse().unwrap();
-    lab.outside.enter(|| {
+/// `GET path` on `addr` from inside `ns`: the status and body, or the connect error.
+fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<(u16, String), ErrorKind> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.enter(|| {
         let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT).map_err(|e| e.kind())?;
         conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n").unwrap();
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: node\r\n\r\n").as_bytes()).unwrap();
         let mut out = String::new();
         let _ = conn.read_to_string(&mut out);
-        Ok(out.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0))
+        let status = out.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
     })
+}
+
+/// The HTTP status of `GET /healthz` on the node's health check node port, from outside.
+fn health_status(lab: &Lab, port: u16) -> Result<u16, ErrorKind> {
+    http_get(&lab.outside, &format!("{NODE_IP}:{port}"), "/healthz").map(|(status, _)| status)
+}
+
+/// kube-proxy's health and mode endpoints, which load balancers and the e2e tests probe.
+fn kube_proxys_healthz_and_proxy_mode_are_served(mode: pb::ProxyMode) {
+    require_root();
+    let lab = Lab::new(mode);
+    lab.sync(&lab.plan(&all(&lab), false));
+    let healthz = format!("{NODE_IP}:10256");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        match http_get(&lab.outside, &healthz, "/healthz") {
+            Ok(got) => break got,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{healthz}: {e:?}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(body["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+    let name = match mode {
+        pb::ProxyMode::Iptables => "iptables",
+        pb::ProxyMode::Nftables => "nftables",
+    };
+    assert_eq!(http_get(&lab.node, "127.0.0.1:10249", "/proxyMode"), Ok((200, name.to_string())));
+    assert_eq!(
+        http_get(&lab.outside, &format!("{NODE_IP}:10249"), "/proxyMode"),
+        Err(ErrorKind::ConnectionRefused),
+        "the status port is on loopback only"
+    );
 }
 
 fn a_health_check_node_port_says_whether_the_node_has_a_ready_endpoint(mode: pb::ProxyMode) {
@@ -554,6 +589,7 @@ on_both_backends!(
     a_udp_flow_follows_a_changed_target_port,
     conntrack_tcp_timeouts_are_kube_proxys,
     a_health_check_node_port_says_whether_the_node_has_a_ready_endpoint,
+    kube_proxys_healthz_and_proxy_mode_are_served,
     a_node_port_masquerades_external_clients_unless_the_policy_is_local,
 );
 

@@ -64,6 +64,7 @@ fn cluster(nodes: usize) -> Vec<Change> {
             }],
             affinity_timeout_seconds: None,
             external_local: local,
+            health_check_node_port: None,
             internal_local: false,
             prefer_close: false,
             policy: ProxyOverrides::default(),

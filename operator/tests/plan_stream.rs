@@ -51,6 +51,7 @@ fn cluster(endpoints: u8, cni_conf_dir: &str) -> Vec<Change> {
         }],
         affinity_timeout_seconds: None,
         external_local: false,
+        health_check_node_port: None,
         internal_local: false,
         prefer_close: false,
         policy: ProxyOverrides::default(),

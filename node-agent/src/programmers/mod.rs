@@ -360,11 +360,7 @@ fn render_proxy(plan: &PlanState) -> Result<String, ProgramError> {
     let mut out = String::new();
     if let Some(net) = plan.of_kind(Kind::Network).next() {
         let net: pb::NetworkSettings = decode("proxy", net)?;
-        let mode = match net.proxy_mode() {
-            pb::ProxyMode::Iptables => "iptables",
-            pb::ProxyMode::Nftables => "nftables",
-        };
-        let _ = writeln!(out, "mode {mode}");
+        let _ = writeln!(out, "mode {}", crate::proxy::mode_name(net.proxy_mode()));
     }
     for r in plan.of_kind(Kind::Service) {
         let svc: pb::Service = decode("proxy", r)?;

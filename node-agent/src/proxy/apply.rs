@@ -11,11 +11,11 @@ use weft_api::plan::{self as pb, Kind};
 
 use super::{
     CANARY_RULE, Chain, Context, EXTERNAL_SERVICES, Fragments, JUMPS, NODEPORTS, ProxyError, SERVICES, Table,
-    UdpFlows, global_chains, owned_chain, render_service, restore_text,
+    UdpFlows, global_chains, mode_name, owned_chain, render_service, restore_text,
 };
 use crate::metrics::{AgentMetrics, ResultLabel};
 use crate::plan_state::PlanState;
-use crate::proxy::health::{self, HealthServer};
+use crate::proxy::health::{self, Health, HealthServer};
 use crate::proxy::nft::NftCache;
 
 /// Runs the iptables tools: in the agent's own network namespace, in a named one through
@@ -263,10 +263,15 @@ impl ProxyCache {
         let result = self.sync_locked(&mut state, plan, metrics);
         match &result {
             Ok(report) => {
-                // The health check node ports follow the rules just written.
-                if self.runner.recorded.is_none() {
+                // The health endpoints follow the rules just written.
+                if let (None, Some(mode)) = (&self.runner.recorded, state.active) {
                     match health::checks(plan) {
-                        Ok(checks) => self.health.set(checks),
+                        Ok(checks) => self.health.set(Health {
+                            checks,
+                            mode: mode_name(mode),
+                            last_updated: SystemTime::now(),
+                            healthy: true,
+                        }),
                         Err(e) => tracing::warn!(error = %e, "health check node ports left as they were"),
                     }
                 }
@@ -293,6 +298,7 @@ impl ProxyCache {
             Err(e) => {
                 state.synced = false;
                 state.nft.synced = false;
+                self.health.set_unhealthy();
                 metrics.proxy_syncs.get_or_create(&ResultLabel { result: "error" }).inc();
                 tracing::warn!(error = %e, "service rules not written; the previous ones stay");
             }

@@ -3,14 +3,20 @@
 //! with 200 while it has a ready endpoint of that Service and 503 while it has none (terminating
 //! endpoints do not count), so the cloud load balancer sends traffic only to nodes that keep it.
 //!
-//! [`checks`] is pure (plan → what each port answers); [`HealthServer`] serves it from a thread
-//! of its own (it enters the node's network namespace first when the agent is given one), with
-//! a listener per port opened and closed as the plan changes.
+//! Also kube-proxy's own endpoints, which load balancers (externalTrafficPolicy Cluster) and the
+//! Networking e2e tests probe: `:10256/healthz` (and `/livez`), 200 while the last rule sync
+//! succeeded, 503 after a failed one, with kube-proxy's JSON; `127.0.0.1:10249/proxyMode`, the
+//! backend's name.
+//!
+//! [`checks`] is pure (plan → what each port answers); [`HealthServer`] serves a [`Health`] from
+//! a thread of its own (it enters the node's network namespace first when the agent is given
+//! one), with a listener per health check node port opened and closed as the plan changes.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
@@ -70,7 +76,53 @@ pub fn checks(plan: &PlanState) -> Result<BTreeMap<u16, Check>, ProxyError> {
     Ok(out)
 }
 
-/// Serves [`checks`]; the thread and its listeners end when the last clone is dropped.
+/// kube-proxy's health port (`--healthz-bind-address`), on every address.
+pub const PROXY_HEALTHZ: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 10256);
+/// kube-proxy's metrics port (`--metrics-bind-address`), on loopback, where `/proxyMode` is.
+pub const PROXY_STATUS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 10249);
+
+/// Everything the health listeners answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub checks: BTreeMap<u16, Check>,
+    /// `iptables` or `nftables`: the backend of the last successful sync.
+    pub mode: &'static str,
+    /// When rules were last written successfully.
+    pub last_updated: SystemTime,
+    /// False after a failed sync (the rules may be stale), until one succeeds.
+    pub healthy: bool,
+}
+
+impl Health {
+    /// `/healthz` and `/livez` on [`PROXY_HEALTHZ`], as kube-proxy answers them.
+    pub fn proxy_healthz(&self, now: SystemTime) -> (u16, String) {
+        let body = serde_json::json!({
+            "lastUpdated": rfc3339(self.last_updated),
+            "currentTime": rfc3339(now),
+            "nodeEligible": true,
+        });
+        (if self.healthy { 200 } else { 503 }, body.to_string())
+    }
+}
+
+/// UTC, second precision (kube-proxy's Go `time.Time` JSON has more; clients parse both).
+fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Serves a [`Health`]; the thread and its listeners end when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct HealthServer {
     inner: Arc<Mutex<Inner>>,
@@ -80,8 +132,8 @@ pub struct HealthServer {
 struct Inner {
     /// The namespace to serve in (`/run/netns/<name>`); None: the agent's own.
     netns: Option<String>,
-    /// Started at the first non-empty set of checks.
-    tx: Option<watch::Sender<BTreeMap<u16, Check>>>,
+    /// Started at the first sync.
+    tx: Option<watch::Sender<Health>>,
 }
 
 impl HealthServer {
@@ -89,30 +141,31 @@ impl HealthServer {
         Self { inner: Arc::new(Mutex::new(Inner { netns, tx: None })) }
     }
 
-    /// Makes the listeners match `checks`.
-    pub fn set(&self, checks: BTreeMap<u16, Check>) {
+    /// After a successful sync: answers from now on as `health` says.
+    pub fn set(&self, health: Health) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tx) = &inner.tx {
-            tx.send_if_modified(|current| {
-                let changed = *current != checks;
-                *current = checks;
-                changed
-            });
+            tx.send_replace(health);
             return;
         }
-        if checks.is_empty() {
-            return;
-        }
-        let (tx, rx) = watch::channel(checks);
+        let (tx, rx) = watch::channel(health);
         let netns = inner.netns.clone();
         match std::thread::Builder::new().name("weft-health".into()).spawn(move || serve_thread(netns, rx)) {
             Ok(_) => inner.tx = Some(tx),
-            Err(e) => tracing::warn!(error = %e, "cannot start the health check node port server"),
+            Err(e) => tracing::warn!(error = %e, "cannot start the proxy's health server"),
+        }
+    }
+
+    /// After a failed sync: `/healthz` says 503; the health check node ports keep their answers.
+    pub fn set_unhealthy(&self) {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = &inner.tx {
+            tx.send_if_modified(|h| std::mem::replace(&mut h.healthy, false));
         }
     }
 }
 
-fn serve_thread(netns: Option<String>, rx: watch::Receiver<BTreeMap<u16, Check>>) {
+fn serve_thread(netns: Option<String>, rx: watch::Receiver<Health>) {
     if let Some(ns) = netns {
         let path = PathBuf::from("/run/netns").join(&ns);
         let entered = std::fs::File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
@@ -133,12 +186,51 @@ fn serve_thread(netns: Option<String>, rx: watch::Receiver<BTreeMap<u16, Check>>
     runtime.block_on(serve(rx));
 }
 
-/// One listener task per port; each reads the current answer from the shared map on every
-/// request, so an endpoint change needs no new listener.
-async fn serve(mut rx: watch::Receiver<BTreeMap<u16, Check>>) {
+/// What a listener answers: the health check node port's [`Check`], or one of kube-proxy's own.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    NodePort(u16),
+    ProxyHealthz,
+    ProxyStatus,
+}
+
+impl Listener {
+    /// Status, content type and body for a request of `path`.
+    fn answer(self, health: &Health, path: &str) -> (u16, &'static str, String) {
+        const JSON: &str = "application/json";
+        match self {
+            // Any path, as kube-proxy's service health server.
+            Listener::NodePort(port) => match health.checks.get(&port) {
+                Some(check) => {
+                    let (status, body) = check.response();
+                    (status, JSON, body)
+                }
+                None => (503, JSON, String::new()),
+            },
+            Listener::ProxyHealthz if matches!(path, "/healthz" | "/livez") => {
+                let (status, body) = health.proxy_healthz(SystemTime::now());
+                (status, JSON, body)
+            }
+            Listener::ProxyStatus if path == "/proxyMode" => {
+                (200, "text/plain; charset=utf-8", health.mode.into())
+            }
+            _ => (404, "text/plain; charset=utf-8", "404 page not found\n".into()),
+        }
+    }
+}
+
+/// kube-proxy's two listeners for the agent's life, and one task per health check node port;
+/// each reads the current answer on every request, so an endpoint change needs no new listener.
+async fn serve(mut rx: watch::Receiver<Health>) {
+    for (addr, listener) in [(PROXY_HEALTHZ, Listener::ProxyHealthz), (PROXY_STATUS, Listener::ProxyStatus)] {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => drop(tokio::spawn(accept(l, listener, rx.clone()))),
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve kube-proxy's health endpoint"),
+        }
+    }
     let mut listeners: BTreeMap<u16, tokio::task::JoinHandle<()>> = BTreeMap::new();
     loop {
-        let wanted: Vec<u16> = rx.borrow_and_update().keys().copied().collect();
+        let wanted: Vec<u16> = rx.borrow_and_update().checks.keys().copied().collect();
         listeners.retain(|port, task| {
             let keep = wanted.contains(port) && !task.is_finished();
             if !keep {
@@ -151,9 +243,9 @@ async fn serve(mut rx: watch::Receiver<BTreeMap<u16, Check>>) {
                 continue;
             }
             match tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).await {
-                Ok(listener) => {
+                Ok(l) => {
                     tracing::info!(port, "serving a health check node port");
-                    listeners.insert(port, tokio::spawn(accept(listener, port, rx.clone())));
+                    listeners.insert(port, tokio::spawn(accept(l, Listener::NodePort(port), rx.clone())));
                 }
                 // Tried again at the next change.
                 Err(e) => tracing::warn!(port, error = %e, "cannot listen on a health check node port"),
@@ -168,27 +260,36 @@ async fn serve(mut rx: watch::Receiver<BTreeMap<u16, Check>>) {
     }
 }
 
-async fn accept(listener: tokio::net::TcpListener, port: u16, rx: watch::Receiver<BTreeMap<u16, Check>>) {
+async fn accept(listener: tokio::net::TcpListener, what: Listener, rx: watch::Receiver<Health>) {
     loop {
         let mut conn = match listener.accept().await {
             Ok((conn, _)) => conn,
             Err(e) => {
                 // Out of file descriptors, say: wait instead of spinning.
-                tracing::warn!(port, error = %e, "health check accept failed");
+                tracing::warn!(?what, error = %e, "health accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let answer = rx.borrow().get(&port).map(Check::response);
+        let rx = rx.clone();
         tokio::spawn(async move {
-            // The request is not looked at (any path answers, as kube-proxy's); read some of it
-            // so the client's write does not meet a reset.
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
-            let (status, body) = answer.unwrap_or((503, String::new()));
-            let reason = if status == 200 { "OK" } else { "Service Unavailable" };
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            // "GET /healthz HTTP/1.1": the path, without a query.
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let path = path.split('?').next().unwrap_or(path);
+            let (status, content_type, body) = what.answer(&rx.borrow(), path);
+            let reason = match status {
+                200 => "OK",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
             let response = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
@@ -248,5 +349,29 @@ mod tests {
             serde_json::json!({"service": {"namespace": "web", "name": "lb"}, "localEndpoints": 1, "serviceProxyHealthy": true})
         );
         assert_eq!(checks[&32001].response().0, 503, "only terminating endpoints: unhealthy");
+    }
+
+    #[test]
+    fn the_proxy_healthz_says_when_rules_were_last_written_and_fails_after_a_failed_sync() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let mut health = Health {
+            checks: BTreeMap::new(),
+            mode: "nftables",
+            last_updated: at(1_796_529_089),
+            healthy: true,
+        };
+        let (status, body) = health.proxy_healthz(at(1_796_529_099));
+        assert_eq!(status, 200);
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["lastUpdated"], "2026-12-06T03:51:29Z");
+        assert_eq!(body["currentTime"], "2026-12-06T03:51:39Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z", "a leap day");
+        health.healthy = false;
+        assert_eq!(health.proxy_healthz(at(0)).0, 503);
+        assert_eq!(
+            Listener::ProxyStatus.answer(&health, "/proxyMode"),
+            (200, "text/plain; charset=utf-8", "nftables".into())
+        );
+        assert_eq!(Listener::ProxyHealthz.answer(&health, "/metrics").0, 404);
     }
 }

@@ -233,6 +233,14 @@ pub struct Fragments {
     pub filter_external: String,
 }
 
+/// The backend's name as NetworkConfig and kube-proxy's `/proxyMode` spell it.
+pub fn mode_name(mode: pb::ProxyMode) -> &'static str {
+    match mode {
+        pb::ProxyMode::Iptables => "iptables",
+        pb::ProxyMode::Nftables => "nftables",
+    }
+}
+
 /// A UDP destination of a Service and the endpoints behind it: when an endpoint goes away, or
 /// its port changes (a new targetPort), its conntrack entries must go too, or the client keeps
 /// talking to the dead pod or port.
@@ -638,7 +646,7 @@ fn render_port(
     out.chains.append(&mut chains);
 
     if port.protocol() == pb::Protocol::Udp {
-        let endpoints = udp_endpoints(&cluster_eps, &local_eps);
+        let endpoints = udp_endpoints(cluster_eps, local_eps);
         out.udp.push(UdpFlows {
             ips: cluster_ip.into_iter().chain(external.iter().map(|(ip, _)| *ip)).collect(),
             port: svc_port,
