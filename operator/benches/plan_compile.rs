@@ -66,7 +66,7 @@ fn cluster(nodes: usize) -> Vec<Change> {
             external_local: local,
             health_check_node_port: None,
             internal_local: false,
-            prefer_close: false,
+            traffic_distribution: TopologyMode::None,
             policy: ProxyOverrides::default(),
         }));
         changes.push(Change::Slice(slice(nodes, s, None)));

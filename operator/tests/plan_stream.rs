@@ -53,7 +53,7 @@ fn cluster(endpoints: u8, cni_conf_dir: &str) -> Vec<Change> {
         external_local: false,
         health_check_node_port: None,
         internal_local: false,
-        prefer_close: false,
+        traffic_distribution: TopologyMode::None,
         policy: ProxyOverrides::default(),
     }));
     changes.push(Change::Slice(EndpointSlice {

@@ -38,11 +38,19 @@ fn ipv4s<'a>(ips: impl IntoIterator<Item = &'a String>) -> Vec<Ipv4Addr> {
     ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
+/// Services with either label are not for the default proxy, as kube-proxy's informers select
+/// them out: `service-proxy-name` hands a Service to another proxy, `headless` marks one without
+/// a virtual IP.
+pub const NOT_FOR_THIS_PROXY_LABELS: [&str; 2] =
+    ["service.kubernetes.io/service-proxy-name", "service.kubernetes.io/headless"];
+
 /// A Service without its ProxyPolicy (see [`crate::k8s::policy`]); `None` for Services the proxy
-/// does not handle (ExternalName).
+/// does not handle (ExternalName, [`NOT_FOR_THIS_PROXY_LABELS`]).
 pub fn service(svc: &core::Service) -> Option<model::Service> {
     let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if spec.type_.as_deref() == Some("ExternalName")
+        || NOT_FOR_THIS_PROXY_LABELS.iter().any(|l| svc.labels().contains_key(*l))
+    {
         return None;
     }
     let cluster_ip = spec.cluster_ip.as_deref().filter(|ip| *ip != "None").and_then(|ip| ip.parse().ok());
@@ -90,7 +98,11 @@ pub fn service(svc: &core::Service) -> Option<model::Service> {
             .health_check_node_port
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0),
-        prefer_close: matches!(spec.traffic_distribution.as_deref(), Some("PreferClose" | "PreferSameZone")),
+        traffic_distribution: match spec.traffic_distribution.as_deref() {
+            Some("PreferClose" | "PreferSameZone") => model::TopologyMode::PreferSameZone,
+            Some("PreferSameNode") => model::TopologyMode::PreferSameNode,
+            _ => model::TopologyMode::None,
+        },
         policy: ProxyOverrides::default(),
     })
 }
@@ -213,5 +225,42 @@ pub fn network(config: &api::NetworkConfig) -> model::NetworkSettings {
             .collect(),
         dns_cache_ttl_seconds: s.dns.cache_ttl_seconds,
         dns_pod_records: format!("{:?}", s.dns.pod_records),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(labels: &[(&str, &str)], traffic_distribution: Option<&str>) -> core::Service {
+        let mut svc = core::Service {
+            spec: Some(core::ServiceSpec {
+                cluster_ip: Some("10.96.0.20".into()),
+                traffic_distribution: traffic_distribution.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        svc.metadata.name = Some("web".into());
+        svc.metadata.namespace = Some("default".into());
+        svc.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        svc
+    }
+
+    #[test]
+    fn services_handed_to_another_proxy_or_marked_headless_are_left_out() {
+        assert!(service(&svc(&[("app", "web")], None)).is_some());
+        assert!(service(&svc(&[("service.kubernetes.io/service-proxy-name", "foo-bar")], None)).is_none());
+        assert!(service(&svc(&[("service.kubernetes.io/headless", "")], None)).is_none());
+    }
+
+    #[test]
+    fn traffic_distribution_names_its_topology() {
+        let mode = |t| service(&svc(&[], t)).map(|s| s.traffic_distribution);
+        assert_eq!(mode(None), Some(model::TopologyMode::None));
+        assert_eq!(mode(Some("PreferClose")), Some(model::TopologyMode::PreferSameZone));
+        assert_eq!(mode(Some("PreferSameZone")), Some(model::TopologyMode::PreferSameZone));
+        assert_eq!(mode(Some("PreferSameNode")), Some(model::TopologyMode::PreferSameNode));
+        assert_eq!(mode(Some("SomethingNew")), Some(model::TopologyMode::None));
     }
 }

@@ -550,7 +550,7 @@ fn is_node_dependent(service: &Service) -> bool {
         || !service.load_balancer_ips.is_empty();
     service.internal_local
         || (service.external_local && (external || service.health_check_node_port.is_some()))
-        || service.prefer_close
+        || service.traffic_distribution != TopologyMode::None
         || service.policy.topology != TopologyMode::None
 }
 
@@ -657,18 +657,23 @@ fn select_for_node<'a>(
         (near.iter().filter(|e| e.1.ready).count() >= min).then_some(near)
     };
     let zone = node.zone.as_deref();
-    let chosen = match service.policy.topology {
-        TopologyMode::PreferSameNode => keep(&|e| e.node.as_deref() == Some(node.name.as_str())),
-        TopologyMode::PreferSameZone => keep(&|e| zone.is_some() && e.zone.as_deref() == zone),
-        TopologyMode::None if service.prefer_close => {
-            // EndpointSlice hints when every endpoint has them, as kube-proxy does; else zones.
-            if !all.is_empty() && all.iter().all(|e| !e.1.hint_zones.is_empty()) {
-                keep(&|e| zone.is_some_and(|z| e.hint_zones.iter().any(|h| h == z)))
-            } else {
-                keep(&|e| zone.is_some() && e.zone.as_deref() == zone)
-            }
+    let same_node = || keep(&|e| e.node.as_deref() == Some(node.name.as_str()));
+    let same_zone = || keep(&|e| zone.is_some() && e.zone.as_deref() == zone);
+    // EndpointSlice zone hints when every endpoint has them, as kube-proxy does; else zones.
+    let hinted_zone = || {
+        if !all.is_empty() && all.iter().all(|e| !e.1.hint_zones.is_empty()) {
+            keep(&|e| zone.is_some_and(|z| e.hint_zones.iter().any(|h| h == z)))
+        } else {
+            same_zone()
         }
-        TopologyMode::None => None,
+    };
+    let chosen = match (service.policy.topology, service.traffic_distribution) {
+        (TopologyMode::PreferSameNode, _) => same_node(),
+        (TopologyMode::PreferSameZone, _) => same_zone(),
+        (TopologyMode::None, TopologyMode::PreferSameZone) => hinted_zone(),
+        // The node's own endpoints (what the controller's node hints name), then the zone's.
+        (TopologyMode::None, TopologyMode::PreferSameNode) => same_node().or_else(hinted_zone),
+        (TopologyMode::None, TopologyMode::None) => None,
     };
     chosen.unwrap_or_else(|| all.iter().collect())
 }

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use weft_api::plan::{self as pb, Kind};
 
 use super::*;
-use crate::plan::model::{ProxyOverrides, ServicePort, TargetPort};
+use crate::plan::model::{ProxyOverrides, ServicePort, TargetPort, TopologyMode};
 use crate::plan::tests::plans;
 use crate::plan::{Compiler, Scope};
 use crate::server::PlanStore;
@@ -37,7 +37,7 @@ fn service(name: &str, last: u8) -> Service {
         external_local: false,
         internal_local: false,
         health_check_node_port: None,
-        prefer_close: false,
+        traffic_distribution: TopologyMode::None,
         policy: ProxyOverrides::default(),
     }
 }

@@ -123,8 +123,9 @@ pub struct Service {
     /// `healthCheckNodePort` (set by the API server for LoadBalancer Services with
     /// externalTrafficPolicy Local).
     pub health_check_node_port: Option<u16>,
-    /// `trafficDistribution: PreferClose` (or `PreferSameZone`).
-    pub prefer_close: bool,
+    /// `trafficDistribution`: `PreferClose` and `PreferSameZone` are PreferSameZone; a
+    /// ProxyPolicy's topology, when set, wins.
+    pub traffic_distribution: TopologyMode,
     pub policy: ProxyOverrides,
 }
 

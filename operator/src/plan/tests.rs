@@ -37,7 +37,7 @@ fn service(name: &str) -> Service {
         external_local: false,
         internal_local: false,
         health_check_node_port: None,
-        prefer_close: false,
+        traffic_distribution: TopologyMode::None,
         policy: ProxyOverrides::default(),
     }
 }
@@ -186,6 +186,43 @@ fn prefer_same_zone_keeps_traffic_in_zone_and_falls_back_when_the_zone_has_none(
         endpoints_seen(&store, "n3", "web"),
         ["10.244.0.1:80/0", "10.244.0.2:80/0"],
         "zone c has none: all"
+    );
+}
+
+#[test]
+fn traffic_distribution_prefer_same_node_keeps_traffic_on_the_node_then_the_zone_then_anywhere() {
+    let mut svc = service("web");
+    svc.traffic_distribution = TopologyMode::PreferSameNode;
+    let ips = |store: &PlanStore, node: &str| -> Vec<String> {
+        endpoints_seen(store, node, "web")
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let nodes = || {
+        vec![
+            Change::Node(node("n1", "a", 1)),
+            Change::Node(node("n2", "a", 2)),
+            Change::Node(node("n3", "b", 3)),
+            Change::Service(svc.clone()),
+        ]
+    };
+    let mut changes = nodes();
+    changes.push(Change::Slice(slice("web", "1", vec![endpoint(1, "n1", "a"), endpoint(3, "n3", "b")])));
+    let (_, store) = compiled(changes);
+    assert_eq!(ips(&store, "n1"), ["10.244.0.1"], "its own endpoint");
+    assert_eq!(ips(&store, "n2"), ["10.244.0.1"], "none on the node: the zone's");
+    assert_eq!(ips(&store, "n3"), ["10.244.0.3"]);
+
+    let mut changes = nodes();
+    let mut gone = endpoint(1, "n1", "a");
+    gone.ready = false;
+    changes.push(Change::Slice(slice("web", "1", vec![gone, endpoint(3, "n3", "b")])));
+    let (_, store) = compiled(changes);
+    assert_eq!(
+        ips(&store, "n1"),
+        ["10.244.0.1", "10.244.0.3"],
+        "the node's endpoint is not ready: all (the agent uses the ready ones)"
     );
 }
 
