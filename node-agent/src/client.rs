@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub dns: crate::dns::DnsOptions,
     /// How the node runs nginx for ingress.
     pub ingress: crate::ingress::IngressOptions,
+    /// Where Service rules, conntrack settings and the proxy's health ports go: the agent's own
+    /// network namespace on a node; a recording runner for in-process agents of tests, which
+    /// must leave the host's namespace alone.
+    pub proxy_runner: crate::proxy::Runner,
 }
 
 /// What the agent holds, published for readiness and tests.
@@ -84,7 +88,7 @@ pub async fn run(
         cni: config.cni.clone(),
         routes: Default::default(),
         metrics: metrics.clone(),
-        proxy: Default::default(),
+        proxy: crate::proxy::ProxyCache::with_runner(config.proxy_runner.clone()),
         dns: crate::dns::DnsHandle::new(&config.state_dir, config.dns.clone(), metrics.clone()),
         ingress: crate::ingress::IngressHandle::new(&config.state_dir, config.ingress.clone()),
     };
