@@ -413,11 +413,8 @@ fn kube_proxys_healthz_and_proxy_mode_are_served(mode: pb::ProxyMode) {
     assert_eq!(status, 200, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(body["lastUpdated"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
-    let name = match mode {
-        pb::ProxyMode::Iptables => "iptables",
-        pb::ProxyMode::Nftables => "nftables",
-    };
-    assert_eq!(http_get(&lab.node, "127.0.0.1:10249", "/proxyMode"), Ok((200, name.to_string())));
+    let name = weft_agent::proxy::mode_name(mode).to_string();
+    assert_eq!(http_get(&lab.node, "127.0.0.1:10249", "/proxyMode"), Ok((200, name)));
     assert_eq!(
         http_get(&lab.outside, &format!("{NODE_IP}:10249"), "/proxyMode"),
         Err(ErrorKind::ConnectionRefused),
