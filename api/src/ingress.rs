@@ -87,11 +87,32 @@ pub fn valid_regex_path(path: &str) -> Result<(), &'static str> {
         }
         i += 1;
     }
+    let ast =
+        regex_syntax::ast::parse::Parser::new().parse(path).map_err(|_| "not a valid regular expression")?;
+    if repeats_what_pcre_cannot(&ast) {
+        return Err("a quantifier may only follow a character, a class or a group");
+    }
     regex_syntax::ParserBuilder::new()
         .build()
         .parse(path)
         .map(|_| ())
         .map_err(|_| "not a valid regular expression")
+}
+
+/// regex-syntax accepts a repeated repetition (`a**`, `?*`) and a repeated anchor (`^*`, `\b*`);
+/// PCRE refuses both ("quantifier does not follow a repeatable item"), so nginx would not load
+/// the config.
+fn repeats_what_pcre_cannot(ast: &regex_syntax::ast::Ast) -> bool {
+    use regex_syntax::ast::Ast;
+    match ast {
+        Ast::Repetition(r) => {
+            matches!(*r.ast, Ast::Repetition(_) | Ast::Assertion(_)) || repeats_what_pcre_cannot(&r.ast)
+        }
+        Ast::Group(g) => repeats_what_pcre_cannot(&g.ast),
+        Ast::Alternation(a) => a.asts.iter().any(repeats_what_pcre_cannot),
+        Ast::Concat(c) => c.asts.iter().any(repeats_what_pcre_cannot),
+        _ => false,
+    }
 }
 
 /// `rewrite-target`: a path with `$1`…`$9` captures and nothing else after a `$`.
@@ -212,6 +233,16 @@ mod tests {
         assert!(validate(&regex).is_err(), "a `$` inside the regex");
         regex.rules[0].paths[0].path = "/(a|b$)".into();
         assert!(validate(&regex).is_ok());
+        // nginx -t refuses these ("quantifier does not follow a repeatable item"); found by the
+        // nginx_accepts_every_rendered_config fuzz test.
+        for path in ["/?*", "/a**", "/a+?*", "/(^*)", "/a$*", "/\\b*", "/(a|b*+)"] {
+            regex.rules[0].paths[0].path = path.into();
+            assert!(validate(&regex).is_err(), "{path} must be refused");
+        }
+        for path in ["/a*?", "/a??", "/(a*)*", "/[?*]", "/(?:a)*"] {
+            regex.rules[0].paths[0].path = path.into();
+            assert!(validate(&regex).is_ok(), "{path} is a regex nginx loads");
+        }
         regex.rewrite_target = "/$host".into();
         assert!(validate(&regex).is_err());
     }
