@@ -843,6 +843,33 @@ impl Cluster {
         Ok(record)
     }
 
+    /// Starts the cluster's `weft-operator` again — same addresses and log (appended) — after it
+    /// was killed or stopped, talking to the API server through `kubeconfig` when given (the
+    /// admin kubeconfig otherwise). Fails while it still runs.
+    pub fn restart_operator(&mut self, kubeconfig: Option<&Path>) -> Result<ProcRecord> {
+        if !self.state.weft {
+            bail!("cluster {} runs without Weft", self.state.name);
+        }
+        let name = "weft-operator";
+        if self.state.processes.iter().any(|p| p.name == name && p.is_alive()) {
+            bail!("{name} of cluster {} is still running; kill or stop it first", self.state.name);
+        }
+        self.state.processes.retain(|p| p.name != name);
+        let mut launch = nodes::operator_launch(
+            &self.state,
+            name,
+            self.state.plan_addr().into(),
+            self.state.operator_metrics_addr().into(),
+            self.state.logs_dir().join("weft-operator.log"),
+        )?;
+        if let Some(kubeconfig) = kubeconfig {
+            launch = launch.env("KUBECONFIG", kubeconfig);
+        }
+        let (record, child) = launch.spawn()?;
+        self.record((record.clone(), child))?;
+        Ok(record)
+    }
+
     /// Starts one more `weft-operator` replica in the root namespace, as a Deployment's second
     /// pod would run: `--identity <identity>`, its plan server and metrics on free loopback ports,
     /// the admin kubeconfig, its log in `logs/weft-operator-<identity>.log`. It is recorded as a

@@ -416,6 +416,20 @@ impl TestCluster {
         .await?
     }
 
+    /// Starts the cluster's operator again after [`TestCluster::kill_process`] or
+    /// [`TestCluster::stop_process`] (see [`Cluster::restart_operator`]). Does not wait for it.
+    pub async fn restart_operator(&self, kubeconfig: Option<&Path>) -> Result<ProcRecord> {
+        let inner = self.inner.clone();
+        let kubeconfig = kubeconfig.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || {
+            let mut c = lock(&inner.cluster);
+            let res = c.restart_operator(kubeconfig.as_deref());
+            *lock(&inner.state) = c.state().clone();
+            res
+        })
+        .await?
+    }
+
     /// Starts a second `weft-operator` replica with `--identity <identity>` on free loopback
     /// ports (see [`Cluster::start_operator_replica`]) and waits until its `/readyz` answers 200.
     /// The returned guard stops it when dropped, also while a panic unwinds; the cluster's

@@ -463,6 +463,11 @@ impl ClusterView {
         }
     }
 
+    /// Whether every watched kind has completed its first list.
+    pub fn synced(&self) -> bool {
+        self.synced.len() >= ALL_KINDS
+    }
+
     pub fn compiler_mut(&mut self) -> &mut Compiler {
         &mut self.compiler
     }
@@ -507,6 +512,15 @@ pub async fn run(
         while let Ok(next) = events.try_recv() {
             handle_traced(&mut view, next);
             count += 1;
+        }
+        // Until every kind has finished its first list the view is a part of the cluster: a plan
+        // compiled from it would remove what is not listed yet from the agents (Service rules,
+        // VXLAN, nginx, pod addresses). Nothing is published meanwhile, so agents that connect
+        // get no answer and keep their last plan (fail-static); the first compile sees it all.
+        if !view.synced() {
+            span.record("events", count);
+            debug!(events = count, listed = view.synced.len(), "waiting for every kind's first list");
+            continue;
         }
         let updates = info_span!("plan.compile").in_scope(|| view.compiler_mut().flush());
         span.record("events", count);
