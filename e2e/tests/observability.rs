@@ -391,6 +391,33 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     })
     .await?;
     step("node-2 converged again after its agent restarted");
+    // The status says so too: the lagging list clears, and once it is right the operator stops
+    // rewriting it (its resourceVersion holds over several status passes).
+    let status_of = || async {
+        let out = c.kubectl(&["get", "networkconfig", "default", "-o", "json"]).await?;
+        let nc: serde_json::Value = serde_json::from_str(&out)?;
+        let version = nc.pointer("/metadata/resourceVersion").and_then(|v| v.as_str()).unwrap_or_default();
+        anyhow::Ok((version.to_string(), nc.get("status").cloned().unwrap_or_default()))
+    };
+    let (settled_version, _) = c
+        .wait_for(
+            "NetworkConfig status to clear laggingNodes and show 2/2",
+            Duration::from_secs(30),
+            || async {
+                let (version, status) = status_of().await?;
+                let cleared = status.get("laggingNodes").is_none()
+                    && status.get("nodesConverged").and_then(serde_json::Value::as_u64) == Some(2);
+                Ok(cleared.then_some((version, status)))
+            },
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (version, status) = status_of().await?;
+    ensure!(
+        version == settled_version,
+        "NetworkConfig default was rewritten while nothing changed (resourceVersion {settled_version} → {version}): {status}"
+    );
+    step("status: laggingNodes cleared, and not rewritten while nothing changes");
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod cni;
 pub mod dns;
+pub mod files;
 pub mod ingress;
 pub mod ipam;
 pub mod metrics;

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+
+use crate::files::{Access, Durability};
 use weft_api::plan::{self as pb, Kind, Resource, ResourceKey, plan_message::Body};
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +127,7 @@ impl PlanState {
             trace_context: Default::default(),
         };
         let path = Self::file(dir);
-        crate::programmers::write_replace(&path, &message.encode_to_vec(), false)
+        crate::files::replace(&path, &message.encode_to_vec(), Durability::Cached, Access::Private)
             .map_err(|source| PlanError::Write { path, source })
     }
 }
@@ -193,6 +195,11 @@ mod tests {
         let (state, _) = PlanState::default().apply(&snapshot).expect("snapshot");
         state.save(dir.path()).expect("save");
         assert_eq!(PlanState::load(dir.path()).expect("load"), state);
+        // The plan holds the TLS keys of the node's Ingresses: its owner (root) alone reads it.
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("plan.pb")).expect("stat").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
         assert_eq!(PlanState::load(&dir.path().join("missing")).expect("empty"), PlanState::default());
         std::fs::write(dir.path().join("plan.pb"), b"\xff\xff\xff").expect("write");
         assert!(matches!(PlanState::load(dir.path()), Err(PlanError::Decode { .. })));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use weft_api::plan::NetworkSettings;
 
-use crate::ipam::write_durably;
+use crate::files::{self, Access, Durability};
 
 /// The network's name in the conflist.
 pub const NETWORK_NAME: &str = "weft";
@@ -138,7 +138,8 @@ pub fn install(
     let conflist_updated = if std::fs::read(&path).is_ok_and(|old| old == text) {
         false
     } else {
-        write_durably(&path, &text).map_err(|source| InstallError::WriteConflist { path, source })?;
+        files::replace(&path, &text, Durability::Committed, Access::Public)
+            .map_err(|source| InstallError::WriteConflist { path, source })?;
         true
     };
     Ok(Installed { plugin_updated, conflist_updated })

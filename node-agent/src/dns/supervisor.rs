@@ -17,6 +17,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
+use crate::files::{self, Access, Durability};
+
 use super::{DnsOptions, ServeOptions};
 use crate::metrics::AgentMetrics;
 
@@ -249,7 +251,7 @@ impl Supervisor {
     fn serve(&mut self, corefile: String, health: SocketAddr) -> Result<Served, SupervisorError> {
         let path = self.corefile_path();
         if std::fs::read_to_string(&path).ok().as_deref() != Some(corefile.as_str()) {
-            crate::programmers::write_atomic(&path, corefile.as_bytes())
+            files::replace(&path, corefile.as_bytes(), Durability::Contents, Access::Public)
                 .map_err(|source| SupervisorError::Io { path: path.clone(), source })?;
         }
         self.desired = Some((corefile.clone(), health));
@@ -344,7 +346,7 @@ impl Supervisor {
             cmd.spawn().map_err(|source| SupervisorError::Spawn { binary: binary.clone(), source })?;
         let pid = child.id();
         let pid_path = self.pid_path();
-        crate::programmers::write_atomic(&pid_path, format!("{pid}\n").as_bytes())
+        files::replace(&pid_path, format!("{pid}\n").as_bytes(), Durability::Contents, Access::Public)
             .map_err(|source| SupervisorError::Io { path: pid_path, source })?;
         info!(pid, corefile = %self.corefile_path().display(), "CoreDNS started");
         let mut running =

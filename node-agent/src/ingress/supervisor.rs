@@ -6,8 +6,6 @@
 //! master whose command line names our configuration, so a restarted agent adopts the nginx its
 //! predecessor started instead of interrupting traffic.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -18,6 +16,7 @@ use nix::unistd::Pid;
 
 use super::render::{Desired, Paths};
 use super::{IngressError, IngressOptions, Outcome};
+use crate::files::{self, Access, Durability};
 
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -115,10 +114,15 @@ impl IngressHandle {
         for sub in [dir.join("tmp"), dir.join("certs")] {
             std::fs::create_dir_all(&sub).map_err(io(&sub))?;
         }
+        // nginx's master (root) reads the keys; its workers (nobody) never need to, but they do
+        // write under tmp/, so only certs/ is closed to everyone else.
+        let certs = dir.join("certs");
+        std::fs::set_permissions(&certs, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io(&certs))?;
         let mut changed = false;
         for (path, pem) in &desired.certs {
             if std::fs::read(path).ok().as_deref() != Some(pem.as_slice()) {
-                write_private(path, pem)?;
+                files::replace(path, pem, Durability::Contents, Access::Private).map_err(io(path))?;
                 changed = true;
             }
         }
@@ -140,7 +144,8 @@ impl IngressHandle {
         if changed {
             // Checked before it replaces the running configuration: a bad one never goes live.
             let next = dir.join("nginx.conf.next");
-            write_private(&next, desired.config.as_bytes())?;
+            files::replace(&next, desired.config.as_bytes(), Durability::Contents, Access::Private)
+                .map_err(io(&next))?;
             let out = self.nginx(&["-t", "-q", "-c", &next.to_string_lossy()])?;
             if !out.status.success() {
                 return Err(IngressError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()));
@@ -244,19 +249,4 @@ impl IngressHandle {
             state.watchdog = false;
         }
     }
-}
-
-/// Writes a file readable by root only (TLS keys), atomically: temp file, fsync, rename.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), IngressError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-    file.write_all(contents).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }

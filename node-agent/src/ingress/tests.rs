@@ -555,6 +555,10 @@ fn the_supervisor_starts_reloads_refuses_bad_configs_adopts_and_restarts_nginx()
     assert_eq!(handle.serve(&empty).expect("start"), Outcome::Started);
     wait_until("nginx to answer 404", || status_of(port) == Some(404));
     assert_eq!(handle.serve(&empty).expect("again"), Outcome::Unchanged, "nothing changed: no reload");
+    let certs_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&handle.paths().certs).expect("certs dir").permissions(),
+    );
+    assert_eq!(certs_mode & 0o777, 0o700, "the certificates' directory is root's alone");
 
     // A route with no Service behind it: 503 once reloaded.
     let routed = desired(&[ingress("x", "", vec![path("/", PathType::Prefix, None)])]);

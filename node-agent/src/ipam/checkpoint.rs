@@ -3,7 +3,6 @@
 //! agent crash at any point, and a restarted agent never hands it out twice.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,6 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::files::{self, Access, Durability};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -227,29 +228,9 @@ impl Allocator {
             source: std::io::Error::other(e),
         })?;
         bytes.push(b'\n');
-        write_durably(&self.path, &bytes)
+        files::replace(&self.path, &bytes, Durability::Committed, Access::Public)
             .map_err(|source| IpamError::WriteCheckpoint { path: self.path.clone(), source })
     }
-}
-
-/// Temp file in the same directory, fsynced, renamed over the target, then the directory fsynced
-/// so the rename itself survives a power cut.
-pub(crate) fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// The agent's shared handle on its allocator: cheap to clone, safe to use from any thread. Its

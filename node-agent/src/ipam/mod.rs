@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-pub(crate) use checkpoint::write_durably;
 pub use checkpoint::{Allocator, CHECKPOINT_FILE, IpamHandle};
 
 /// One CNI attachment: a container's interface on the pod network.

@@ -13,11 +13,11 @@
 //! `--dns-kubeconfig`.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use weft_api::plan::{self as pb, Kind, Resource};
 
+use crate::files::{Access, Durability};
 use crate::ipam::IpamHandle;
 use crate::plan_state::{ChangedKinds, PlanState};
 
@@ -74,30 +74,6 @@ pub enum ProgramError {
     Dns(#[from] crate::dns::DnsError),
     #[error(transparent)]
     Ingress(#[from] crate::ingress::IngressError),
-}
-
-/// Writes a file atomically: a temp file in the same directory, fsynced, then renamed over.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    write_replace(path, contents, true)
-}
-
-/// Replaces a file with a rename (readers see the old or the new contents), fsyncing first only
-/// when `durable`: records and caches that can be rebuilt skip it, since an fsync of megabytes
-/// costs a loaded node hundreds of milliseconds per plan message, and a process crash loses
-/// nothing the page cache holds.
-pub fn write_replace(path: &Path, contents: &[u8], durable: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(contents)?;
-    if durable {
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// What a programmer does to the node.
@@ -165,11 +141,8 @@ impl Programmer {
             return Ok(false);
         }
         // A record for people and tests, rewritten from the plan after any restart.
-        write_replace(&path, text.as_bytes(), false).map_err(|source| ProgramError::Io {
-            programmer: self.name,
-            path,
-            source,
-        })?;
+        crate::files::replace(&path, text.as_bytes(), Durability::Cached, Access::Public)
+            .map_err(|source| ProgramError::Io { programmer: self.name, path, source })?;
         Ok(true)
     }
 }
@@ -413,11 +386,8 @@ fn act_dns(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     };
     let path = target.dns.dir().join("status");
     if std::fs::read_to_string(&path).ok().as_deref() != Some(status.as_str()) {
-        write_atomic(&path, status.as_bytes()).map_err(|source| ProgramError::Io {
-            programmer: "dns",
-            path,
-            source,
-        })?;
+        crate::files::replace(&path, status.as_bytes(), Durability::Contents, Access::Public)
+            .map_err(|source| ProgramError::Io { programmer: "dns", path, source })?;
     }
     Ok(())
 }

@@ -308,12 +308,22 @@ fn same_status<S: Serialize>(old: Option<&S>, new: &S) -> bool {
     }
 }
 
+/// Server-side apply of the whole status: a field the operator wrote before and leaves out now
+/// (an emptied `laggingNodes`, skipped when serialising) is removed, which a merge patch would
+/// never do.
 async fn patch_status<K>(api: &Api<K>, name: &str, status: &impl Serialize) -> Result<(), kube::Error>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await.map(|_| ())
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "name": name },
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// Leadership and status writes, so an admin can see which replica writes.
