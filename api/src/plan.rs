@@ -12,6 +12,11 @@ pub use generated::*;
 use bytes::Bytes;
 use xxhash_rust::xxh3::xxh3_64;
 
+/// The largest plan message either end decodes. gRPC's default (4 MiB) is a snapshot of about
+/// 10,000 Services with their endpoints and TLS Secrets; a larger one would never arrive, and the
+/// agent would keep reconnecting. 128 MiB holds several hundred thousand Services.
+pub const MAX_MESSAGE_BYTES: usize = 128 << 20;
+
 /// Identifies a resource within a node's plan. The kind is kept as its wire value, so an agent
 /// that does not know a newer kind still holds it and computes the same plan version as the
 /// operator (an older agent must survive a newer operator during a rolling upgrade).

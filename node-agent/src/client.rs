@@ -253,7 +253,7 @@ impl SessionError {
 impl Agent {
     async fn session(&mut self) -> Result<(), SessionError> {
         let (channel, operator) = connect(&self.config).await?;
-        let mut client = PlanServiceClient::new(channel);
+        let mut client = PlanServiceClient::new(channel).max_decoding_message_size(pb::MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::Hello {
             node: self.config.node_name.clone(),

@@ -317,3 +317,82 @@ async fn agents_converge_resume_and_survive_an_operator_restart() {
     }
     operator.stop();
 }
+
+/// A cluster of `services` Services, each with an EndpointSlice of 20 endpoints spread over the
+/// nodes.
+fn many_services(services: u32) -> Vec<Change> {
+    let mut changes = cluster(1, "/tmp/weft-plan-stream-cni");
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        let [_, _, b, c] = (0x0a60_0000 + 16 + i).to_be_bytes();
+        changes.push(Change::Service(Service {
+            key: ObjectKey::new("bulk", &name),
+            cluster_ip: Some(Ipv4Addr::new(10, 96, b, c)),
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+                target_port: TargetPort::Number(8080),
+            }],
+            affinity_timeout_seconds: None,
+            external_local: false,
+            health_check_node_port: None,
+            internal_local: false,
+            traffic_distribution: TopologyMode::None,
+            policy: ProxyOverrides::default(),
+        }));
+        changes.push(Change::Slice(EndpointSlice {
+            key: ObjectKey::new("bulk", format!("{name}-x")),
+            service: name,
+            ports: vec![SlicePort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
+            endpoints: (0..20u32)
+                .map(|e| {
+                    let [_, b, c, d] = (0x0af4_0000 + i * 20 + e).to_be_bytes();
+                    Endpoint {
+                        ip: Ipv4Addr::new(10, b, c, d),
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                        node: Some(NODES[e as usize % NODES.len()].to_string()),
+                        zone: None,
+                        hint_zones: vec![],
+                    }
+                })
+                .collect(),
+            trigger_unix_ms: None,
+        }));
+    }
+    changes
+}
+
+/// A snapshot above gRPC's default 4 MiB decode limit arrives and is applied (20,000 Services).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_of_twenty_thousand_services_arrives_whole() {
+    use prost::Message as _;
+    let (operator, addr) = Operator::start("127.0.0.1:0".parse().expect("addr"), many_services(20_000));
+    let bytes: usize =
+        operator.store.plan_of("n1").expect("n1 has a plan").iter().map(|r| r.encoded_len()).sum();
+    assert!(
+        bytes > 4 << 20,
+        "the snapshot ({bytes} bytes) must exceed gRPC's default 4 MiB to prove anything"
+    );
+    let dir = TempDir::new().expect("tempdir");
+    let mut agent = Agent::start("n1", dir.path(), addr);
+    let version = operator.store.node_version("n1").expect("n1 in plan");
+    let applied = tokio::time::timeout(
+        Duration::from_secs(120),
+        agent.status.wait_for(|s| s.applied_version == version),
+    )
+    .await
+    .map(|s| s.map(|s| s.clone()));
+    let Ok(Ok(status)) = applied else {
+        panic!("n1 did not apply the {bytes}-byte snapshot: {:?}", *agent.status.borrow())
+    };
+    assert_eq!(status.applied_version, version);
+    assert!(agent.programmed("proxy").contains("svc-19999"), "the last Service reached the proxy");
+    agent.stop().await;
+    operator.stop();
+}

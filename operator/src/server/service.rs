@@ -34,7 +34,8 @@ impl PlanServer {
     }
 
     pub fn into_service(self) -> pb::plan_service_server::PlanServiceServer<Self> {
-        pb::plan_service_server::PlanServiceServer::new(self)
+        // A Hello names every resource the agent holds: as large as its plan.
+        pb::plan_service_server::PlanServiceServer::new(self).max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
     }
 }
 
