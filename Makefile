@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools images test unit e2e conformance conformance-subset lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress
+.PHONY: all build tools images test unit e2e conformance conformance-subset lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-proxy bench-dns bench-ingress bench-pods
 
 all: build
 
@@ -84,6 +84,11 @@ bench-proxy: tools build
 	$(CARGO) build --release -p weft-agent --bin weft-agent
 	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20 --nftables-changes 5 --iptables legacy
 	target/debug/weft-bench-proxy latency --changes 40
+
+# Real nodes (kubelet + containerd), a 2-node cluster per CNI: 100 pods on one node, create →
+# Ready and each CNI ADD as containerd makes it, weft-cni vs bridge + host-local.
+bench-pods: tools build images
+	target/debug/weft-bench-pods --pods 100 --rounds 2
 
 # Needs the Go-built tools and nginx/wrk (make tools): a 2-node local cluster of its own; route
 # change → serving latency, then wrk straight to a pod vs through the ingress, first with every

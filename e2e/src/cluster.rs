@@ -39,6 +39,7 @@ pub use nodes::plan_token;
 pub use observability::{Observability, PromSample, SpanRecord};
 pub use outside::OutsideHost;
 pub use process::ProcRecord;
+pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path};
 pub use state::{
     AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
     NodeRuntime, NodeState, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
@@ -1135,6 +1136,33 @@ pub fn leftovers(only_tests: bool) -> Vec<String> {
     for link in net::list_links() {
         if link_index(&link).is_some_and(|i| !kept.iter().any(|(k, _)| *k == i)) {
             out.push(format!("link {link}"));
+        }
+    }
+    out.extend(host_rules());
+    out
+}
+
+/// Service or route rules of Weft's in the machine's own namespace: only a node's namespace may
+/// hold them (an in-process test agent once wrote its proxy rules here).
+fn host_rules() -> Vec<String> {
+    let stdout = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<String> = stdout("nft", &["list", "tables"])
+        .lines()
+        .filter(|l| l.contains("weft"))
+        .map(|l| format!("nftables {l} in the machine's own namespace"))
+        .collect();
+    for program in ["iptables-save", "iptables-legacy-save"] {
+        let chains = stdout(program, &[]).lines().filter(|l| l.contains("WEFT-")).count();
+        if chains > 0 {
+            out.push(format!("{chains} WEFT- rules and chains in the machine's own namespace ({program})"));
         }
     }
     out

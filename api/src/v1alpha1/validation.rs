@@ -38,14 +38,15 @@ fn string_list(max_items: u32, max_length: u32, list_type: &str, rule: &str, mes
     })
 }
 
-/// A set of IPv4 or IPv6 CIDRs, each checked with `isCIDR`.
+/// A set of IPv4 CIDRs. Weft's pod and Service networks are IPv4 only, and an IPv6 entry that
+/// passed admission would reach the agents' renderers (which refuse it) instead of its author.
 pub fn cidr_set(_: &mut SchemaGenerator) -> Schema {
     string_list(
         CIDR_LIST_MAX,
         CIDR_MAX_LEN,
         "set",
-        "isCIDR(self)",
-        "must be a CIDR such as 10.0.0.0/8 or fd00::/8",
+        "isCIDR(self) && cidr(self).ip().family() == 4",
+        "must be an IPv4 CIDR such as 10.0.0.0/8 (Weft's networks are IPv4 only)",
     )
 }
 

@@ -26,9 +26,10 @@ use super::process::{self, Launch, ProcRecord};
 use super::state::{CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, NodeState};
 
 /// The paths every node has of its own (bind mounts of `<node dir>/host/<path>`).
-pub const NODE_PATHS: [&str; 9] = [
+pub const NODE_PATHS: [&str; 10] = [
     "/etc/cni/net.d",
     "/opt/cni/bin",
+    CNI_TIMING_DIR,
     "/var/lib/weft",
     "/var/lib/kubelet",
     "/var/lib/containerd",
@@ -44,6 +45,10 @@ pub const MIRRORED_REGISTRIES: [&str; 4] = ["docker.io", "registry.k8s.io", "wef
 
 /// The sandbox image: what kubelet v1.35 and containerd v2.4 expect.
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10.1";
+
+/// A CNI plugin directory containerd searches before the real ones: empty, unless a benchmark puts
+/// timing wrappers there (see `weft-bench-pods`).
+pub const CNI_TIMING_DIR: &str = "/opt/cni/timing";
 
 /// Port of the cluster's registry on the bridge address.
 pub const REGISTRY_PORT: u16 = 5000;
@@ -312,7 +317,9 @@ state = "/run/containerd"
         BinaryName = "{RUNC}"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["/opt/cni/bin", "{reference}"]
+    # {timing} is empty except while weft-bench-pods times the plugins (wrappers there are
+    # found first).
+    bin_dirs = ["{timing}", "/opt/cni/bin", "{reference}"]
     conf_dir = "/etc/cni/net.d"
 
 [plugins."io.containerd.grpc.v1.cri"]
@@ -320,6 +327,7 @@ state = "/run/containerd"
 "#,
         certs_d = certs_d.display(),
         reference = super::REFERENCE_CNI_BIN_DIR,
+        timing = CNI_TIMING_DIR,
     )
 }
 
