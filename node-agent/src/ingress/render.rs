@@ -34,9 +34,13 @@ impl Paths {
         Paths { dir: dir.to_path_buf(), certs: dir.join("certs") }
     }
 
-    /// The file holding a Secret's certificate chain and key (`namespace/name` is validated).
-    pub fn cert_file(&self, secret: &str) -> PathBuf {
-        self.certs.join(format!("{}.pem", secret.replace('/', "_")))
+    /// The file holding a Secret's certificate chain and key (`namespace/name` is validated),
+    /// named after its contents too: a new certificate is a new file, so writing it never
+    /// changes what the running nginx would read until the configuration naming it has passed
+    /// `nginx -t` and is live.
+    pub fn cert_file(&self, secret: &str, pem: &[u8]) -> PathBuf {
+        let hash = xxhash_rust::xxh3::xxh3_64(pem);
+        self.certs.join(format!("{}.{hash:016x}.pem", secret.replace('/', "_")))
     }
 }
 
@@ -103,8 +107,8 @@ struct Route {
 #[derive(Debug, Default)]
 struct Server {
     routes: Vec<Route>,
-    /// The Secret serving this host over TLS (present in the plan).
-    tls: Option<String>,
+    /// The certificate file serving this host over TLS (its Secret is in the plan).
+    tls: Option<PathBuf>,
     default_action: Option<(Action, String)>,
     /// Plain HTTP redirects to HTTPS for the fallback location.
     redirect: bool,
@@ -143,17 +147,17 @@ pub fn render(
             else {
                 continue;
             };
-            let file = paths.cert_file(&tls.secret);
             let mut pem = secret.cert.clone();
             if !pem.ends_with(b"\n") {
                 pem.push(b'\n');
             }
             pem.extend_from_slice(&secret.key);
-            certs.insert(file, pem);
+            let file = paths.cert_file(&tls.secret, &pem);
             for host in &tls.hosts {
                 let server = servers.entry(host.clone()).or_default();
-                server.tls.get_or_insert_with(|| tls.secret.clone());
+                server.tls.get_or_insert_with(|| file.clone());
             }
+            certs.insert(file, pem);
         }
         let mut hosts = BTreeSet::new();
         for rule in &ingress.rules {
@@ -306,9 +310,8 @@ fn write_config(
         } else {
             o.push_str(&listen(http, ""));
             let _ = writeln!(o, "        server_name {};", server_name(host));
-            if let Some(secret) = &server.tls {
+            if let Some(cert) = &server.tls {
                 o.push_str(&listen(https, " ssl"));
-                let cert = paths.cert_file(secret);
                 let _ = writeln!(o, "        ssl_certificate {};", quote(&cert.display().to_string()));
                 let _ = writeln!(o, "        ssl_certificate_key {};", quote(&cert.display().to_string()));
             }

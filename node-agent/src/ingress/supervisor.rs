@@ -126,13 +126,6 @@ impl IngressHandle {
                 changed = true;
             }
         }
-        let certs_dir = dir.join("certs");
-        for entry in std::fs::read_dir(&certs_dir).map_err(io(&certs_dir))?.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "pem") && !desired.certs.contains_key(&path) {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
         let conf = self.conf();
         changed |= std::fs::read_to_string(&conf).ok().as_deref() != Some(desired.config.as_str());
         let running = self.running_pid();
@@ -164,6 +157,9 @@ impl IngressHandle {
                 Outcome::Started
             }
         };
+        // Only once the new configuration is live: a refused one leaves the running one with
+        // every file it names.
+        remove_unused_certs(&dir.join("certs"), desired);
         drop(state);
         self.ensure_watchdog();
         Ok(outcome)
@@ -247,6 +243,16 @@ impl IngressHandle {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the nginx watchdog");
             state.watchdog = false;
+        }
+    }
+}
+
+/// Removes the certificate files the desired configuration does not name.
+fn remove_unused_certs(certs: &Path, desired: &Desired) {
+    for entry in std::fs::read_dir(certs).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "pem") && !desired.certs.contains_key(&path) {
+            let _ = std::fs::remove_file(&path);
         }
     }
 }

@@ -231,7 +231,7 @@ fn tls_hosts_serve_their_certificate_by_sni_and_redirect_plain_http() {
     assert_eq!(
         d.certs.into_iter().collect::<Vec<_>>(),
         [(
-            Path::new("/var/lib/weft/ingress/certs/shop_secure-tls.pem").to_path_buf(),
+            Path::new("/var/lib/weft/ingress/certs/shop_secure-tls.393cf61a770a1b5d.pem").to_path_buf(),
             b"-----BEGIN CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\n".to_vec()
         )]
     );
@@ -251,8 +251,8 @@ fn tls_hosts_serve_their_certificate_by_sni_and_redirect_plain_http() {
         listen 172.18.0.2:80;
         server_name "secure.example.com";
         listen 172.18.0.2:443 ssl;
-        ssl_certificate "/var/lib/weft/ingress/certs/shop_secure-tls.pem";
-        ssl_certificate_key "/var/lib/weft/ingress/certs/shop_secure-tls.pem";
+        ssl_certificate "/var/lib/weft/ingress/certs/shop_secure-tls.393cf61a770a1b5d.pem";
+        ssl_certificate_key "/var/lib/weft/ingress/certs/shop_secure-tls.393cf61a770a1b5d.pem";
         # shop/secure
         location / {
             if ($scheme = http) {
@@ -588,4 +588,52 @@ fn the_supervisor_starts_reloads_refuses_bad_configs_adopts_and_restarts_nginx()
     adopted.stop().expect("stop");
     assert_eq!(adopted.running_pid(), None);
     assert_eq!(status_of(port), None, "stopped: nothing listens");
+}
+
+/// A renewed certificate in a plan nginx refuses never touches the files the running
+/// configuration names; once a good plan is live, the old certificate's file goes.
+#[test]
+fn a_refused_config_leaves_the_running_certificates_in_place() {
+    use super::{IngressHandle, IngressOptions, Outcome};
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let handle = IngressHandle::new(&dir.path().join("ingress"), IngressOptions::default());
+    let s = pb::IngressSettings {
+        http_port: u32::from(free_port()),
+        https_port: u32::from(free_port()),
+        ..settings()
+    };
+    let mut tls = ingress("secure", "secure.example.com", vec![path("/", PathType::Prefix, None)]);
+    tls.tls = vec![pb::IngressTls { hosts: vec!["secure.example.com".into()], secret: "shop/tls".into() }];
+    let desired = |cert: &pb::TlsSecret| {
+        let secrets = BTreeMap::from([("shop/tls".to_string(), cert.clone())]);
+        render(Some(Ipv4Addr::LOCALHOST), &s, std::slice::from_ref(&tls), &secrets, &handle.paths())
+    };
+    let (old_dir, new_dir) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::create_dir_all(&old_dir).expect("dir");
+    std::fs::create_dir_all(&new_dir).expect("dir");
+    let first = desired(&test_cert(&old_dir));
+    assert_eq!(handle.serve(&first).expect("start"), Outcome::Started);
+
+    let renewed = test_cert(&new_dir);
+    let mut refused = desired(&renewed);
+    refused.config = refused.config.replace("return 503;", "return 503 bogus extra;");
+    assert!(handle.serve(&refused).is_err(), "nginx -t must refuse it");
+    for (file, pem) in &first.certs {
+        assert_eq!(
+            std::fs::read(file).ok().as_ref(),
+            Some(pem),
+            "{} is what nginx runs with",
+            file.display()
+        );
+    }
+
+    let good = desired(&renewed);
+    assert_eq!(handle.serve(&good).expect("reload"), Outcome::Reloaded);
+    for file in first.certs.keys() {
+        assert!(!file.exists(), "{} is no longer named by the live configuration", file.display());
+    }
+    for (file, pem) in &good.certs {
+        assert_eq!(std::fs::read(file).ok().as_ref(), Some(pem));
+    }
+    handle.stop().expect("stop");
 }
