@@ -221,7 +221,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "!isIP(self.dns.serviceIP) || !isCIDR(self.serviceNetwork.serviceCIDR) || cidr(self.serviceNetwork.serviceCIDR).containsIP(self.dns.serviceIP)",
         "dns.serviceIP must lie inside serviceNetwork.serviceCIDR",
     ),
-    ("networkconfigs.weft.io", "spec.podNetwork.nonMasqueradeCIDRs[]", "isCIDR(self)", "must be a CIDR"),
+    (
+        "networkconfigs.weft.io",
+        "spec.podNetwork.nonMasqueradeCIDRs[]",
+        "isCIDR(self) && cidr(self).ip().family() == 4",
+        "must be an IPv4 CIDR",
+    ),
     (
         "networkconfigs.weft.io",
         "spec.serviceNetwork.serviceCIDR",
@@ -240,7 +245,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "self.min <= self.max",
         "must not be greater than",
     ),
-    ("networkconfigs.weft.io", "spec.serviceNetwork.nodePortAddresses[]", "isCIDR(self)", "must be a CIDR"),
+    (
+        "networkconfigs.weft.io",
+        "spec.serviceNetwork.nodePortAddresses[]",
+        "isCIDR(self) && cidr(self).ip().family() == 4",
+        "must be an IPv4 CIDR",
+    ),
     ("networkconfigs.weft.io", "spec.dns.clusterDomain", "", "clusterDomain must be a lower-case DNS name"),
     ("networkconfigs.weft.io", "spec.dns.serviceIP", "isIP(self)", "serviceIP must be an IP address"),
     ("networkconfigs.weft.io", "spec.dns.upstreams[]", "", "absolute path to a resolv.conf file"),
@@ -265,13 +275,23 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     ("ippools.weft.io", "spec.blockSize", "self == oldSelf", "blockSize is immutable"),
     ("ippools.weft.io", "spec", "", "blockSize must be between the pool's prefix length and 32"),
     ("ippools.weft.io", "spec", "", "every reserved range must lie inside the pool's cidr"),
-    ("ippools.weft.io", "spec.reserved[]", "isCIDR(self)", "must be a CIDR"),
+    (
+        "ippools.weft.io",
+        "spec.reserved[]",
+        "isCIDR(self) && cidr(self).ip().family() == 4",
+        "must be an IPv4 CIDR",
+    ),
     ("ipblocks.weft.io", "", "", "must be named after its cidr"),
     ("ipblocks.weft.io", "spec.cidr", "isCIDR(self)", "cidr must be a CIDR"),
     ("ipblocks.weft.io", "spec.cidr", "self == oldSelf", "cidr is immutable"),
     ("ipblocks.weft.io", "spec.pool", "self == oldSelf", "pool is immutable"),
     ("ipblocks.weft.io", "spec.node", "self == oldSelf", "node is immutable"),
-    ("proxypolicies.weft.io", "spec.allowedSourceCIDRs[]", "isCIDR(self)", "must be a CIDR"),
+    (
+        "proxypolicies.weft.io",
+        "spec.allowedSourceCIDRs[]",
+        "isCIDR(self) && cidr(self).ip().family() == 4",
+        "must be an IPv4 CIDR",
+    ),
 ];
 
 fn rules_at(node: &Value) -> Vec<(String, String)> {

@@ -317,8 +317,28 @@ impl ProxyCache {
             net.decode().map_err(|source| ProxyError::Decode { name: "network settings".into(), source })?;
         let ctx = Context::from_settings(&net)?;
         let mode = net.proxy_mode();
-        if state.active != Some(mode) {
-            // First sync, or the backend changed: what the other one left must go.
+        // First sync, or the backend changed: the new backend's rules are written first, and
+        // what the other one left goes only once they are in (a failed write leaves the node
+        // with the old rules, not none).
+        let switched = state.active != Some(mode);
+        let report = match mode {
+            pb::ProxyMode::Nftables => {
+                let report = state.nft.sync(&self.runner, &ctx, plan, metrics, state.started_unix_ms)?;
+                state.restores += u64::from(report.lines > 0);
+                if state.active.is_none() {
+                    set_conntrack_timeouts(&self.runner);
+                }
+                state.active = Some(mode);
+                report
+            }
+            pb::ProxyMode::Iptables => {
+                if switched {
+                    state.synced = false;
+                }
+                self.sync_iptables(state, ctx, plan, metrics, mode)?
+            }
+        };
+        if switched {
             match mode {
                 pb::ProxyMode::Nftables => {
                     if let Err(e) = self.remove_iptables() {
@@ -329,15 +349,18 @@ impl ProxyCache {
                 pb::ProxyMode::Iptables => state.nft.remove(&self.runner),
             }
         }
-        if mode == pb::ProxyMode::Nftables {
-            let report = state.nft.sync(&self.runner, &ctx, plan, metrics, state.started_unix_ms)?;
-            state.restores += u64::from(report.lines > 0);
-            if state.active.is_none() {
-                set_conntrack_timeouts(&self.runner);
-            }
-            state.active = Some(mode);
-            return Ok(report);
-        }
+        Ok(report)
+    }
+
+    /// The iptables backend's part of [`ProxyCache::sync`].
+    fn sync_iptables(
+        &self,
+        state: &mut State,
+        ctx: Context,
+        plan: &PlanState,
+        metrics: &AgentMetrics,
+        mode: pb::ProxyMode,
+    ) -> Result<SyncReport, ProxyError> {
         let full = !state.synced;
         let rerender_all = full || state.ctx.as_ref() != Some(&ctx);
 
