@@ -3,6 +3,7 @@
 
 pub mod ingress;
 pub mod plan;
+pub mod tasks;
 pub mod telemetry;
 #[cfg(feature = "crds")]
 pub mod v1alpha1;

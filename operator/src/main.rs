@@ -64,11 +64,19 @@ async fn main() -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
-    tokio::spawn(telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())));
+    // A task that ends or panics ends the process (below): nothing reports ready on stale state.
+    let mut critical = weft_api::tasks::Critical::new();
+    critical.spawn(
+        "admin server",
+        telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())),
+    );
 
     let (events_tx, events_rx) = mpsc::channel(4096);
     cluster::spawn_watchers(&client, &events_tx, &reconcile_metrics);
-    tokio::spawn(cluster::run(events_rx, store.clone(), status_tx, metrics.generation.clone()));
+    critical.spawn(
+        "cluster index",
+        cluster::run(events_rx, store.clone(), status_tx, metrics.generation.clone()),
+    );
     {
         let readiness = readiness.clone();
         let mut status_rx = status_rx.clone();
@@ -97,33 +105,32 @@ async fn main() -> anyhow::Result<()> {
     let mut leader_tasks = Vec::new();
     {
         let mut is_leader = is_leader.clone();
-        leader_tasks.push(tokio::spawn(async move {
+        leader_tasks.push(critical.spawn("leader election", async move {
             while is_leader.changed().await.is_ok() {
                 info!(identity = %identity, leader = *is_leader.borrow(), "leadership changed");
             }
         }));
     }
     status_rx.mark_unchanged();
-    leader_tasks.push(tokio::spawn(ipam::run(
-        client.clone(),
-        store.clone(),
-        status_rx.clone(),
-        is_leader.clone(),
-        reconcile_metrics.clone(),
-    )));
+    leader_tasks.push(critical.spawn(
+        "IPAM claims",
+        ipam::run(
+            client.clone(),
+            store.clone(),
+            status_rx.clone(),
+            is_leader.clone(),
+            reconcile_metrics.clone(),
+        ),
+    ));
     // The kube-dns Service in front of every node's CoreDNS.
-    leader_tasks.push(tokio::spawn(weft_operator::k8s::dns::run(
-        client.clone(),
-        status_rx.clone(),
-        is_leader.clone(),
-    )));
-    leader_tasks.push(tokio::spawn(status::run(
-        client.clone(),
-        store.clone(),
-        status_rx,
-        is_leader,
-        status_metrics,
-    )));
+    leader_tasks.push(critical.spawn(
+        "kube-dns Service",
+        weft_operator::k8s::dns::run(client.clone(), status_rx.clone(), is_leader.clone()),
+    ));
+    leader_tasks.push(critical.spawn(
+        "status writer",
+        status::run(client.clone(), store.clone(), status_rx, is_leader, status_metrics),
+    ));
 
     let (sa_namespace, sa_name) = args
         .agent_service_account
@@ -156,14 +163,13 @@ async fn main() -> anyhow::Result<()> {
         }
         _ = tokio::signal::ctrl_c() => info!("shutting down"),
         _ = terminate() => info!("shutting down"),
+        failure = critical.failed() => anyhow::bail!("{failure}: the operator stops so that it is restarted"),
     }
     // Hand the Lease over at once instead of letting it expire: with every receiver dropped the
     // manager releases it and returns.
+    // The Lease manager waits until the aborted tasks have dropped their receivers.
     for task in &leader_tasks {
         task.abort();
-    }
-    for task in leader_tasks {
-        let _ = task.await;
     }
     match tokio::time::timeout(std::time::Duration::from_secs(5), lease_task).await {
         Ok(Ok(Ok(_))) => info!("Lease released"),
