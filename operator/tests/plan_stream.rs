@@ -22,6 +22,29 @@ use weft_operator::server::{AgentAuth, PlanServer, PlanStore};
 
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
+/// A ClusterIP Service with one TCP port.
+fn service(key: ObjectKey, cluster_ip: Ipv4Addr, port_name: &str, port: u16, target: u16) -> Service {
+    Service {
+        key,
+        cluster_ip: Some(cluster_ip),
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        ports: vec![ServicePort {
+            name: port_name.into(),
+            protocol: Protocol::Tcp,
+            port,
+            node_port: None,
+            target_port: TargetPort::Number(target),
+        }],
+        affinity_timeout_seconds: None,
+        external_local: false,
+        health_check_node_port: None,
+        internal_local: false,
+        traffic_distribution: TopologyMode::None,
+        policy: ProxyOverrides::default(),
+    }
+}
+
 fn cluster(endpoints: u8, cni_conf_dir: &str) -> Vec<Change> {
     let mut changes: Vec<Change> = NODES
         .iter()
@@ -37,25 +60,13 @@ fn cluster(endpoints: u8, cni_conf_dir: &str) -> Vec<Change> {
         .collect();
     changes
         .push(Change::Network(NetworkSettings { cni_conf_dir: cni_conf_dir.into(), ..Default::default() }));
-    changes.push(Change::Service(Service {
-        key: ObjectKey::new("default", "web"),
-        cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 50)),
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        ports: vec![ServicePort {
-            name: String::new(),
-            protocol: Protocol::Tcp,
-            port: 9000,
-            node_port: None,
-            target_port: TargetPort::Number(80),
-        }],
-        affinity_timeout_seconds: None,
-        external_local: false,
-        health_check_node_port: None,
-        internal_local: false,
-        traffic_distribution: TopologyMode::None,
-        policy: ProxyOverrides::default(),
-    }));
+    changes.push(Change::Service(service(
+        ObjectKey::new("default", "web"),
+        Ipv4Addr::new(10, 96, 0, 50),
+        "",
+        9000,
+        80,
+    )));
     changes.push(Change::Slice(EndpointSlice {
         key: ObjectKey::new("default", "web-abc"),
         service: "web".into(),
@@ -325,25 +336,13 @@ fn many_services(services: u32) -> Vec<Change> {
     for i in 0..services {
         let name = format!("svc-{i}");
         let [_, _, b, c] = (0x0a60_0000 + 16 + i).to_be_bytes();
-        changes.push(Change::Service(Service {
-            key: ObjectKey::new("bulk", &name),
-            cluster_ip: Some(Ipv4Addr::new(10, 96, b, c)),
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-                target_port: TargetPort::Number(8080),
-            }],
-            affinity_timeout_seconds: None,
-            external_local: false,
-            health_check_node_port: None,
-            internal_local: false,
-            traffic_distribution: TopologyMode::None,
-            policy: ProxyOverrides::default(),
-        }));
+        changes.push(Change::Service(service(
+            ObjectKey::new("bulk", &name),
+            Ipv4Addr::new(10, 96, b, c),
+            "http",
+            80,
+            8080,
+        )));
         changes.push(Change::Slice(EndpointSlice {
             key: ObjectKey::new("bulk", format!("{name}-x")),
             service: name,
