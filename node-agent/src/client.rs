@@ -68,6 +68,8 @@ pub enum AgentError {
     Ipam(#[from] crate::ipam::IpamError),
     #[error("CNI socket: {0}")]
     CniSocket(#[from] crate::cni::ServeError),
+    #[error("{0}; the agent stops so that it is restarted")]
+    Critical(weft_api::tasks::Failure),
 }
 
 /// Runs the agent until `shutdown` turns true. Never flushes what it programmed: losing the
@@ -93,8 +95,9 @@ pub async fn run(
         ingress: crate::ingress::IngressHandle::new(&config.state_dir, config.ingress.clone()),
     };
     let server = crate::cni::CniServer::bind(&target.socket())?.with_metrics(&metrics);
-    let cni_task = tokio::spawn(server.run(target.ipam.clone()));
-    let _stop_cni = AbortOnDrop(cni_task);
+    // Without its CNI socket the node cannot start pods: the agent must not carry on without it.
+    let mut critical = weft_api::tasks::Critical::new();
+    let _stop_cni = AbortOnDrop(critical.spawn("CNI socket", server.run(target.ipam.clone())));
     let mut agent = Agent {
         plan: PlanState::load(&config.state_dir).unwrap_or_else(|e| {
             // Start empty: the operator sends a snapshot, and nothing is programmed before it.
@@ -132,6 +135,7 @@ pub async fn run(
                 }
             }
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            failure = critical.failed() => return Err(AgentError::Critical(failure)),
         }
         agent.status.send_modify(|s| s.connected = false);
         agent.metrics.connected.set(0);
@@ -145,6 +149,7 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            failure = critical.failed() => return Err(AgentError::Critical(failure)),
         }
         backoff = (backoff * 2).min(agent.config.retry_interval.max(Duration::from_millis(200)));
     }
@@ -201,9 +206,9 @@ fn bearer(
 }
 
 /// Stops the CNI socket server with the agent.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+struct AbortOnDrop(tokio::task::AbortHandle);
 
-impl<T> Drop for AbortOnDrop<T> {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -97,7 +97,11 @@ async fn main() -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
-    tokio::spawn(telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())));
+    let mut critical = weft_api::tasks::Critical::new();
+    critical.spawn(
+        "admin server",
+        telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())),
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let config = AgentConfig {
@@ -122,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         ingress: weft_agent::ingress::IngressOptions { nginx: args.nginx_bin },
         proxy_runner: weft_agent::proxy::Runner::default(),
     };
-    let (task, mut status) = client::spawn(config, metrics, stop_rx);
+    let (mut task, mut status) = client::spawn(config, metrics, stop_rx);
     tokio::spawn(async move {
         while status.changed().await.is_ok() {
             let applied = status.borrow().applied_version != 0;
@@ -133,6 +137,12 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        // The agent's loop ends by itself only on an error (its CNI socket task died, …).
+        result = &mut task => {
+            result??;
+            anyhow::bail!("the agent's loop ended on its own");
+        }
+        failure = critical.failed() => anyhow::bail!("{failure}: the agent stops so that it is restarted"),
     }
     info!("shutting down; the node keeps its programmed state");
     let _ = stop_tx.send(true);
