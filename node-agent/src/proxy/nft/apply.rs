@@ -1,7 +1,7 @@
 //! Writing the nftables table: a full sync replaces the table in one transaction; after that each
 //! sync writes only the elements, chains and sets of the Services that changed, also in one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use weft_api::plan as pb;
@@ -32,6 +32,9 @@ pub struct NftCache {
     /// Which Service owns each map key it wrote: the first to claim a key keeps it; the other's
     /// element is left out (logged) instead of failing the whole transaction.
     claims: HashMap<Claim, String>,
+    /// Keys some Service was left out of: when their owner lets go, the waiting Service's
+    /// element must be written at once (a full sync re-renders every Service in name order).
+    contested: HashSet<Claim>,
     /// False at start, after a failed write and when the check finds the table tampered with:
     /// the next sync replaces the whole table.
     pub synced: bool,
@@ -52,7 +55,9 @@ impl NftCache {
             self.picks.clear();
             self.hairpin.clear();
             self.claims.clear();
+            self.contested.clear();
         }
+        let mut freed_contested = false;
         let (services, stale, removed) = changed_services(plan, &self.services, |s| s.version, false);
         let mut report = SyncReport { full, services, services_rendered: stale.len(), ..Default::default() };
         if !full && stale.is_empty() && removed.is_empty() {
@@ -71,12 +76,14 @@ impl NftCache {
                 for e in &old.written.elements {
                     if self.claims.get(&e.claim()).is_some_and(|owner| *owner == r.name) {
                         self.claims.remove(&e.claim());
+                        freed_contested |= self.contested.contains(&e.claim());
                     }
                 }
             }
             rules.elements.retain(|e| match self.claims.get(&e.claim()) {
                 Some(owner) if *owner != r.name => {
                     tracing::warn!(service = %r.name, owner = %owner, key = %e.key(), "map key taken by another Service; left out");
+                    self.contested.insert(e.claim());
                     false
                 }
                 _ => {
@@ -101,6 +108,7 @@ impl NftCache {
                 for e in &old.written.elements {
                     if self.claims.get(&e.claim()).is_some_and(|owner| owner == name) {
                         self.claims.remove(&e.claim());
+                        freed_contested |= self.contested.contains(&e.claim());
                     }
                 }
                 for ip in &old.written.hairpin_endpoints {
@@ -159,6 +167,16 @@ impl NftCache {
         self.hairpin = counts;
         self.ctx = Some(ctx.clone());
         self.synced = true;
+        if freed_contested {
+            // A Service waits for a key its owner just let go of. Only a full sync renders it
+            // again; it replaces the table in one transaction, as after a restart.
+            tracing::info!("a contested map key was freed; rewriting the table so its next claimant gets it");
+            self.synced = false;
+            let rewrite = self.sync(runner, ctx, plan, metrics, started_unix_ms)?;
+            report.full = true;
+            report.lines += rewrite.lines;
+            report.chains_written += rewrite.chains_written;
+        }
         Ok(report)
     }
 

@@ -147,14 +147,14 @@ fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps
         s.external_ips = vec![ip("192.168.9.9")];
         s
     };
-    let plan = plan(
+    let first = plan(
         1,
         &[
             ("default/a", with_external("10.96.0.1", "10.244.1.1")),
             ("default/b", with_external("10.96.0.2", "10.244.2.2")),
         ],
     );
-    cache.sync(&plan, &metrics).expect("a conflict is not an error");
+    cache.sync(&first, &metrics).expect("a conflict is not an error");
     let text = runner.recorded().concat();
     assert_eq!(text.matches("192.168.9.9 . tcp . 80 : goto").count(), 1, "{text}");
     assert!(
@@ -164,4 +164,17 @@ fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps
     assert!(!text.contains("192.168.9.9 . 80 . 0 : 10.244.2.2"), "{text}");
     // Each keeps its own cluster IP.
     assert!(text.contains("10.96.0.2 . tcp . 80 : goto"), "{text}");
+
+    // The owner goes: in the same sync the other Service gets the key (before, it waited for
+    // the next full sync, which might never come).
+    let written = runner.recorded().len();
+    cache.sync(&plan(2, &[("default/b", with_external("10.96.0.2", "10.244.2.2"))]), &metrics).expect("sync");
+    let text = runner.recorded()[written..].concat();
+    assert!(text.contains("192.168.9.9 . 80 . 0 : 10.244.2.2 . 8080"), "default/b takes the key: {text}");
+    let rewrite = runner.recorded().last().cloned().unwrap_or_default();
+    assert!(
+        rewrite.contains("delete table ip weft-proxy"),
+        "the table is replaced in one transaction: {rewrite}"
+    );
+    assert!(!rewrite.contains("10.244.1.1"), "nothing of default/a is left: {rewrite}");
 }
