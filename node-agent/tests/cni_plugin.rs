@@ -375,6 +375,12 @@ fn gc_releases_addresses_and_veths_of_attachments_that_are_gone() {
     let (keep, stale) = (Pod::new("g1"), Pod::new("g2"));
     let ip_keep = address_of(&agent.add(&keep));
     agent.add(&stale);
+    // No list: refused with the spec's "invalid network config" (7), and nothing is released.
+    let (success, out) = agent.plugin("GC", &[], &agent.netconf().to_string());
+    assert!(!success, "GC without valid-attachments must fail: {out}");
+    assert_eq!(out["code"], 7, "{out}");
+    assert!(agent.ipam.get(&stale.key()).is_some() && agent.ipam.get(&keep.key()).is_some());
+    assert!(agent.host.has_link(&agent.host_veth_of(&stale)));
     let mut conf = agent.netconf();
     conf["cni.dev/valid-attachments"] = json!([{ "containerID": keep.container_id, "ifname": "eth0" }]);
     let (success, out) = agent.plugin("GC", &[], &conf.to_string());

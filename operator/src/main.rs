@@ -165,9 +165,8 @@ async fn main() -> anyhow::Result<()> {
         _ = terminate() => info!("shutting down"),
         failure = critical.failed() => anyhow::bail!("{failure}: the operator stops so that it is restarted"),
     }
-    // Hand the Lease over at once instead of letting it expire: with every receiver dropped the
-    // manager releases it and returns.
-    // The Lease manager waits until the aborted tasks have dropped their receivers.
+    // Hand the Lease over at once instead of letting it expire: once the aborted tasks have
+    // dropped their receivers the manager releases it and returns.
     for task in &leader_tasks {
         task.abort();
     }

@@ -293,11 +293,16 @@ impl Cni for WeftCni {
 
     fn gc(&self, args: Args) -> Result<(), Error> {
         let config = PluginConfig::from_netconf(args.config())?;
-        let valid: Vec<Attachment> = args
-            .config()
-            .valid_attachments
+        // Without the list every attachment would count as gone: every pod of the node would
+        // lose its address and veth. The spec says the runtime passes it; refuse otherwise.
+        let Some(attachments) = args.config().valid_attachments.as_ref() else {
+            return Err(Error::InvalidNetworkConfig(
+                "GC without cni.dev/valid-attachments: refused, it would release every pod's address on this node"
+                    .into(),
+            ));
+        };
+        let valid: Vec<Attachment> = attachments
             .iter()
-            .flatten()
             .map(|a| Attachment { container_id: a.container_id.clone(), ifname: a.ifname.clone() })
             .collect();
         let keep: BTreeSet<String> =
