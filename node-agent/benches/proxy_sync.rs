@@ -10,9 +10,10 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use weft_agent::exec::Runner;
 use weft_agent::metrics::AgentMetrics;
 use weft_agent::plan_state::PlanState;
-use weft_agent::proxy::{ProxyCache, Runner, SyncReport};
+use weft_agent::proxy::{ProxyCache, ProxyPlan, SyncReport};
 use weft_api::plan::{self as pb, Kind, Resource};
 
 const ENDPOINTS: u32 = 10;
@@ -56,7 +57,10 @@ fn plan(n: u32, mode: pb::ProxyMode) -> PlanState {
 
 fn timed(cache: &ProxyCache, plan: &PlanState, metrics: &AgentMetrics) -> (Duration, SyncReport) {
     let started = Instant::now();
-    let report = cache.sync(plan, metrics).expect("sync");
+    // As the agent calls it: the proxy's part of the plan picked out, then synced.
+    let report = cache
+        .sync(&ProxyPlan::from_resources(plan.resources.values()).expect("plan"), metrics)
+        .expect("sync");
     (started.elapsed(), report)
 }
 

@@ -41,7 +41,7 @@ pub struct AgentConfig {
     /// Where Service rules, conntrack settings and the proxy's health ports go: the agent's own
     /// network namespace on a node; a recording runner for in-process agents of tests, which
     /// must leave the host's namespace alone.
-    pub proxy_runner: crate::proxy::Runner,
+    pub proxy_runner: crate::exec::Runner,
 }
 
 /// What the agent holds, published for readiness and tests.

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod cni;
 pub mod dns;
+pub mod exec;
 pub mod files;
 pub mod ingress;
 pub mod ipam;

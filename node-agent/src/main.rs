@@ -124,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
             metrics_port: args.dns_metrics_port,
         },
         ingress: weft_agent::ingress::IngressOptions { nginx: args.nginx_bin },
-        proxy_runner: weft_agent::proxy::Runner::default(),
+        proxy_runner: weft_agent::exec::Runner::default(),
     };
     let (mut task, mut status) = client::spawn(config, metrics, stop_rx);
     tokio::spawn(async move {

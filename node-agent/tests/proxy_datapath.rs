@@ -11,9 +11,10 @@ use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use weft_agent::exec::Runner;
 use weft_agent::metrics::{AgentMetrics, ResultLabel};
 use weft_agent::plan_state::PlanState;
-use weft_agent::proxy::{ProxyCache, Runner};
+use weft_agent::proxy::{ProxyCache, ProxyPlan};
 use weft_api::plan::{self as pb, Kind, Resource};
 
 mod support;
@@ -123,7 +124,7 @@ impl Lab {
     }
 
     fn sync(&self, plan: &PlanState) {
-        self.cache.sync(plan, &self.metrics).unwrap();
+        self.cache.sync(&ProxyPlan::from_resources(plan.resources.values()).unwrap(), &self.metrics).unwrap();
     }
 
     fn iptables(&self, args: &[&str]) {
@@ -512,13 +513,15 @@ fn a_restarted_agent_deletes_the_chains_of_services_gone_while_it_was_down() {
 
     // A new agent (empty cache), whose plan no longer has default/echo; it writes in small
     // batches, each of which must be valid on its own.
-    let restarted = ProxyCache::with_runner(Runner::in_netns(lab.node.name())).with_max_chains_per_restore(2);
+    let restarted = ProxyCache::with_max_chains_per_restore(Runner::in_netns(lab.node.name()), 2);
     let mut without_echo = lab.plan(&all(&lab), false);
     without_echo
         .resources
         .retain(|k, _| k.kind() != Kind::Service || !format!("{k:?}").contains("default/echo"));
     assert_eq!(without_echo.of_kind(Kind::Service).count(), 1);
-    restarted.sync(&without_echo, &lab.metrics).unwrap();
+    restarted
+        .sync(&ProxyPlan::from_resources(without_echo.resources.values()).unwrap(), &lab.metrics)
+        .unwrap();
     assert!(restarted.restores() > 1, "the write was not split");
     // echo had WEFT-SVC, WEFT-EXT (NodePort) and three WEFT-SEP for its TCP port, WEFT-SVC
     // and three WEFT-SEP for its UDP port.

@@ -167,7 +167,7 @@ impl Agent {
             dns: Default::default(),
             ingress: Default::default(),
             // In-process agents: record the rules instead of writing them into the host.
-            proxy_runner: weft_agent::proxy::Runner::recording(),
+            proxy_runner: weft_agent::exec::Runner::recording(),
         };
         let (task, status) = weft_agent::spawn(config, AgentMetrics::default(), stop_rx);
         Self { node, dir: dir.to_path_buf(), status, stop, task }

@@ -289,9 +289,14 @@ fn render_routes(plan: &PlanState) -> Result<String, ProgramError> {
     Ok(out)
 }
 
-/// The service proxy's chains (see [`crate::proxy`]): only the chains that changed are written.
+/// The proxy's part of the plan: its settings and Services.
+fn proxy_plan(plan: &PlanState) -> Result<crate::proxy::ProxyPlan<'_>, ProgramError> {
+    Ok(crate::proxy::ProxyPlan::from_resources(plan.resources.values())?)
+}
+
+/// The service proxy's rules (see [`crate::proxy`]): only the rules that changed are written.
 fn act_proxy(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
-    target.proxy.sync(plan, &target.metrics)?;
+    target.proxy.sync(&proxy_plan(plan)?, &target.metrics)?;
     Ok(())
 }
 
@@ -325,7 +330,7 @@ fn check_proxy(plan: &PlanState, target: &Target) -> Result<bool, ProgramError> 
     if target.proxy.check(&target.metrics)? {
         return Ok(false);
     }
-    target.proxy.sync(plan, &target.metrics)?;
+    target.proxy.sync(&proxy_plan(plan)?, &target.metrics)?;
     Ok(true)
 }
 
@@ -508,7 +513,7 @@ mod tests {
             cni: CniOptions::default(),
             routes: Default::default(),
             metrics: Default::default(),
-            proxy: crate::proxy::ProxyCache::with_runner(crate::proxy::Runner::recording()),
+            proxy: crate::proxy::ProxyCache::with_runner(crate::exec::Runner::recording()),
             dns: crate::dns::DnsHandle::new(dir.path(), Default::default(), Default::default()),
             ingress: crate::ingress::IngressHandle::new(dir.path(), Default::default()),
         };

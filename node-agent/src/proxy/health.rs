@@ -20,10 +20,9 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
-use weft_api::plan::{self as pb, Kind};
+use weft_api::plan as pb;
 
-use super::ProxyError;
-use crate::plan_state::PlanState;
+use super::model::{ProxyError, decode};
 
 /// What one health check node port answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +48,10 @@ impl Check {
 }
 
 /// The health check node ports of the plan's Services and what each answers.
-pub fn checks(plan: &PlanState) -> Result<BTreeMap<u16, Check>, ProxyError> {
+pub fn checks(services: &[&pb::Resource]) -> Result<BTreeMap<u16, Check>, ProxyError> {
     let mut out = BTreeMap::new();
-    for r in plan.of_kind(Kind::Service) {
-        let svc: pb::Service =
-            r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
+    for r in services {
+        let svc: pb::Service = decode(r)?;
         let Ok(port) = u16::try_from(svc.health_check_node_port) else { continue };
         if port == 0 {
             continue;
@@ -321,9 +319,8 @@ mod tests {
     const TERMINATING: u32 = pb::EndpointFlag::EndpointTerminating as u32;
     const NOT_READY: u32 = pb::EndpointFlag::EndpointNotReady as u32;
 
-    fn plan(services: &[(&str, pb::Service)]) -> PlanState {
-        let resources = services.iter().map(|(n, s)| Resource::encode(Kind::Service, *n, s));
-        PlanState { version: 1, generation: 1, resources: resources.map(|r| (r.key(), r)).collect() }
+    fn plan(services: &[(&str, pb::Service)]) -> Vec<Resource> {
+        services.iter().map(|(n, s)| Resource::encode(pb::Kind::Service, *n, s)).collect()
     }
 
     #[test]
@@ -339,7 +336,7 @@ mod tests {
             ("web/draining", svc(32001, vec![ep(5, LOCAL | TERMINATING)])),
             ("web/plain", svc(0, vec![ep(6, LOCAL)])),
         ]);
-        let checks = checks(&p).expect("checks");
+        let checks = checks(&p.iter().collect::<Vec<_>>()).expect("checks");
         assert_eq!(checks.keys().copied().collect::<Vec<_>>(), [32000, 32001], "no port, no check");
         let (status, body) = checks[&32000].response();
         assert_eq!(status, 200);

@@ -1,777 +1,226 @@
-//! The service proxy in iptables: kube-proxy's iptables proxier, with `WEFT-` chains.
-//!
-//! [`render_service`] is pure: one plan `Service` in, its chains (`WEFT-SVC-`, `WEFT-SVL-`,
-//! `WEFT-EXT-`, `WEFT-SEP-`) and its lines in the shared chains (`WEFT-SERVICES`,
-//! `WEFT-NODEPORTS`, …) out; [`render`] assembles a whole plan into one `iptables-restore` input
-//! (what the snapshot tests read). [`ProxyCache::sync`] is the thin apply: it re-renders only the
-//! Services whose plan resource changed, writes only the chains whose text changed with one
-//! `iptables-restore -w --noflush`, and writes nothing (spawns nothing) when nothing changed.
-//!
-//! Layout (see docs/SERVICE-PROXY.md):
+//! The service proxy: kube-proxy's Service semantics, written by one of two backends.
 //!
 //! ```text
-//! nat  PREROUTING, OUTPUT → WEFT-SERVICES ─ -d clusterIP:port ─────────→ WEFT-SVC-<h> (or WEFT-SVL-<h>: internalTrafficPolicy Local)
-//!                                          ├ -d externalIP|lbIP:port ──→ WEFT-EXT-<h> → WEFT-SVC-<h> | WEFT-SVL-<h> (externalTrafficPolicy Local)
-//!                                          └ dst-type LOCAL (last) ───→ WEFT-NODEPORTS ─ --dport nodePort → WEFT-EXT-<h>
-//!      WEFT-SVC-<h>/WEFT-SVL-<h> ─ recent (affinity), statistic random ─→ WEFT-SEP-<h> (hairpin mark, DNAT)
-//!      POSTROUTING → WEFT-PROXY-POSTROUTING: masquerade what WEFT-MARK-MASQ marked
-//! filter FORWARD, OUTPUT (NEW) → WEFT-SERVICES: REJECT ports without endpoints, then the rest of the service CIDR
-//!        INPUT, FORWARD (NEW) → WEFT-EXTERNAL-SERVICES: REJECT/DROP external IPs and NodePorts without endpoints
-//!        FORWARD → WEFT-FORWARD: accept marked and established service traffic
+//! model      ProxyPlan (settings + Services) → Context, PortPlan: what each port does here
+//! iptables   render (pure) → chains; apply: only the changed chains, iptables-restore
+//! nftables   render (pure) → elements, chains; diff (Changes); apply: one nft transaction
+//! conntrack  stale UDP flows, kube-proxy's TCP timeouts (both backends)
+//! health     kube-proxy's health and /proxyMode endpoints, health check node ports
 //! ```
 //!
-//! The routes programmer owns `WEFT-POSTROUTING` (pod egress); the proxy's masquerade lives in its
-//! own `WEFT-PROXY-POSTROUTING` so neither ever rewrites the other's chain.
+//! [`ProxyCache`] is the dispatcher: it owns the mode switch (the new backend's rules go in
+//! before the old one's come out), the periodic check, the health server and the sync's span and
+//! metrics. The backends import the model, never each other or the dispatcher; the external
+//! commands they run go through [`crate::exec::Runner`].
 
-mod apply;
-pub mod health;
-pub mod nft;
+pub mod conntrack;
 #[cfg(test)]
-mod tests;
+mod fixtures;
+pub mod health;
+pub mod iptables;
+pub mod model;
+pub mod nftables;
 
-use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
 
-use ipnet::Ipv4Net;
+use tracing::field::Empty;
 use weft_api::plan as pb;
 
-pub use apply::{MAX_CHAINS_PER_RESTORE, ProxyCache, Runner, SyncReport};
+use crate::exec::Runner;
+use crate::metrics::{AgentMetrics, ResultLabel};
+use health::{Health, HealthServer};
+use iptables::IptablesCache;
+pub use model::{Context, ProxyError, ProxyPlan, SyncReport, mode_name};
+use nftables::NftCache;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("service {name} does not decode: {source}")]
-    Decode { name: String, source: prost::DecodeError },
-    #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
-    #[error("{what}: {message}")]
-    Command { what: String, message: String },
+#[derive(Debug)]
+struct State {
+    iptables: IptablesCache,
+    nft: NftCache,
+    /// The backend of the last successful sync (None before the first).
+    active: Option<pb::ProxyMode>,
+    /// `iptables-restore` or `nft` processes run so far.
+    writes: u64,
+    /// Trigger times older than this are not observed as programming latency: they were
+    /// programmed by an earlier run (kube-proxy skips them the same way).
+    started_unix_ms: i64,
 }
 
-/// The chains every node has, whatever its Services.
-pub const SERVICES: &str = "WEFT-SERVICES";
-pub const NODEPORTS: &str = "WEFT-NODEPORTS";
-pub const EXTERNAL_SERVICES: &str = "WEFT-EXTERNAL-SERVICES";
-pub const FORWARD: &str = "WEFT-FORWARD";
-pub const MARK_MASQ: &str = "WEFT-MARK-MASQ";
-pub const POSTROUTING: &str = "WEFT-PROXY-POSTROUTING";
-/// Masquerades what does not come from the pod network when it has more than one CIDR (one
-/// `! -s` cannot negate several).
-pub const NON_POD_MASQ: &str = "WEFT-NONPOD-MASQ";
-/// Empty; the first rule of both `WEFT-SERVICES` jumps to it. The periodic check looks for that
-/// rule: gone means someone flushed or deleted Weft's chains, and a full re-sync follows.
-pub const CANARY: &str = "WEFT-PROXY-CANARY";
-pub const CANARY_COMMENT: &str = "weft proxy canary";
-
-/// Prefixes of the per-service chains (followed by a 16-character hash).
-pub const SERVICE_CHAIN_PREFIXES: [&str; 4] = ["WEFT-SVC-", "WEFT-SVL-", "WEFT-EXT-", "WEFT-SEP-"];
-
-/// Whether `name` is a chain the proxy owns (and may delete when stale).
-pub fn owned_chain(name: &str) -> bool {
-    [SERVICES, NODEPORTS, EXTERNAL_SERVICES, FORWARD, MARK_MASQ, POSTROUTING, NON_POD_MASQ, CANARY]
-        .contains(&name)
-        || SERVICE_CHAIN_PREFIXES
-            .iter()
-            .any(|p| name.strip_prefix(p).is_some_and(|h| h.len() == HASH_LEN && h.bytes().all(is_base32)))
+/// What the proxy last wrote, shared by the programmer's syncs and its periodic check (which
+/// serialize on it).
+#[derive(Debug, Clone)]
+pub struct ProxyCache {
+    state: Arc<Mutex<State>>,
+    runner: Runner,
+    health: HealthServer,
 }
 
-fn is_base32(b: u8) -> bool {
-    b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Nat,
-    Filter,
-}
-
-impl Table {
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Nat => "nat",
-            Table::Filter => "filter",
-        }
+impl Default for ProxyCache {
+    fn default() -> Self {
+        Self::with_runner(Runner::default())
     }
 }
 
-/// One chain and its rules: complete `-A <chain> …` lines, each ending in a newline.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chain {
-    pub table: Table,
-    pub name: String,
-    pub rules: String,
-}
-
-impl Chain {
-    fn new(table: Table, name: impl Into<String>) -> Self {
-        Self { table, name: name.into(), rules: String::new() }
+impl ProxyCache {
+    pub fn with_runner(runner: Runner) -> Self {
+        Self::with_backends(runner, IptablesCache::default())
     }
 
-    fn rule(&mut self, args: std::fmt::Arguments<'_>) {
-        let _ = writeln!(self.rules, "-A {} {args}", self.name);
+    /// With an iptables backend that splits big writes into restores of at most `chains` chains.
+    pub fn with_max_chains_per_restore(runner: Runner, chains: usize) -> Self {
+        Self::with_backends(runner, IptablesCache::with_max_chains_per_restore(chains))
     }
 
-    /// Content hash: what the cache compares instead of keeping the text.
-    pub fn hash(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(self.rules.as_bytes())
-    }
-}
-
-/// A chain rule from the built-in chains to Weft's, inserted once at the top.
-#[derive(Debug, Clone, Copy)]
-pub struct Jump {
-    pub table: Table,
-    pub from: &'static str,
-    pub args: &'static [&'static str],
-}
-
-/// New connections into the filter chains that refuse what no Service serves.
-const NEW_TO_SERVICES: &[&str] = &[
-    "-m",
-    "conntrack",
-    "--ctstate",
-    "NEW",
-    "-m",
-    "comment",
-    "--comment",
-    "weft service portals",
-    "-j",
-    SERVICES,
-];
-const NEW_TO_EXTERNAL_SERVICES: &[&str] = &[
-    "-m",
-    "conntrack",
-    "--ctstate",
-    "NEW",
-    "-m",
-    "comment",
-    "--comment",
-    "weft externally-visible service portals",
-    "-j",
-    EXTERNAL_SERVICES,
-];
-
-pub const JUMPS: &[Jump] = &[
-    Jump {
-        table: Table::Nat,
-        from: "PREROUTING",
-        args: &["-m", "comment", "--comment", "weft service portals", "-j", SERVICES],
-    },
-    Jump {
-        table: Table::Nat,
-        from: "OUTPUT",
-        args: &["-m", "comment", "--comment", "weft service portals", "-j", SERVICES],
-    },
-    Jump {
-        table: Table::Nat,
-        from: "POSTROUTING",
-        args: &["-m", "comment", "--comment", "weft service masquerade", "-j", POSTROUTING],
-    },
-    Jump { table: Table::Filter, from: "INPUT", args: NEW_TO_EXTERNAL_SERVICES },
-    Jump {
-        table: Table::Filter,
-        from: "FORWARD",
-        args: &["-m", "comment", "--comment", "weft forwarding rules", "-j", FORWARD],
-    },
-    Jump { table: Table::Filter, from: "FORWARD", args: NEW_TO_SERVICES },
-    Jump { table: Table::Filter, from: "FORWARD", args: NEW_TO_EXTERNAL_SERVICES },
-    Jump { table: Table::Filter, from: "OUTPUT", args: NEW_TO_SERVICES },
-];
-
-/// The canary rule, first in both tables' `WEFT-SERVICES` (arguments for `iptables -C`).
-pub const CANARY_RULE: &[&str] = &["-m", "comment", "--comment", CANARY_COMMENT, "-j", CANARY];
-
-/// What every Service's rendering depends on besides the Service itself: from NetworkSettings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Context {
-    pub pod_cidrs: Vec<Ipv4Net>,
-    pub service_cidr: Option<Ipv4Net>,
-    pub node_port_addresses: Vec<Ipv4Net>,
-    /// The masquerade mark (one bit).
-    pub mark: u32,
-}
-
-fn cidr(what: &str, s: &str) -> Result<Ipv4Net, ProxyError> {
-    s.parse::<Ipv4Net>()
-        .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
-        .map(|n| n.trunc())
-        .map_err(|_| ProxyError::Invalid(format!("{what} {s:?} is not an IPv4 CIDR")))
-}
-
-impl Context {
-    pub fn from_settings(net: &pb::NetworkSettings) -> Result<Self, ProxyError> {
-        if net.masquerade_bit > 31 {
-            return Err(ProxyError::Invalid(format!(
-                "the masquerade bit must be 0 to 31, got {}",
-                net.masquerade_bit
-            )));
-        }
-        let mut pod_cidrs =
-            net.pod_cidrs.iter().map(|c| cidr("pod CIDR", c)).collect::<Result<Vec<_>, _>>()?;
-        pod_cidrs.sort();
-        pod_cidrs.dedup();
-        let mut node_port_addresses = net
-            .node_port_addresses
-            .iter()
-            .map(|c| cidr("nodePortAddresses entry", c))
-            .collect::<Result<Vec<_>, _>>()?;
-        node_port_addresses.sort();
-        node_port_addresses.dedup();
-        let service_cidr =
-            (!net.service_cidr.is_empty()).then(|| cidr("service CIDR", &net.service_cidr)).transpose()?;
-        Ok(Self { pod_cidrs, service_cidr, node_port_addresses, mark: 1 << net.masquerade_bit })
-    }
-}
-
-/// A Service's lines in the shared chains.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fragments {
-    pub nat_services: String,
-    pub nat_nodeports: String,
-    pub filter_services: String,
-    pub filter_external: String,
-}
-
-/// The backend's name as NetworkConfig and kube-proxy's `/proxyMode` spell it.
-pub fn mode_name(mode: pb::ProxyMode) -> &'static str {
-    match mode {
-        pb::ProxyMode::Iptables => "iptables",
-        pb::ProxyMode::Nftables => "nftables",
-    }
-}
-
-/// A UDP destination of a Service and the endpoints behind it: when an endpoint goes away, or
-/// its port changes (a new targetPort), its conntrack entries must go too, or the client keeps
-/// talking to the dead pod or port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdpFlows {
-    /// Cluster IP, external IPs, load-balancer IPs.
-    pub ips: Vec<Ipv4Addr>,
-    pub port: u16,
-    pub node_port: u16,
-    /// Sorted, no duplicates.
-    pub endpoints: Vec<SocketAddrV4>,
-}
-
-/// The endpoints a UDP Service port's flows may be NATed to, for [`UdpFlows::endpoints`].
-pub(crate) fn udp_endpoints(cluster: &[&pb::Endpoint], local: &[&pb::Endpoint]) -> Vec<SocketAddrV4> {
-    let mut eps: Vec<SocketAddrV4> =
-        cluster.iter().chain(local).map(|e| SocketAddrV4::new(Ipv4Addr::from(e.ip), e.port as u16)).collect();
-    eps.sort();
-    eps.dedup();
-    eps
-}
-
-/// Everything one Service contributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceRules {
-    pub chains: Vec<Chain>,
-    pub fragments: Fragments,
-    pub udp: Vec<UdpFlows>,
-}
-
-const HASH_LEN: usize = 16;
-
-/// kube-proxy-style chain suffix: 80 bits of a content hash in base32 (RFC 4648 alphabet).
-fn hash_suffix(input: &str) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let h = xxhash_rust::xxh3::xxh3_128(input.as_bytes());
-    (0..HASH_LEN).map(|i| ALPHABET[((h >> (i * 5)) & 31) as usize] as char).collect()
-}
-
-/// `WEFT-SVC-…`, stable for (service, port name, protocol).
-pub fn service_chain(prefix: &str, service: &str, port: &str, protocol: &str) -> String {
-    format!("{prefix}{}", hash_suffix(&format!("{service}:{port}/{protocol}")))
-}
-
-/// `WEFT-SEP-…`, stable for (service, port name, protocol, endpoint).
-pub fn endpoint_chain(service: &str, port: &str, protocol: &str, ep: Ipv4Addr, ep_port: u32) -> String {
-    format!("WEFT-SEP-{}", hash_suffix(&format!("{service}:{port}/{protocol}->{ep}:{ep_port}")))
-}
-
-fn protocol_name(p: pb::Protocol) -> &'static str {
-    match p {
-        pb::Protocol::Tcp => "tcp",
-        pb::Protocol::Udp => "udp",
-        pb::Protocol::Sctp => "sctp",
-    }
-}
-
-/// Comment text safe inside iptables-restore's double quotes.
-fn comment(s: &str) -> String {
-    s.chars().map(|c| if c == '"' || c == '\\' || c.is_control() { '_' } else { c }).collect()
-}
-
-fn ready(e: &pb::Endpoint) -> bool {
-    !e.has(pb::EndpointFlag::EndpointNotReady)
-}
-
-fn serving_terminating(e: &pb::Endpoint) -> bool {
-    e.has(pb::EndpointFlag::EndpointNotReady) && e.has(pb::EndpointFlag::EndpointTerminating)
-}
-
-/// kube-proxy's selection: the ready endpoints; when there are none, the serving terminating
-/// ones (so a rolling update of the last replica does not drop connections).
-fn usable<'a>(eps: impl Iterator<Item = &'a pb::Endpoint> + Clone) -> Vec<&'a pb::Endpoint> {
-    let ready: Vec<_> = eps.clone().filter(|e| ready(e)).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    eps.filter(|e| serving_terminating(e)).collect()
-}
-
-/// What the filter table does with traffic a port cannot serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Refuse {
-    /// No endpoint at all: the client learns at once (kube-proxy's REJECT).
-    Reject,
-    /// Endpoints exist, but none this traffic policy allows on this node (kube-proxy's DROP).
-    Drop,
-}
-
-impl Refuse {
-    fn target(self) -> &'static str {
-        match self {
-            Refuse::Reject => "REJECT --reject-with icmp-port-unreachable",
-            Refuse::Drop => "DROP",
-        }
-    }
-}
-
-/// Renders one Service (`name` is the plan resource's name, `namespace/name`).
-pub fn render_service(ctx: &Context, name: &str, svc: &pb::Service) -> Result<ServiceRules, ProxyError> {
-    let mut out = ServiceRules { chains: Vec::new(), fragments: Fragments::default(), udp: Vec::new() };
-    let allowed = svc
-        .allowed_source_cidrs
-        .iter()
-        .map(|c| cidr(&format!("service {name}: allowed source"), c))
-        .collect::<Result<Vec<_>, _>>()?;
-    let masquerade = svc.masquerade();
-    let cluster_ip = (svc.cluster_ip != 0).then(|| Ipv4Addr::from(svc.cluster_ip));
-    let external: Vec<(Ipv4Addr, &str)> = svc
-        .external_ips
-        .iter()
-        .map(|ip| (Ipv4Addr::from(*ip), "external IP"))
-        .chain(svc.load_balancer_ips.iter().map(|ip| (Ipv4Addr::from(*ip), "loadbalancer IP")))
-        .collect();
-    for port in &svc.ports {
-        render_port(ctx, name, svc, port, cluster_ip, &external, &allowed, masquerade, &mut out)?;
-    }
-    Ok(out)
-}
-
-/// What one Service port does on this node, whatever the backend writes it with: which endpoints
-/// each kind of traffic balances over and what happens to traffic nothing can serve.
-pub(crate) struct PortPlan<'a> {
-    pub proto: &'static str,
-    pub svc_port: u16,
-    pub node_port: u16,
-    /// `namespace/name:port`, safe inside a quoted comment.
-    pub label: String,
-    /// Usable endpoints for Cluster policies and for Local ones, each sorted by (IP, port).
-    pub cluster_eps: Vec<&'a pb::Endpoint>,
-    pub local_eps: Vec<&'a pb::Endpoint>,
-    /// Reachable from outside: a NodePort, external or load-balancer IPs.
-    pub externally: bool,
-    /// The Local-policy chain is needed (internalTrafficPolicy Local, or externalTrafficPolicy
-    /// Local on an externally reachable port).
-    pub needs_local: bool,
-    /// The Cluster-policy chain is needed.
-    pub svc_used: bool,
-    /// External traffic has somewhere to go (the `EXT` chain exists).
-    pub uses_ext: bool,
-    /// What the filter table does with cluster-IP traffic that was not DNATed, and why.
-    pub cluster_refuse: Option<(Refuse, &'static str)>,
-    /// The same for external IPs, load-balancer IPs and the NodePort.
-    pub external_refuse: Option<(Refuse, &'static str)>,
-}
-
-impl<'a> PortPlan<'a> {
-    pub fn new(
-        name: &str,
-        svc: &pb::Service,
-        port: &'a pb::ServicePort,
-        has_external_ips: bool,
-        sources_restricted: bool,
-    ) -> Result<Self, ProxyError> {
-        let proto = protocol_name(port.protocol());
-        let svc_port = u16::try_from(port.port).ok().filter(|p| *p != 0).ok_or_else(|| {
-            ProxyError::Invalid(format!("service {name}: port {} is out of range", port.port))
-        })?;
-        let node_port = u16::try_from(port.node_port).map_err(|_| {
-            ProxyError::Invalid(format!("service {name}: nodePort {} is out of range", port.node_port))
-        })?;
-        let label = if port.name.is_empty() { name.to_string() } else { format!("{name}:{}", port.name) };
-        let mut eps: Vec<&pb::Endpoint> = port.endpoints.iter().collect();
-        eps.sort_by_key(|e| (e.ip, e.port));
-        eps.dedup_by_key(|e| (e.ip, e.port));
-        let cluster_eps = usable(eps.iter().copied());
-        let local_eps = usable(eps.iter().filter(|e| e.has(pb::EndpointFlag::EndpointLocal)).copied());
-        let any = !cluster_eps.is_empty() || !local_eps.is_empty();
-        let externally = node_port != 0 || has_external_ips;
-        let internal_empty = if svc.internal_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
-        let external_empty = if svc.external_local { local_eps.is_empty() } else { cluster_eps.is_empty() };
-        let refuse = |empty: bool| match (empty, any) {
-            (true, true) => Some((Refuse::Drop, "has no local endpoints")),
-            (true, false) => Some((Refuse::Reject, "has no endpoints")),
-            (false, _) if sources_restricted => Some((Refuse::Reject, "source not allowed")),
-            (false, _) => None,
+    fn with_backends(runner: Runner, iptables: IptablesCache) -> Self {
+        let health = HealthServer::new(runner.netns().map(String::from));
+        let state = State {
+            iptables,
+            nft: NftCache::default(),
+            active: None,
+            writes: 0,
+            started_unix_ms: model::now_unix_ms(),
         };
-        let (cluster_refuse, external_refuse) = (refuse(internal_empty), refuse(external_empty));
-        Ok(Self {
-            proto,
-            svc_port,
-            node_port,
-            label: comment(&label),
-            cluster_eps,
-            local_eps,
-            externally,
-            needs_local: svc.internal_local || (svc.external_local && externally),
-            // The Cluster-policy chain serves the cluster IP unless internalTrafficPolicy is
-            // Local, and external traffic (directly, or pods' and the node's own with
-            // externalTrafficPolicy Local).
-            svc_used: !svc.internal_local || externally,
-            uses_ext: externally && any,
-            cluster_refuse,
-            external_refuse,
-        })
+        Self { state: Arc::new(Mutex::new(state)), runner, health }
     }
 
-    /// The endpoints cluster-IP traffic balances over.
-    pub fn internal_eps(&self, svc: &pb::Service) -> &[&'a pb::Endpoint] {
-        if svc.internal_local { &self.local_eps } else { &self.cluster_eps }
+    pub fn runner(&self) -> &Runner {
+        &self.runner
     }
 
-    /// The endpoints external traffic balances over.
-    pub fn external_eps(&self, svc: &pb::Service) -> &[&'a pb::Endpoint] {
-        if svc.external_local { &self.local_eps } else { &self.cluster_eps }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn render_port(
-    ctx: &Context,
-    name: &str,
-    svc: &pb::Service,
-    port: &pb::ServicePort,
-    cluster_ip: Option<Ipv4Addr>,
-    external: &[(Ipv4Addr, &str)],
-    allowed: &[Ipv4Net],
-    masquerade: pb::Masquerade,
-    out: &mut ServiceRules,
-) -> Result<(), ProxyError> {
-    let plan = PortPlan::new(name, svc, port, !external.is_empty(), !allowed.is_empty())?;
-    let PortPlan { proto, svc_port, node_port, ref label, needs_local, svc_used, uses_ext, .. } = plan;
-    let (cluster_eps, local_eps) = (&plan.cluster_eps, &plan.local_eps);
-    let svc_chain = service_chain("WEFT-SVC-", name, &port.name, proto);
-    let svl_chain = service_chain("WEFT-SVL-", name, &port.name, proto);
-    let ext_chain = service_chain("WEFT-EXT-", name, &port.name, proto);
-    let internal_eps = plan.internal_eps(svc);
-    let internal_chain = if svc.internal_local { &svl_chain } else { &svc_chain };
-    let external_eps = plan.external_eps(svc);
-    let external_target = if svc.external_local { &svl_chain } else { &svc_chain };
-    let dport = format!("-p {proto} -m {proto} --dport {svc_port}");
-    let sources: Vec<Option<Ipv4Net>> =
-        if allowed.is_empty() { vec![None] } else { allowed.iter().copied().map(Some).collect() };
-    let src = |s: &Option<Ipv4Net>| s.map(|n| format!("-s {n} ")).unwrap_or_default();
-    let f = &mut out.fragments;
-
-    // The cluster IP.
-    if let Some(ip) = cluster_ip {
-        if !internal_eps.is_empty() {
-            for s in &sources {
-                let _ = writeln!(
-                    f.nat_services,
-                    "-A {SERVICES} {}-d {ip}/32 {dport} -m comment --comment \"{label} cluster IP\" -j {internal_chain}",
-                    src(s)
-                );
-            }
-        }
-        if let Some((refuse, why)) = plan.cluster_refuse {
-            let _ = writeln!(
-                f.filter_services,
-                "-A {SERVICES} -d {ip}/32 {dport} -m comment --comment \"{label} {why}\" -j {}",
-                refuse.target()
-            );
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    // External IPs, load-balancer IPs and the NodePort.
-    let external_refuse = plan.external_refuse;
-    for (ip, what) in external {
-        if uses_ext {
-            for s in &sources {
-                let _ = writeln!(
-                    f.nat_services,
-                    "-A {SERVICES} {}-d {ip}/32 {dport} -m comment --comment \"{label} {what}\" -j {ext_chain}",
-                    src(s)
-                );
-            }
-        }
-        if let Some((refuse, why)) = external_refuse {
-            let _ = writeln!(
-                f.filter_external,
-                "-A {EXTERNAL_SERVICES} -d {ip}/32 {dport} -m comment --comment \"{label} {why}\" -j {}",
-                refuse.target()
-            );
-        }
-    }
-    if node_port != 0 {
-        let np = format!("-p {proto} -m {proto} --dport {node_port}");
-        if uses_ext {
-            for s in &sources {
-                let _ = writeln!(
-                    f.nat_nodeports,
-                    "-A {NODEPORTS} {}{np} -m comment --comment \"{label}\" -j {ext_chain}",
-                    src(s)
-                );
-            }
-        }
-        if let Some((refuse, why)) = external_refuse {
-            let _ = writeln!(
-                f.filter_external,
-                "-A {EXTERNAL_SERVICES} -m addrtype --dst-type LOCAL {np} -m comment --comment \"{label} {why}\" -j {}",
-                refuse.target()
-            );
-        }
+    /// How many times rules were written (`iptables-restore` or `nft` runs).
+    pub fn restores(&self) -> u64 {
+        self.lock().writes
     }
 
-    // The endpoint chains.
-    let affinity = svc.affinity_timeout_seconds;
-    let mut seps: Vec<Chain> = Vec::new();
-    let mut sep_of = |e: &pb::Endpoint| -> String {
-        let ip = Ipv4Addr::from(e.ip);
-        let chain = endpoint_chain(name, &port.name, proto, ip, e.port);
-        if !seps.iter().any(|c| c.name == chain) {
-            let mut sep = Chain::new(Table::Nat, chain.clone());
-            sep.rule(format_args!("-m comment --comment \"{label}\" -s {ip}/32 -j {MARK_MASQ}"));
-            let recent = if affinity > 0 {
-                format!("-m recent --set --name {chain} --mask 255.255.255.255 --rsource ")
-            } else {
-                String::new()
-            };
-            sep.rule(format_args!(
-                "-m comment --comment \"{label}\" {recent}-p {proto} -m {proto} -j DNAT --to-destination {ip}:{}",
-                e.port
-            ));
-            seps.push(sep);
-        }
-        chain
-    };
-    let mut balance = |chain: &mut Chain, eps: &[&pb::Endpoint]| {
-        let targets: Vec<(String, String)> =
-            eps.iter().map(|e| (sep_of(e), format!("{}:{}", Ipv4Addr::from(e.ip), e.port))).collect();
-        if affinity > 0 {
-            for (sep, to) in &targets {
-                chain.rule(format_args!(
-                    "-m comment --comment \"{label} -> {to}\" -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}"
-                ));
-            }
-        }
-        let n = targets.len();
-        for (i, (sep, to)) in targets.iter().enumerate() {
-            if i + 1 < n {
-                let p = 1.0 / (n - i) as f64;
-                chain.rule(format_args!(
-                    "-m comment --comment \"{label} -> {to}\" -m statistic --mode random --probability {p:.10} -j {sep}"
-                ));
-            } else {
-                chain.rule(format_args!("-m comment --comment \"{label} -> {to}\" -j {sep}"));
-            }
-        }
-    };
-    let masq_rule = |chain: &mut Chain| {
-        let Some(ip) = cluster_ip else { return };
-        let what = format!("-d {ip}/32 {dport} -m comment --comment \"{label} cluster IP\"");
-        match masquerade {
-            pb::Masquerade::Never => {}
-            pb::Masquerade::Always => chain.rule(format_args!("{what} -j {MARK_MASQ}")),
-            pb::Masquerade::Auto => match ctx.pod_cidrs.as_slice() {
-                [] => {}
-                [one] => chain.rule(format_args!("! -s {one} {what} -j {MARK_MASQ}")),
-                _ => chain.rule(format_args!("{what} -j {NON_POD_MASQ}")),
-            },
-        }
-    };
-    let mut chains = Vec::new();
-    if svc_used && !cluster_eps.is_empty() {
-        let mut chain = Chain::new(Table::Nat, svc_chain.clone());
-        if !svc.internal_local {
-            masq_rule(&mut chain);
-        }
-        balance(&mut chain, cluster_eps);
-        chains.push(chain);
+    /// Forgets what was written: the next sync rewrites everything.
+    pub fn invalidate(&self) {
+        let mut state = self.lock();
+        state.iptables.synced = false;
+        state.nft.synced = false;
     }
-    if needs_local && !local_eps.is_empty() {
-        let mut chain = Chain::new(Table::Nat, svl_chain.clone());
-        if svc.internal_local {
-            masq_rule(&mut chain);
-        }
-        balance(&mut chain, local_eps);
-        chains.push(chain);
-    }
-    if uses_ext {
-        let mut chain = Chain::new(Table::Nat, ext_chain);
-        if svc.external_local {
-            if !cluster_eps.is_empty() {
-                for pod in &ctx.pod_cidrs {
-                    chain.rule(format_args!(
-                        "-s {pod} -m comment --comment \"pod traffic for {label} external destinations\" -j {svc_chain}"
-                    ));
+
+    /// Makes the node's rules match the plan's Services. Fail-static: on any error nothing is
+    /// flushed, the error is returned (the plan is NACKed) and the next sync rewrites every rule.
+    pub fn sync(&self, plan: &ProxyPlan<'_>, metrics: &AgentMetrics) -> Result<SyncReport, ProxyError> {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "proxy.sync",
+            services = Empty,
+            chains_changed = Empty,
+            lines = Empty,
+            full = Empty
+        );
+        let _enter = span.enter();
+        let mut state = self.lock();
+        let result = self.sync_locked(&mut state, plan, metrics);
+        match &result {
+            Ok(report) => {
+                state.writes += report.writes as u64;
+                // The health endpoints follow the rules just written.
+                if let (false, Some(mode)) = (self.runner.is_recording(), state.active) {
+                    match health::checks(&plan.services) {
+                        Ok(checks) => self.health.set(Health {
+                            checks,
+                            mode: mode_name(mode),
+                            last_updated: SystemTime::now(),
+                            healthy: true,
+                        }),
+                        Err(e) => tracing::warn!(error = %e, "health check node ports left as they were"),
+                    }
                 }
-                if masquerade != pb::Masquerade::Never {
-                    chain.rule(format_args!(
-                        "-m comment --comment \"masquerade LOCAL traffic for {label} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}"
-                    ));
+                span.record("services", report.services);
+                span.record("chains_changed", report.chains_written + report.chains_deleted);
+                span.record("lines", report.lines);
+                span.record("full", report.full);
+                let result = if report.lines == 0 { "unchanged" } else { "changed" };
+                metrics.proxy_syncs.get_or_create(&ResultLabel { result }).inc();
+                if report.lines > 0 {
+                    metrics.proxy_sync_lines.observe(report.lines as f64);
+                    metrics.proxy_sync_duration.observe(started.elapsed().as_secs_f64());
+                    tracing::info!(
+                        services = report.services,
+                        rendered = report.services_rendered,
+                        written = report.chains_written,
+                        deleted = report.chains_deleted,
+                        lines = report.lines,
+                        full = report.full,
+                        "service rules written"
+                    );
                 }
-                chain.rule(format_args!(
-                    "-m comment --comment \"route LOCAL traffic for {label} external destinations\" -m addrtype --src-type LOCAL -j {svc_chain}"
-                ));
             }
-            if masquerade == pb::Masquerade::Always {
-                chain.rule(format_args!("-j {MARK_MASQ}"));
+            Err(e) => {
+                state.iptables.synced = false;
+                state.nft.synced = false;
+                self.health.set_unhealthy();
+                metrics.proxy_syncs.get_or_create(&ResultLabel { result: "error" }).inc();
+                tracing::warn!(error = %e, "service rules not written; the previous ones stay");
             }
-        } else if masquerade != pb::Masquerade::Never {
-            chain.rule(format_args!(
-                "-m comment --comment \"masquerade traffic for {label} external destinations\" -j {MARK_MASQ}"
-            ));
         }
-        if !external_eps.is_empty() {
-            chain.rule(format_args!("-j {external_target}"));
-        }
-        chains.push(chain);
+        result
     }
-    chains.append(&mut seps);
-    out.chains.append(&mut chains);
 
-    if port.protocol() == pb::Protocol::Udp {
-        let endpoints = udp_endpoints(cluster_eps, local_eps);
-        out.udp.push(UdpFlows {
-            ips: cluster_ip.into_iter().chain(external.iter().map(|(ip, _)| *ip)).collect(),
-            port: svc_port,
-            node_port,
-            endpoints,
-        });
+    fn sync_locked(
+        &self,
+        state: &mut State,
+        plan: &ProxyPlan<'_>,
+        metrics: &AgentMetrics,
+    ) -> Result<SyncReport, ProxyError> {
+        let Some(net) = &plan.network else { return Ok(SyncReport::default()) };
+        let ctx = Context::from_settings(net)?;
+        let mode = net.proxy_mode();
+        // First sync, or the backend changed: the new backend's rules are written first, and
+        // what the other one left goes only once they are in (a failed write leaves the node
+        // with the old rules, not none).
+        let switched = state.active != Some(mode);
+        let started_unix_ms = state.started_unix_ms;
+        let report = match mode {
+            pb::ProxyMode::Nftables => state.nft.sync(&self.runner, &ctx, plan, metrics, started_unix_ms)?,
+            pb::ProxyMode::Iptables => {
+                if switched {
+                    state.iptables.synced = false;
+                }
+                state.iptables.sync(&self.runner, &ctx, plan, metrics, started_unix_ms)?
+            }
+        };
+        if state.active.is_none() {
+            // The first rules have loaded nf_conntrack: its sysctls exist now.
+            conntrack::set_conntrack_timeouts(&self.runner);
+        }
+        if switched {
+            match mode {
+                pb::ProxyMode::Nftables => {
+                    if let Err(e) = state.iptables.remove(&self.runner) {
+                        tracing::warn!(error = %e, "cannot remove the iptables service chains");
+                    }
+                }
+                pb::ProxyMode::Iptables => state.nft.remove(&self.runner),
+            }
+        }
+        state.active = Some(mode);
+        Ok(report)
     }
-    Ok(())
-}
 
-/// The chains every node has, given every Service's fragments in name order.
-pub fn global_chains<'a>(ctx: &Context, fragments: impl Iterator<Item = &'a Fragments>) -> Vec<Chain> {
-    let mut nat_services = Chain::new(Table::Nat, SERVICES);
-    nat_services.rule(format_args!("-m comment --comment \"{CANARY_COMMENT}\" -j {CANARY}"));
-    let mut nodeports = Chain::new(Table::Nat, NODEPORTS);
-    let mut filter_services = Chain::new(Table::Filter, SERVICES);
-    filter_services.rule(format_args!("-m comment --comment \"{CANARY_COMMENT}\" -j {CANARY}"));
-    let mut external = Chain::new(Table::Filter, EXTERNAL_SERVICES);
-    for f in fragments {
-        nat_services.rules.push_str(&f.nat_services);
-        nodeports.rules.push_str(&f.nat_nodeports);
-        filter_services.rules.push_str(&f.filter_services);
-        external.rules.push_str(&f.filter_external);
+    /// Whether the active backend's rules are still as written. When not, its cache is dropped
+    /// and the next sync is a full one; returns false then.
+    pub fn check(&self, metrics: &AgentMetrics) -> Result<bool, ProxyError> {
+        let mut state = self.lock();
+        let (was_synced, intact) = match state.active {
+            Some(pb::ProxyMode::Nftables) => (state.nft.synced, state.nft.check(&self.runner)?),
+            _ => (state.iptables.synced, state.iptables.check(&self.runner)?),
+        };
+        // Not synced (a failed write): false asks for the sync that was due anyway.
+        if !intact && was_synced {
+            tracing::warn!(
+                backend = state.active.map(mode_name).unwrap_or("none"),
+                "the service rules were flushed or deleted behind Weft's back; rewriting all of them"
+            );
+            metrics.proxy_full_resyncs.inc();
+        }
+        Ok(intact)
     }
-    const LAST: &str = "weft service nodeports; NOTE: this must be the last rule in this chain";
-    if ctx.node_port_addresses.is_empty() {
-        nat_services.rule(format_args!(
-            "-m comment --comment \"{LAST}\" -m addrtype --dst-type LOCAL -j {NODEPORTS}"
-        ));
-    } else {
-        for addr in &ctx.node_port_addresses {
-            nat_services.rule(format_args!(
-                "-d {addr} -m comment --comment \"{LAST}\" -m addrtype --dst-type LOCAL -j {NODEPORTS}"
-            ));
-        }
-    }
-    if let Some(range) = ctx.service_cidr {
-        // Nothing DNATed it: no Service has this address and port. Refuse at once rather than let
-        // the client time out (kube-proxy leaves it unanswered).
-        filter_services.rule(format_args!(
-            "-d {range} -m comment --comment \"weft: no service on this address and port\" -j REJECT --reject-with icmp-port-unreachable"
-        ));
-    }
-    let mark = format!("{:#x}", ctx.mark);
-    let mut mark_masq = Chain::new(Table::Nat, MARK_MASQ);
-    mark_masq.rule(format_args!("-j MARK --or-mark {mark}"));
-    let mut postrouting = Chain::new(Table::Nat, POSTROUTING);
-    postrouting.rule(format_args!("-m mark ! --mark {mark}/{mark} -j RETURN"));
-    // Clear the bit so a packet re-traversing the stack (e.g. into a tunnel) is not
-    // masqueraded twice.
-    postrouting.rule(format_args!("-j MARK --xor-mark {mark}"));
-    postrouting.rule(format_args!(
-        "-m comment --comment \"weft service traffic requiring SNAT\" -j MASQUERADE --random-fully"
-    ));
-    let mut forward = Chain::new(Table::Filter, FORWARD);
-    forward.rule(format_args!(
-        "-m comment --comment \"weft forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
-    ));
-    forward.rule(format_args!(
-        "-m comment --comment \"weft forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    ));
-    let mut chains = vec![
-        nat_services,
-        nodeports,
-        mark_masq,
-        postrouting,
-        Chain::new(Table::Nat, CANARY),
-        filter_services,
-        external,
-        forward,
-        Chain::new(Table::Filter, CANARY),
-    ];
-    if ctx.pod_cidrs.len() > 1 {
-        let mut non_pod = Chain::new(Table::Nat, NON_POD_MASQ);
-        for pod in &ctx.pod_cidrs {
-            non_pod.rule(format_args!("-s {pod} -j RETURN"));
-        }
-        non_pod.rule(format_args!("-j {MARK_MASQ}"));
-        chains.push(non_pod);
-    }
-    chains
-}
-
-/// The whole plan as one `iptables-restore` input (what a full re-sync writes, without the
-/// deletion of stale chains); empty when the plan has no NetworkSettings yet.
-pub fn render(plan: &crate::plan_state::PlanState) -> Result<String, ProxyError> {
-    let Some(net) = plan.of_kind(pb::Kind::Network).next() else { return Ok(String::new()) };
-    let net: pb::NetworkSettings =
-        net.decode().map_err(|source| ProxyError::Decode { name: "network settings".into(), source })?;
-    let ctx = Context::from_settings(&net)?;
-    let mut rendered = Vec::new();
-    for r in plan.of_kind(pb::Kind::Service) {
-        let svc: pb::Service =
-            r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
-        rendered.push(render_service(&ctx, &r.name, &svc)?);
-    }
-    let mut chains = global_chains(&ctx, rendered.iter().map(|r| &r.fragments));
-    chains.extend(rendered.into_iter().flat_map(|r| r.chains));
-    Ok(restore_text(&chains, &[]))
-}
-
-/// `iptables-restore --noflush` input that rewrites `write` (declared, so flushed, then filled)
-/// and deletes `delete` (flushed, then removed once nothing refers to them).
-pub fn restore_text(write: &[Chain], delete: &[(Table, &str)]) -> String {
-    let mut out = String::new();
-    for table in [Table::Nat, Table::Filter] {
-        let w: Vec<&Chain> = write.iter().filter(|c| c.table == table).collect();
-        let d: Vec<&str> = delete.iter().filter(|(t, _)| *t == table).map(|(_, n)| *n).collect();
-        if w.is_empty() && d.is_empty() {
-            continue;
-        }
-        let _ = writeln!(out, "*{}", table.name());
-        for c in &w {
-            let _ = writeln!(out, ":{} - [0:0]", c.name);
-        }
-        for name in &d {
-            let _ = writeln!(out, ":{name} - [0:0]");
-        }
-        for c in &w {
-            out.push_str(&c.rules);
-        }
-        for name in &d {
-            let _ = writeln!(out, "-X {name}");
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
 }

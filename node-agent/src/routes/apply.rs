@@ -4,9 +4,7 @@
 //! text changed.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt as _;
@@ -25,6 +23,8 @@ use super::{
     DesiredRoutes, NAT_CHAIN, PeerRoute, ROUTE_PROTOCOL, RoutesError, VXLAN_DEVICE, VXLAN_PORT, VXLAN_VNI,
     VxlanDevice,
 };
+
+use crate::exec::Runner;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const ESRCH: i32 = nix::errno::Errno::ESRCH as i32;
@@ -408,62 +408,28 @@ fn sync_nat(text: &str, cache: &RoutesCache) -> Result<(), RoutesError> {
     if last.as_deref() == Some(text) {
         return Ok(());
     }
-    run_with_input("iptables-restore", &["-w", "--noflush"], text)?;
+    let runner = Runner::default();
+    runner.pipe("iptables-restore", &["-w", "--noflush"], text)?;
     // The jump from POSTROUTING, once.
-    let jump =
-        ["-t", "nat", "-C", "POSTROUTING", "-m", "comment", "--comment", "weft: pod egress", "-j", NAT_CHAIN];
-    if !status_ok("iptables", &with_wait(&jump))? {
-        let mut add = jump;
-        add[2] = "-A";
-        let args = with_wait(&add);
-        if !status_ok("iptables", &args)? {
-            return Err(RoutesError::Command {
-                what: format!("iptables {}", args.join(" ")),
-                message: "failed".into(),
-            });
-        }
+    let jump = [
+        "-w",
+        "-t",
+        "nat",
+        "-C",
+        "POSTROUTING",
+        "-m",
+        "comment",
+        "--comment",
+        "weft: pod egress",
+        "-j",
+        NAT_CHAIN,
+    ];
+    if !runner.status_ok("iptables", &jump)? {
+        let mut append = jump;
+        append[3] = "-A";
+        runner.output("iptables", &append)?;
     }
     tracing::info!(chain = NAT_CHAIN, "nat rules written");
     *last = Some(text.to_string());
     Ok(())
-}
-
-fn with_wait<'a>(args: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["-w"];
-    v.extend_from_slice(args);
-    v
-}
-
-fn status_ok(program: &str, args: &[&str]) -> Result<bool, RoutesError> {
-    Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .map_err(|source| RoutesError::Io { what: format!("cannot run {program}"), source })
-}
-
-fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<(), RoutesError> {
-    let what = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| RoutesError::Io { what: format!("cannot run {program}"), source })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|source| RoutesError::Io { what: format!("cannot write to {program}"), source })?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| RoutesError::Io { what: format!("cannot wait for {program}"), source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RoutesError::Command { what, message: String::from_utf8_lossy(&out.stderr).trim().to_string() })
-    }
 }

@@ -51,6 +51,8 @@ pub enum RoutesError {
     Io { what: String, source: std::io::Error },
     #[error("{what}: {message}")]
     Command { what: String, message: String },
+    #[error(transparent)]
+    Exec(#[from] crate::exec::ExecError),
 }
 
 /// The VXLAN device's name.

@@ -3,35 +3,18 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
-use weft_api::plan::{self as pb, Kind, Resource};
+use weft_api::plan::{self as pb, Resource};
 
 use super::*;
+use crate::exec::Runner;
 use crate::metrics::AgentMetrics;
-use crate::plan_state::PlanState;
+use crate::proxy::ProxyCache;
+use crate::proxy::conntrack::stale_udp_filters;
+use crate::proxy::fixtures::{LOCAL, ctx, ip, proxy_plan, resources, settings};
 
 const READY: u32 = 0;
 const NOT_READY: u32 = pb::EndpointFlag::EndpointNotReady as u32;
 const TERMINATING: u32 = pb::EndpointFlag::EndpointTerminating as u32;
-pub(super) const LOCAL: u32 = pb::EndpointFlag::EndpointLocal as u32;
-
-/// The iptables backend's settings; the nftables backend's tests change only the mode.
-pub(super) fn settings() -> pb::NetworkSettings {
-    pb::NetworkSettings {
-        pod_cidrs: vec!["10.244.0.0/16".into()],
-        service_cidr: "10.96.0.0/16".into(),
-        masquerade_bit: 14,
-        ..Default::default()
-    }
-}
-
-/// Also used by the nftables backend's tests (the context does not depend on the proxy mode).
-pub(super) fn ctx() -> Context {
-    Context::from_settings(&settings()).expect("context")
-}
-
-pub(super) fn ip(s: &str) -> u32 {
-    u32::from(s.parse::<Ipv4Addr>().expect("ip"))
-}
 
 fn ep(addr: &str, flags: u32) -> pb::Endpoint {
     pb::Endpoint { ip: ip(addr), port: 80, flags }
@@ -51,10 +34,8 @@ fn service(cluster_ip: &str, ports: Vec<pb::ServicePort>) -> pb::Service {
     pb::Service { cluster_ip: ip(cluster_ip), ports, ..Default::default() }
 }
 
-fn plan(services: &[(&str, pb::Service)]) -> PlanState {
-    let mut resources = vec![Resource::encode(Kind::Network, "network", &settings())];
-    resources.extend(services.iter().map(|(name, svc)| Resource::encode(Kind::Service, *name, svc)));
-    PlanState { version: 1, generation: 1, resources: resources.into_iter().map(|r| (r.key(), r)).collect() }
+fn plan(services: &[(&str, pb::Service)]) -> Vec<Resource> {
+    resources(&settings(), services)
 }
 
 /// A Service's chains and its lines in the shared chains, as text.
@@ -89,7 +70,7 @@ fn a_cluster_ip_with_three_endpoints_balances_with_kube_proxys_probabilities() {
             vec![ep("10.244.3.7", READY), ep("10.244.1.5", READY), ep("10.244.2.6", READY)],
         )],
     );
-    insta::assert_snapshot!(render(&plan(&[("default/web", svc)])).expect("render"));
+    insta::assert_snapshot!(render(&proxy_plan(&plan(&[("default/web", svc)]))).expect("render"));
 }
 
 #[test]
@@ -217,8 +198,8 @@ fn a_udp_target_port_change_clears_the_flows_to_the_old_port() {
     .iter()
     .map(|f| f.iter().map(|a| a.to_string()).collect())
     .collect();
-    assert_eq!(apply::stale_udp_filters(&before, &after), expected);
-    assert!(apply::stale_udp_filters(&after, &after).is_empty(), "an unchanged Service keeps its flows");
+    assert_eq!(stale_udp_filters(&before, &after), expected);
+    assert!(stale_udp_filters(&after, &after).is_empty(), "an unchanged Service keeps its flows");
 }
 
 #[test]
@@ -308,9 +289,9 @@ fn restore(model: &mut Model, text: &str) {
     }
 }
 
-fn full_model(plan: &PlanState) -> Model {
+fn full_model(plan: &[Resource]) -> Model {
     let mut model = Model::new();
-    restore(&mut model, &render(plan).expect("render"));
+    restore(&mut model, &render(&proxy_plan(plan)).expect("render"));
     model
 }
 
@@ -346,7 +327,7 @@ fn spec() -> impl Strategy<Value = Spec> {
         })
 }
 
-fn plan_of(specs: &[Spec]) -> PlanState {
+fn plan_of(specs: &[Spec]) -> Vec<Resource> {
     let mut services: BTreeMap<String, pb::Service> = BTreeMap::new();
     for s in specs {
         let protocol = if s.udp { pb::Protocol::Udp } else { pb::Protocol::Tcp };
@@ -375,19 +356,19 @@ proptest! {
         steps in prop::collection::vec(prop::collection::vec(spec(), 0..5), 1..5),
         batch in prop::sample::select(vec![1usize, 3, MAX_CHAINS_PER_RESTORE]),
     ) {
-        let cache = ProxyCache::with_runner(Runner::recording()).with_max_chains_per_restore(batch);
+        let cache = ProxyCache::with_max_chains_per_restore(Runner::recording(), batch);
         let metrics = AgentMetrics::default();
         let mut model = Model::new();
         let mut seen = 0;
         for specs in &steps {
             let plan = plan_of(specs);
-            cache.sync(&plan, &metrics).expect("sync");
+            cache.sync(&proxy_plan(&plan), &metrics).expect("sync");
             for text in &cache.runner().recorded()[seen..] {
                 restore(&mut model, text);
             }
             seen = cache.runner().recorded().len();
             prop_assert_eq!(&model, &full_model(&plan));
-            let again = cache.sync(&plan, &metrics).expect("sync");
+            let again = cache.sync(&proxy_plan(&plan), &metrics).expect("sync");
             prop_assert_eq!(again.lines, 0);
             prop_assert_eq!(cache.runner().recorded().len(), seen, "an unchanged plan wrote something");
         }
@@ -415,13 +396,13 @@ fn one_endpoint_change_among_many_services_writes_only_that_services_chains() {
     };
     let cache = ProxyCache::with_runner(Runner::recording());
     let metrics = AgentMetrics::default();
-    let first = cache.sync(&list(&specs), &metrics).expect("full sync");
+    let first = cache.sync(&proxy_plan(&list(&specs)), &metrics).expect("full sync");
     assert!(first.full);
     assert_eq!(first.services_rendered, 2000);
 
     let mut changed = specs.clone();
     changed[1234].1.ports[0].endpoints.remove(3);
-    let report = cache.sync(&list(&changed), &metrics).expect("sync");
+    let report = cache.sync(&proxy_plan(&list(&changed)), &metrics).expect("sync");
     assert!(!report.full);
     assert_eq!(report.services_rendered, 1);
     // The service chain rewritten, the gone endpoint's chain deleted; nothing else.
@@ -443,7 +424,7 @@ fn programming_latency_is_observed_once_per_change_and_not_for_old_triggers() {
         service("10.96.0.60", vec![port("", pb::Protocol::Tcp, 80, 0, vec![ep("10.244.1.5", READY)])]);
     // From before the agent started: programmed by an earlier run.
     svc.last_change_trigger_unix_ms = now - 3_600_000;
-    cache.sync(&plan(&[("default/a", svc.clone())]), &metrics).expect("sync");
+    cache.sync(&proxy_plan(&plan(&[("default/a", svc.clone())])), &metrics).expect("sync");
     let count = |m: &AgentMetrics| {
         let mut text = String::new();
         let mut registry = prometheus_client::registry::Registry::default();
@@ -454,7 +435,7 @@ fn programming_latency_is_observed_once_per_change_and_not_for_old_triggers() {
     assert_eq!(count(&metrics), "0");
     svc.last_change_trigger_unix_ms = now + 5_000;
     svc.ports[0].endpoints.push(ep("10.244.2.6", READY));
-    cache.sync(&plan(&[("default/a", svc.clone())]), &metrics).expect("sync");
-    cache.sync(&plan(&[("default/a", svc)]), &metrics).expect("sync");
+    cache.sync(&proxy_plan(&plan(&[("default/a", svc.clone())])), &metrics).expect("sync");
+    cache.sync(&proxy_plan(&plan(&[("default/a", svc)])), &metrics).expect("sync");
     assert_eq!(count(&metrics), "1");
 }

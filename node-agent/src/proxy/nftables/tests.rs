@@ -1,13 +1,13 @@
-use weft_api::plan::{self as pb, Kind, Resource};
+use weft_api::plan::{self as pb, Resource};
 
 use super::*;
+use crate::exec::Runner;
 use crate::metrics::AgentMetrics;
-use crate::plan_state::PlanState;
-use crate::proxy::tests::{LOCAL, ctx, ip};
-use crate::proxy::{ProxyCache, Runner};
+use crate::proxy::ProxyCache;
+use crate::proxy::fixtures::{LOCAL, ctx, ip, proxy_plan, resources};
 
 fn settings() -> pb::NetworkSettings {
-    pb::NetworkSettings { proxy_mode: pb::ProxyMode::Nftables as i32, ..crate::proxy::tests::settings() }
+    pb::NetworkSettings { proxy_mode: pb::ProxyMode::Nftables as i32, ..crate::proxy::fixtures::settings() }
 }
 
 fn ep(addr: &str, flags: u32) -> pb::Endpoint {
@@ -28,18 +28,12 @@ fn service(cluster_ip: &str, node_port: u32, endpoints: Vec<pb::Endpoint>) -> pb
     }
 }
 
-fn plan(version: u64, services: &[(&str, pb::Service)]) -> PlanState {
-    let mut resources = vec![Resource::encode(Kind::Network, "network", &settings())];
-    resources.extend(services.iter().map(|(name, svc)| {
-        let mut r = Resource::encode(Kind::Service, *name, svc);
+fn plan(version: u64, services: &[(&str, pb::Service)]) -> Vec<Resource> {
+    let mut resources = resources(&settings(), services);
+    for r in &mut resources {
         r.version = version;
-        r
-    }));
-    PlanState {
-        version,
-        generation: version,
-        resources: resources.into_iter().map(|r| (r.key(), r)).collect(),
     }
+    resources
 }
 
 /// What one Service adds to an empty table, as `nft -f` input.
@@ -89,12 +83,12 @@ fn a_one_endpoint_change_writes_a_few_elements_and_an_unchanged_plan_nothing() {
         1,
         &[("default/web", service("10.96.0.50", 0, three.clone())), ("default/other", other.clone())],
     );
-    let report = cache.sync(&first, &metrics).expect("full sync");
+    let report = cache.sync(&proxy_plan(&first), &metrics).expect("full sync");
     assert!(report.full);
-    assert_eq!(cache.sync(&first, &metrics).expect("no-op").lines, 0);
+    assert_eq!(cache.sync(&proxy_plan(&first), &metrics).expect("no-op").lines, 0);
     let two =
         plan(2, &[("default/web", service("10.96.0.50", 0, three[..2].to_vec())), ("default/other", other)]);
-    let report = cache.sync(&two, &metrics).expect("change");
+    let report = cache.sync(&proxy_plan(&two), &metrics).expect("change");
     assert!(!report.full);
     let recorded = runner.recorded();
     assert_eq!(recorded.len(), 2, "the unchanged sync ran nothing");
@@ -154,7 +148,7 @@ fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps
             ("default/b", with_external("10.96.0.2", "10.244.2.2")),
         ],
     );
-    cache.sync(&first, &metrics).expect("a conflict is not an error");
+    cache.sync(&proxy_plan(&first), &metrics).expect("a conflict is not an error");
     let text = runner.recorded().concat();
     assert_eq!(text.matches("192.168.9.9 . tcp . 80 : goto").count(), 1, "{text}");
     assert!(
@@ -168,7 +162,9 @@ fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps
     // The owner goes: in the same sync the other Service gets the key (before, it waited for
     // the next full sync, which might never come).
     let written = runner.recorded().len();
-    cache.sync(&plan(2, &[("default/b", with_external("10.96.0.2", "10.244.2.2"))]), &metrics).expect("sync");
+    cache
+        .sync(&proxy_plan(&plan(2, &[("default/b", with_external("10.96.0.2", "10.244.2.2"))])), &metrics)
+        .expect("sync");
     let text = runner.recorded()[written..].concat();
     assert!(text.contains("192.168.9.9 . 80 . 0 : 10.244.2.2 . 8080"), "default/b takes the key: {text}");
     let rewrite = runner.recorded().last().cloned().unwrap_or_default();

@@ -7,18 +7,29 @@ use std::net::Ipv4Addr;
 use weft_api::plan as pb;
 
 use super::{Changes, Claim, Pick, SHARED_CHAINS, TABLE, Written, base, render_service};
+use crate::exec::Runner;
 use crate::metrics::AgentMetrics;
-use crate::plan_state::PlanState;
-use crate::proxy::apply::{
-    Runner, SyncReport, changed_services, clear_udp, now_unix_ms, observe_programming_latency,
+use crate::proxy::conntrack::UdpFlows;
+use crate::proxy::model::{
+    Context, ProxyError, ProxyPlan, SyncReport, WrittenService, changed_services, decode, record_removed,
+    record_written,
 };
-use crate::proxy::{Context, ProxyError, UdpFlows};
 
 #[derive(Debug, Clone)]
 struct Service {
     version: u64,
     written: Written,
     udp: Vec<UdpFlows>,
+}
+
+impl WrittenService for Service {
+    fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn udp(&self) -> &[UdpFlows] {
+        &self.udp
+    }
 }
 
 /// What the nftables backend last wrote: per Service its elements and chain hashes (not text).
@@ -45,7 +56,7 @@ impl NftCache {
         &mut self,
         runner: &Runner,
         ctx: &Context,
-        plan: &PlanState,
+        plan: &ProxyPlan<'_>,
         metrics: &AgentMetrics,
         started_unix_ms: i64,
     ) -> Result<SyncReport, ProxyError> {
@@ -58,7 +69,7 @@ impl NftCache {
             self.contested.clear();
         }
         let mut freed_contested = false;
-        let (services, stale, removed) = changed_services(plan, &self.services, |s| s.version, false);
+        let (services, stale, removed) = changed_services(plan, &self.services, false);
         let mut report = SyncReport { full, services, services_rendered: stale.len(), ..Default::default() };
         if !full && stale.is_empty() && removed.is_empty() {
             return Ok(report);
@@ -68,8 +79,7 @@ impl NftCache {
         let mut hairpin: HashMap<Ipv4Addr, i64> = HashMap::new();
         let mut pending: Vec<(String, Service, i64)> = Vec::with_capacity(stale.len());
         for r in stale {
-            let svc: pb::Service =
-                r.decode().map_err(|source| ProxyError::Decode { name: r.name.clone(), source })?;
+            let svc: pb::Service = decode(r)?;
             let mut rules = render_service(ctx, &r.name, &svc)?;
             let old = self.services.get(&r.name);
             if let Some(old) = old {
@@ -144,25 +154,11 @@ impl NftCache {
         report.chains_deleted = changes.chains_deleted();
         report.lines = text.lines().count();
         if !changes.is_empty() || full {
-            runner.nft(&text)?;
+            nft(runner, &text)?;
+            report.writes += 1;
         }
-
-        let now_ms = now_unix_ms();
-        for (name, new, trigger) in pending {
-            let old = self.services.get(&name);
-            if let Some(old) = old {
-                clear_udp(runner, &old.udp, &new.udp);
-            }
-            if old.is_none_or(|o| o.version != new.version) {
-                observe_programming_latency(metrics, started_unix_ms, now_ms, trigger);
-            }
-            self.services.insert(name, new);
-        }
-        for name in removed {
-            if let Some(old) = self.services.remove(&name) {
-                clear_udp(runner, &old.udp, &[]);
-            }
-        }
+        record_written(&mut self.services, runner, metrics, started_unix_ms, pending.into_iter());
+        record_removed(&mut self.services, runner, removed);
         self.picks.extend(new_picks);
         self.hairpin = counts;
         self.ctx = Some(ctx.clone());
@@ -175,6 +171,7 @@ impl NftCache {
             let rewrite = self.sync(runner, ctx, plan, metrics, started_unix_ms)?;
             report.full = true;
             report.lines += rewrite.lines;
+            report.writes += rewrite.writes;
             report.chains_written += rewrite.chains_written;
         }
         Ok(report)
@@ -207,8 +204,14 @@ impl NftCache {
         if runner.is_recording() {
             return;
         }
-        if runner.nft(&format!("delete table ip {TABLE}\n")).is_ok() {
+        if nft(runner, &format!("delete table ip {TABLE}\n")).is_ok() {
             tracing::debug!("nftables service proxy table removed");
         }
     }
+}
+
+/// One `nft -f -` transaction: all of `input` or nothing.
+fn nft(runner: &Runner, input: &str) -> Result<(), ProxyError> {
+    runner.pipe("nft", &["-f", "-"], input)?;
+    Ok(())
 }
