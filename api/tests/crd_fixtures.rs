@@ -46,7 +46,7 @@ fn documents(path: &Path) -> (String, Vec<Value>) {
         Err(err) => panic!("reading {}: {err}", path.display()),
     };
     let mut docs = Vec::new();
-    for de in serde_yaml::Deserializer::from_str(&text) {
+    for de in serde_yaml_ng::Deserializer::from_str(&text) {
         match Value::deserialize(de) {
             Ok(Value::Null) => {}
             Ok(v) => docs.push(v),

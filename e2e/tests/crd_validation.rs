@@ -36,7 +36,7 @@ fn fixtures(kind: &str) -> Result<Vec<PathBuf>> {
 fn documents(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)?;
     let mut docs = Vec::new();
-    for de in serde_yaml::Deserializer::from_str(&text) {
+    for de in serde_yaml_ng::Deserializer::from_str(&text) {
         let v = serde_json::Value::deserialize(de).with_context(|| format!("parsing {}", path.display()))?;
         if !v.is_null() {
             docs.push(serde_json::to_string(&v)?);

@@ -49,7 +49,7 @@ pub struct RenderError {
     pub name: String,
     /// The serializer's error.
     #[source]
-    pub source: serde_yaml::Error,
+    pub source: serde_yaml_ng::Error,
 }
 
 /// One generated manifest: its file name inside `crds/` and its content.
@@ -75,7 +75,7 @@ pub fn render_crd_files() -> Result<Vec<CrdFile>, RenderError> {
 /// When the CRD cannot be serialized.
 pub fn render_crd_file(crd: &CustomResourceDefinition) -> Result<CrdFile, RenderError> {
     let name = crd.metadata.name.clone().unwrap_or_default();
-    let yaml = serde_yaml::to_string(crd).map_err(|source| RenderError { name: name.clone(), source })?;
+    let yaml = serde_yaml_ng::to_string(crd).map_err(|source| RenderError { name: name.clone(), source })?;
     Ok(CrdFile {
         file_name: format!("{name}.yaml"),
         content: format!(
