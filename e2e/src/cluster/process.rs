@@ -220,6 +220,15 @@ fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|s| s.state != 'Z')
 }
 
+/// `signal` to each of `pids` and to the process group each leads (one that is gone, or leads
+/// no group, is skipped).
+fn signal_all(pids: &[u32], signal: rustix::process::Signal) {
+    for pid in pids.iter().filter_map(|&p| i32::try_from(p).ok().and_then(rustix::process::Pid::from_raw)) {
+        let _ = rustix::process::kill_process(pid, signal);
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
 /// SIGTERM to `pids` (and the process groups they lead), wait up to `grace` for them to exit,
 /// then SIGKILL the rest. Children of this process are reaped through `children`. Returns
 /// whether they all exited on SIGTERM (false when some had to be killed).
@@ -229,13 +238,7 @@ pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) -> bo
     if pids.is_empty() {
         return true;
     }
-    let with_groups: Vec<String> = pids.iter().flat_map(|p| [p.to_string(), format!("-{p}")]).collect();
-    let _ = Command::new("kill")
-        .args(["-s", "TERM", "--"])
-        .args(&with_groups)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    signal_all(&pids, rustix::process::Signal::TERM);
     let deadline = Instant::now() + grace;
     loop {
         reap(children);
@@ -247,12 +250,7 @@ pub fn terminate(pids: &[u32], grace: Duration, children: &mut Vec<Child>) -> bo
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = Command::new("kill")
-        .args(["-s", "KILL", "--"])
-        .args(&with_groups)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+    signal_all(&pids, rustix::process::Signal::KILL);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
         reap(children);
