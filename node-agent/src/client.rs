@@ -2,6 +2,7 @@
 //! receives and answers each message with an ACK or a NACK.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -52,6 +53,9 @@ pub struct AgentStatus {
     pub received_version: u64,
     /// The newest plan version fully applied (and ACKed).
     pub applied_version: u64,
+    /// The newest plan version whose record files (`programmed/*.txt`) are written; they follow
+    /// the plan shortly after it is applied (see [`programmers::record`]).
+    pub recorded_version: u64,
     pub last_error: Option<String>,
     pub snapshots: u64,
     pub deltas: u64,
@@ -64,6 +68,8 @@ pub enum AgentError {
     Plan(#[from] PlanError),
     #[error("cannot create the state dir {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the record writer thread: {0}")]
+    RecordThread(std::io::Error),
     #[error("IPAM: {0}")]
     Ipam(#[from] crate::ipam::IpamError),
     #[error("CNI socket: {0}")]
@@ -82,6 +88,15 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+    let records = {
+        let status = status.clone();
+        programmers::record::Recorder::start(
+            &config.state_dir,
+            metrics.record_errors.clone(),
+            move |version| status.send_modify(|s| s.recorded_version = version),
+        )
+        .map_err(AgentError::RecordThread)?
+    };
     // The allocator and the socket weft-cni asks for addresses: up before any plan, so pods that
     // kept their addresses across an agent restart are answered at once.
     let target = programmers::Target {
@@ -93,17 +108,18 @@ pub async fn run(
         proxy: crate::proxy::ProxyCache::with_runner(config.proxy_runner.clone()),
         dns: crate::dns::DnsHandle::new(&config.state_dir, config.dns.clone(), metrics.clone()),
         ingress: crate::ingress::IngressHandle::new(&config.state_dir, config.ingress.clone()),
+        records,
     };
     let server = crate::cni::CniServer::bind(&target.socket())?.with_metrics(&metrics);
     // Without its CNI socket the node cannot start pods: the agent must not carry on without it.
     let mut critical = weft_api::tasks::Critical::new();
     let _stop_cni = AbortOnDrop(critical.spawn("CNI socket", server.run(target.ipam.clone())));
     let mut agent = Agent {
-        plan: PlanState::load(&config.state_dir).unwrap_or_else(|e| {
+        plan: Arc::new(PlanState::load(&config.state_dir).unwrap_or_else(|e| {
             // Start empty: the operator sends a snapshot, and nothing is programmed before it.
             warn!(error = %e, "the saved plan is unreadable; asking the operator for a snapshot");
             PlanState::default()
-        }),
+        })),
         applied: false,
         config,
         metrics,
@@ -217,7 +233,8 @@ impl Drop for AbortOnDrop {
 struct Agent {
     config: AgentConfig,
     target: programmers::Target,
-    plan: PlanState,
+    /// Shared with the record writer, which renders from it after the programmers applied it.
+    plan: Arc<PlanState>,
     /// Whether `plan` is fully applied on the node.
     applied: bool,
     metrics: AgentMetrics,
@@ -342,15 +359,14 @@ impl Agent {
             Err(e) => {
                 // Forget what we hold so the next Hello asks for a snapshot.
                 warn!(error = %e, "plan message does not fit the plan held");
-                self.plan.resources.clear();
-                self.plan.version = 0;
+                self.plan = Arc::new(PlanState { generation: self.plan.generation, ..PlanState::default() });
                 return Err(SessionError::Diverged(e));
             }
         };
         if next.version == self.plan.version && self.applied {
             return Ok(agent_message(pb::agent_message::Kind::Ack(pb::Ack { version: next.version })));
         }
-        self.plan = next;
+        self.plan = Arc::new(next);
         self.status.send_modify(|s| s.received_version = self.plan.version);
         // Saved before programming: after a crash the agent resumes with what the operator
         // believes it holds, and re-applies it.

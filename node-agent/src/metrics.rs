@@ -31,6 +31,7 @@ pub struct AgentMetrics {
     pub messages_received: Family<KindLabel, Counter>,
     pub apply_duration: Histogram,
     pub apply_errors: Counter,
+    pub record_errors: Counter,
     pub plan_generation: Gauge,
     pub connected: Gauge,
     /// IPAM (see [`crate::cni::CniServer`]): time to answer a pod's address request, and requests
@@ -67,6 +68,7 @@ impl Default for AgentMetrics {
             messages_received: Family::default(),
             apply_duration: Histogram::new(weft_api::telemetry::duration_buckets()),
             apply_errors: Counter::default(),
+            record_errors: Counter::default(),
             plan_generation: Gauge::default(),
             connected: Gauge::default(),
             ipam_allocation_duration: Histogram::new(weft_api::telemetry::duration_buckets()),
@@ -126,6 +128,11 @@ impl AgentMetrics {
             "agent_apply_errors",
             "Plan applications that failed (NACKed)",
             m.apply_errors.clone(),
+        );
+        registry.register(
+            "agent_record_errors",
+            "Record files (programmed/*.txt) that could not be rendered or written; the plan applies regardless",
+            m.record_errors.clone(),
         );
         registry.register(
             "agent_plan_generation",

@@ -188,7 +188,25 @@ impl Agent {
         panic!("{} did not apply version {version:016x}: {:?}", self.node, *self.status.borrow())
     }
 
+    /// The agent's record for `programmer`, once the records of the plan it holds are written
+    /// (they follow the ACK, off the plan's path). Versions are content hashes: only equality
+    /// says anything.
     fn programmed(&self, programmer: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while {
+            let s = self.status.borrow();
+            // An agent resumed from its saved plan has received nothing yet.
+            let held = if s.received_version != 0 { s.received_version } else { s.applied_version };
+            s.recorded_version != held
+        } {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} records lag: {:?}",
+                self.node,
+                *self.status.borrow()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::read_to_string(self.dir.join("programmed").join(format!("{programmer}.txt")))
             .unwrap_or_default()
     }

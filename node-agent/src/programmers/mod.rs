@@ -1,19 +1,21 @@
 //! The agent's programmers: one per thing it programs on the node (CNI, IPAM, routes, service
 //! proxy, DNS, ingress).
 //!
-//! Every programmer records what the plan asks of it, as readable text in
-//! `<state-dir>/programmed/<name>.txt`. Three of them also act: `ipam` hands the node's blocks and
-//! pods to the allocator behind `weft-cni`, `cni` installs the conflist and the plugin when
-//! the agent is told to (`Target::cni.install`), and `routes` programs the routes to the other
-//! nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod network is
-//! Weft's (the same flag). `proxy` writes the service chains (see [`crate::proxy`]) whatever the
+//! Each acts on the node, and what it applied is recorded afterwards, off the plan's path, as
+//! readable text in `<state-dir>/programmed/<name>.txt` (see [`record`]). `ipam` hands the node's
+//! blocks and pods to the allocator behind `weft-cni`, `cni` installs the conflist and the plugin
+//! when the agent is told to (`Target::cni.install`), and `routes` programs the routes to the
+//! other nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod
+//! network is Weft's (the same flag). `proxy` writes the service chains (see [`crate::proxy`]) whatever the
 //! node's CNI, and its periodic check ([`CHECKS`]) repairs them when they are flushed.
 //! `ingress` runs nginx on the nodes that serve ingress (see [`crate::ingress`]). `dns` runs the
 //! node's CoreDNS from the Corefile it renders (see [`crate::dns`]) when the agent has
 //! `--dns-kubeconfig`.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+pub mod record;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use weft_api::plan::{self as pb, Kind, Resource};
 
@@ -46,6 +48,8 @@ pub struct Target {
     pub dns: crate::dns::DnsHandle,
     /// The node's nginx (see [`crate::ingress`]).
     pub ingress: crate::ingress::IngressHandle,
+    /// Writes the record files of what was applied.
+    pub records: record::Recorder,
 }
 
 impl Target {
@@ -60,7 +64,7 @@ pub enum ProgramError {
     Decode { programmer: &'static str, name: String, source: prost::DecodeError },
     #[error("{programmer}: {message}")]
     Invalid { programmer: &'static str, message: String },
-    #[error("{programmer}: cannot write {path}: {source}")]
+    #[error("{programmer}: {path}: {source}")]
     Io { programmer: &'static str, path: PathBuf, source: std::io::Error },
     #[error("ipam: {0}")]
     Ipam(#[from] crate::ipam::IpamError),
@@ -79,14 +83,14 @@ pub enum ProgramError {
 /// What a programmer does to the node.
 type Act = fn(&PlanState, &Target) -> Result<(), ProgramError>;
 
-/// One programmer: the kinds of plan resource it consumes and what it does with them.
+/// One programmer: the kinds of plan resource it consumes, what it does with them, and the
+/// text that records it.
 #[derive(Debug, Clone, Copy)]
 pub struct Programmer {
     pub name: &'static str,
     pub kinds: &'static [Kind],
-    render: fn(&PlanState) -> Result<String, ProgramError>,
-    /// What the programmer does to the node besides recording, if anything.
-    act: Option<Act>,
+    act: Act,
+    record: fn(&PlanState) -> Result<String, ProgramError>,
 }
 
 /// All programmers, in the order they apply (the pod network before the services on it).
@@ -94,79 +98,61 @@ pub const PROGRAMMERS: &[Programmer] = &[
     Programmer {
         name: "ipam",
         kinds: &[Kind::Network, Kind::Node, Kind::Pods],
-        render: render_ipam,
-        act: Some(act_ipam),
+        act: act_ipam,
+        record: record::ipam,
     },
-    Programmer { name: "cni", kinds: &[Kind::Network, Kind::Node], render: render_cni, act: Some(act_cni) },
+    Programmer { name: "cni", kinds: &[Kind::Network, Kind::Node], act: act_cni, record: record::cni },
     Programmer {
         name: "routes",
         kinds: &[Kind::Network, Kind::Node, Kind::Peer],
-        render: render_routes,
-        act: Some(act_routes),
+        act: act_routes,
+        record: record::routes,
     },
     Programmer {
         name: "proxy",
         kinds: &[Kind::Network, Kind::Service],
-        render: render_proxy,
-        act: Some(act_proxy),
+        act: act_proxy,
+        record: record::proxy,
     },
     Programmer {
         name: "dns",
         kinds: &[Kind::Dns, Kind::Network, Kind::Node],
-        render: render_dns,
-        act: Some(act_dns),
+        act: act_dns,
+        record: record::dns,
     },
     Programmer {
         name: "ingress",
         kinds: &[Kind::Node, Kind::IngressSettings, Kind::Ingress, Kind::Secret],
-        render: render_ingress,
-        act: Some(act_ingress),
+        act: act_ingress,
+        record: record::ingress,
     },
 ];
 
-impl Programmer {
-    fn path(&self, state_dir: &Path) -> PathBuf {
-        state_dir.join("programmed").join(format!("{}.txt", self.name))
-    }
-
-    /// Acts on the node (where the programmer does), then records what the plan asks of it;
-    /// rewrites nothing when that is unchanged.
-    pub fn apply(&self, plan: &PlanState, target: &Target) -> Result<bool, ProgramError> {
-        let text = (self.render)(plan)?;
-        if let Some(act) = self.act {
-            act(plan, target)?;
-        }
-        let path = self.path(&target.state_dir);
-        if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
-            return Ok(false);
-        }
-        // A record for people and tests, rewritten from the plan after any restart.
-        crate::files::replace(&path, text.as_bytes(), Durability::Cached, Access::Public)
-            .map_err(|source| ProgramError::Io { programmer: self.name, path, source })?;
-        Ok(true)
-    }
-}
-
-/// Runs every programmer whose kinds changed (all of them when `changed` is `None`). Returns the
-/// names of those that failed with their errors; the others are applied regardless, so one broken
-/// part never holds back the rest.
+/// Runs every programmer whose kinds changed (all of them when `changed` is `None`), then queues
+/// the records of those that applied. Returns the names of those that failed with their errors;
+/// the others are applied regardless, so one broken part never holds back the rest.
 pub fn apply_all(
-    plan: &PlanState,
+    plan: &Arc<PlanState>,
     changed: Option<&ChangedKinds>,
     target: &Target,
 ) -> Vec<(String, ProgramError)> {
     let mut failures = Vec::new();
+    let mut applied = Vec::new();
     for programmer in PROGRAMMERS {
         if changed.is_some_and(|c| !programmer.kinds.iter().any(|k| c.contains(k))) {
             continue;
         }
         let span = tracing::info_span!("program", programmer = programmer.name);
         let _enter = span.enter();
-        if let Err(e) = programmer.apply(plan, target) {
-            tracing::warn!(error = %e, "programmer failed");
-            failures.push((programmer.name.to_string(), e));
+        match (programmer.act)(plan, target) {
+            Ok(()) => applied.push(*programmer),
+            Err(e) => {
+                tracing::warn!(error = %e, "programmer failed");
+                failures.push((programmer.name.to_string(), e));
+            }
         }
     }
+    target.records.record(plan, &applied);
     failures
 }
 
@@ -200,12 +186,23 @@ fn act_ipam(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
 /// How long a pod must stay absent from the plan before its address is released.
 const POD_GC_GAP: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Installs the conflist and `weft-cni` into the node's CNI directories.
+/// Installs the conflist and `weft-cni` into the node's CNI directories. The directories are
+/// checked whether or not this node installs them.
 fn act_cni(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
-    let Some(net) = single::<pb::NetworkSettings>("cni", plan, Kind::Network)?.filter(|_| target.cni.install)
-    else {
+    let Some(net) = single::<pb::NetworkSettings>("cni", plan, Kind::Network)? else {
         return Ok(());
     };
+    for (what, dir) in [("conf dir", &net.cni_conf_dir), ("bin dir", &net.cni_bin_dir)] {
+        if !dir.starts_with('/') {
+            return Err(ProgramError::Invalid {
+                programmer: "cni",
+                message: format!("the CNI {what} must be an absolute path, got {dir:?}"),
+            });
+        }
+    }
+    if !target.cni.install {
+        return Ok(());
+    }
     let conf_dir = target.cni.conf_dir.clone().unwrap_or_else(|| PathBuf::from(&net.cni_conf_dir));
     let bin_dir = target.cni.bin_dir.clone().unwrap_or_else(|| PathBuf::from(&net.cni_bin_dir));
     let plugin = crate::cni::plugin_binary_next_to_agent().map_err(|source| ProgramError::Io {
@@ -236,57 +233,6 @@ fn act_routes(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
         crate::routes::apply(&desired, &target.routes)?;
     }
     Ok(())
-}
-
-fn render_cni(plan: &PlanState) -> Result<String, ProgramError> {
-    let mut out = String::new();
-    if let Some(net) = single::<pb::NetworkSettings>("cni", plan, Kind::Network)? {
-        for (what, dir) in [("conf dir", &net.cni_conf_dir), ("bin dir", &net.cni_bin_dir)] {
-            if !dir.starts_with('/') {
-                return Err(ProgramError::Invalid {
-                    programmer: "cni",
-                    message: format!("the CNI {what} must be an absolute path, got {dir:?}"),
-                });
-            }
-        }
-        let _ = writeln!(out, "conflist {}/{}", net.cni_conf_dir, net.cni_conflist_name);
-        let _ = writeln!(out, "bin dir {}", net.cni_bin_dir);
-        let _ = writeln!(out, "mtu {}", net.mtu);
-        let _ = writeln!(out, "chained {:?}", net.cni_chained_plugins);
-    }
-    if let Some(node) = single::<pb::NodePlan>("cni", plan, Kind::Node)? {
-        let _ = writeln!(out, "node {} ip {}", node.name, node.node_ip);
-    }
-    Ok(out)
-}
-
-fn render_ipam(plan: &PlanState) -> Result<String, ProgramError> {
-    let mut out = String::new();
-    if let Some(node) = single::<pb::NodePlan>("ipam", plan, Kind::Node)? {
-        for block in node.blocks {
-            let _ =
-                writeln!(out, "block {} pool {} natOutgoing {}", block.cidr, block.pool, block.nat_outgoing);
-        }
-    }
-    Ok(out)
-}
-
-fn render_routes(plan: &PlanState) -> Result<String, ProgramError> {
-    let mut out = String::new();
-    let own = single::<pb::NodePlan>("routes", plan, Kind::Node)?.map(|n| n.name).unwrap_or_default();
-    if let Some(net) = single::<pb::NetworkSettings>("routes", plan, Kind::Network)? {
-        let _ = writeln!(out, "encapsulation {:?} masquerade {}", net.encapsulation(), net.masquerade);
-    }
-    for peer in plan.of_kind(Kind::Peer) {
-        let peer: pb::PeerNode = decode("routes", peer)?;
-        if peer.name == own {
-            continue;
-        }
-        for block in &peer.blocks {
-            let _ = writeln!(out, "route {block} via {} ({})", peer.node_ip, peer.name);
-        }
-    }
-    Ok(out)
 }
 
 /// The proxy's part of the plan: its settings and Services.
@@ -334,50 +280,6 @@ fn check_proxy(plan: &PlanState, target: &Target) -> Result<bool, ProgramError> 
     Ok(true)
 }
 
-fn render_proxy(plan: &PlanState) -> Result<String, ProgramError> {
-    let mut out = String::new();
-    if let Some(net) = plan.of_kind(Kind::Network).next() {
-        let net: pb::NetworkSettings = decode("proxy", net)?;
-        let _ = writeln!(out, "mode {}", crate::proxy::mode_name(net.proxy_mode()));
-    }
-    for r in plan.of_kind(Kind::Service) {
-        let svc: pb::Service = decode("proxy", r)?;
-        let ip = std::net::Ipv4Addr::from(svc.cluster_ip);
-        for port in &svc.ports {
-            let eps: Vec<String> = port
-                .endpoints
-                .iter()
-                .map(|e| format!("{}:{}{}", std::net::Ipv4Addr::from(e.ip), e.port, flags(e)))
-                .collect();
-            let _ = writeln!(
-                out,
-                "service {} {ip}:{} {:?} nodePort {} -> [{}]",
-                r.name,
-                port.port,
-                port.protocol(),
-                port.node_port,
-                eps.join(" ")
-            );
-        }
-    }
-    Ok(out)
-}
-
-fn flags(e: &pb::Endpoint) -> String {
-    let mut s = String::new();
-    for (flag, label) in [
-        (pb::EndpointFlag::EndpointNotReady, "not-ready"),
-        (pb::EndpointFlag::EndpointTerminating, "terminating"),
-        (pb::EndpointFlag::EndpointLocal, "local"),
-    ] {
-        if e.has(flag) {
-            s.push(',');
-            s.push_str(label);
-        }
-    }
-    s
-}
-
 /// Runs the node's CoreDNS with the Corefile rendered from the plan (see [`crate::dns`]); its
 /// files are in `<state-dir>/dns`, whether it serves in `<state-dir>/dns/status`.
 fn act_dns(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
@@ -420,27 +322,6 @@ fn act_ingress(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     Ok(())
 }
 
-/// What the node serves: its Ingresses and TLS Secrets by name (never the keys).
-fn render_ingress(plan: &PlanState) -> Result<String, ProgramError> {
-    let p = ingress_plan(plan)?;
-    let mut out = String::new();
-    let serving = p.node.as_ref().is_some_and(|n| n.ingress) && p.settings.is_some();
-    let _ = writeln!(out, "serving {serving}");
-    for i in &p.ingresses {
-        let verdict =
-            weft_api::ingress::validate(i).err().map(|e| format!(" rejected: {e}")).unwrap_or_default();
-        let _ = writeln!(out, "ingress {}/{}{verdict}", i.namespace, i.name);
-    }
-    for name in p.secrets.keys() {
-        let _ = writeln!(out, "secret {name}");
-    }
-    Ok(out)
-}
-
-fn render_dns(plan: &PlanState) -> Result<String, ProgramError> {
-    Ok(single::<pb::DnsSettings>("dns", plan, Kind::Dns)?.map(|d| format!("{d:#?}\n")).unwrap_or_default())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,8 +362,8 @@ mod tests {
     }
 
     #[test]
-    fn the_proxy_recorder_lists_each_service_port_and_its_endpoints() {
-        insta::assert_snapshot!(render_proxy(&plan(vec![service()])).expect("render"), @"service default/web 10.96.0.50:9000 Tcp nodePort 30123 -> [10.244.1.5:80 10.244.2.7:80,terminating,local]\n");
+    fn the_proxy_record_lists_each_service_port_and_its_endpoints() {
+        insta::assert_snapshot!(record::proxy(&plan(vec![service()])).expect("render"), @"service default/web 10.96.0.50:9000 Tcp nodePort 30123 -> [10.244.1.5:80 10.244.2.7:80,terminating,local]\n");
     }
 
     #[test]
@@ -500,43 +381,79 @@ mod tests {
                 },
             )
         });
-        let text = render_routes(&plan([vec![node], peers.to_vec()].concat())).expect("render");
+        let text = record::routes(&plan([vec![node], peers.to_vec()].concat())).expect("render");
         insta::assert_snapshot!(text, @"route 10.244.2.0/26 via 172.18.0.2 (n2)\n");
     }
 
-    #[test]
-    fn a_relative_cni_dir_is_refused_with_a_clear_error_and_an_unchanged_plan_writes_nothing() {
-        let dir = tempfile::TempDir::new().expect("tempdir");
+    /// A target on `dir` whose proxy only records, the recorded versions on the receiver.
+    fn target(dir: &std::path::Path) -> (Target, std::sync::mpsc::Receiver<u64>) {
+        let (recorded, versions) = std::sync::mpsc::channel();
+        let metrics = crate::metrics::AgentMetrics::default();
+        let records = record::Recorder::start(dir, metrics.record_errors.clone(), move |version| {
+            let _ = recorded.send(version);
+        })
+        .expect("record thread");
         let target = Target {
-            state_dir: dir.path().to_path_buf(),
-            ipam: IpamHandle::open(dir.path(), "n1").expect("ipam"),
+            state_dir: dir.to_path_buf(),
+            ipam: IpamHandle::open(dir, "n1").expect("ipam"),
             cni: CniOptions::default(),
             routes: Default::default(),
-            metrics: Default::default(),
+            metrics,
             proxy: crate::proxy::ProxyCache::with_runner(crate::exec::Runner::recording()),
-            dns: crate::dns::DnsHandle::new(dir.path(), Default::default(), Default::default()),
-            ingress: crate::ingress::IngressHandle::new(dir.path(), Default::default()),
+            dns: crate::dns::DnsHandle::new(dir, Default::default(), Default::default()),
+            ingress: crate::ingress::IngressHandle::new(dir, Default::default()),
+            records,
         };
-        let net = |conf: &str| {
-            Resource::encode(
-                Kind::Network,
-                "network",
-                &pb::NetworkSettings {
-                    cni_conf_dir: conf.into(),
-                    cni_bin_dir: "/opt/cni/bin".into(),
-                    ..Default::default()
-                },
-            )
-        };
-        let failures = apply_all(&plan(vec![net("etc/cni")]), None, &target);
+        (target, versions)
+    }
+
+    fn network(conf_dir: &str) -> Resource {
+        Resource::encode(
+            Kind::Network,
+            "network",
+            &pb::NetworkSettings {
+                cni_conf_dir: conf_dir.into(),
+                cni_bin_dir: "/opt/cni/bin".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    const RECORDED: std::time::Duration = std::time::Duration::from_secs(10);
+
+    #[test]
+    fn a_relative_cni_dir_is_refused_with_a_clear_error_and_its_record_keeps_the_last_good_plan() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let (target, recorded) = target(dir.path());
+        let records = record::dir(dir.path());
+        let good = Arc::new(plan(vec![network("/etc/cni/net.d"), service()]));
+        assert!(apply_all(&good, None, &target).is_empty());
+        assert_eq!(recorded.recv_timeout(RECORDED), Ok(1));
+        let cni_record = std::fs::read_to_string(records.join("cni.txt")).expect("cni record");
+        assert!(cni_record.starts_with("conflist /etc/cni/net.d/"), "{cni_record}");
+
+        let mut bad = plan(vec![network("etc/cni"), service()]);
+        bad.version = 2;
+        let failures = apply_all(&Arc::new(bad), None, &target);
         assert_eq!(failures.len(), 1);
         assert_eq!(
             failures[0].1.to_string(),
             "cni: the CNI conf dir must be an absolute path, got \"etc/cni\""
         );
-        let good = plan(vec![net("/etc/cni/net.d"), service()]);
-        assert!(apply_all(&good, None, &target).is_empty());
-        let cni = PROGRAMMERS.iter().find(|p| p.name == "cni").expect("cni");
-        assert!(!cni.apply(&good, &target).expect("apply"), "unchanged: nothing rewritten");
+        assert_eq!(recorded.recv_timeout(RECORDED), Ok(2));
+        assert_eq!(std::fs::read_to_string(records.join("cni.txt")).expect("cni record"), cni_record);
+        assert!(std::fs::read_to_string(records.join("proxy.txt")).expect("proxy").contains("default/web"));
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_written_is_counted_and_never_fails_the_plan() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let (target, recorded) = target(dir.path());
+        // The records' directory is a file: every record write fails.
+        std::fs::write(record::dir(dir.path()), "not a directory").expect("write");
+        let good = Arc::new(plan(vec![network("/etc/cni/net.d"), service()]));
+        assert!(apply_all(&good, None, &target).is_empty(), "the plan applies");
+        assert_eq!(recorded.recv_timeout(RECORDED), Ok(1));
+        assert_eq!(target.metrics.record_errors.get(), PROGRAMMERS.len() as u64);
     }
 }

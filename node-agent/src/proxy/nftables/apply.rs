@@ -187,10 +187,8 @@ impl NftCache {
             return Ok(true);
         }
         // A failure (no table at all) is a finding, not an error.
-        let listing = runner.output("nft", &["list", "chains", "ip"]).unwrap_or_default();
-        let table = listing.split(&format!("table ip {TABLE} {{")).nth(1).unwrap_or_default();
-        let table = table.split("\ntable ").next().unwrap_or_default();
-        let intact = SHARED_CHAINS.iter().all(|chain| table.contains(&format!("\tchain {chain} {{")));
+        let listing = runner.output("nft", &["-j", "list", "chains", "ip"]).unwrap_or_default();
+        let intact = shared_chains_present(&listing);
         if !intact {
             self.synced = false;
         }
@@ -208,6 +206,40 @@ impl NftCache {
             tracing::debug!("nftables service proxy table removed");
         }
     }
+}
+
+/// `nft -j list chains` output, as far as the check reads it: the chains and their tables (the
+/// `metainfo` entry and every other field are ignored).
+#[derive(serde::Deserialize)]
+struct ChainListing {
+    nftables: Vec<ListedObject>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedObject {
+    chain: Option<ListedChain>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedChain {
+    table: String,
+    name: String,
+}
+
+/// Whether every shared chain is in Weft's table, read from `nft -j list chains ip`. Output that
+/// does not parse (no nft, no table) counts as missing chains.
+pub(super) fn shared_chains_present(listing_json: &str) -> bool {
+    let Ok(listing) = serde_json::from_str::<ChainListing>(listing_json) else {
+        return false;
+    };
+    let ours: HashSet<&str> = listing
+        .nftables
+        .iter()
+        .filter_map(|object| object.chain.as_ref())
+        .filter(|chain| chain.table == TABLE)
+        .map(|chain| chain.name.as_str())
+        .collect();
+    SHARED_CHAINS.iter().all(|chain| ours.contains(chain))
 }
 
 /// One `nft -f -` transaction: all of `input` or nothing.

@@ -174,3 +174,29 @@ fn two_services_on_one_external_ip_and_port_do_not_fail_the_sync_the_first_keeps
     );
     assert!(!rewrite.contains("10.244.1.1"), "nothing of default/a is left: {rewrite}");
 }
+
+/// The check reads `nft -j list chains ip`: only chains of Weft's own table count, a table of the
+/// same chain names elsewhere does not, and output that is not nft's JSON means "not intact".
+#[test]
+fn the_check_finds_the_shared_chains_of_its_own_table_only() {
+    let chains = |table: &str, names: &[&str]| -> String {
+        names
+            .iter()
+            .map(|name| {
+                format!(r#"{{"chain":{{"family":"ip","table":"{table}","name":"{name}","handle":1}}}}"#)
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let listing = |objects: String| {
+        format!(r#"{{"nftables":[{{"metainfo":{{"version":"1.0.6","json_schema_version":1}}}},{objects}]}}"#)
+    };
+    let ours = listing(chains(TABLE, &SHARED_CHAINS));
+    assert!(apply::shared_chains_present(&ours));
+    let elsewhere = listing(chains("other", &SHARED_CHAINS));
+    assert!(!apply::shared_chains_present(&elsewhere));
+    let one_missing = listing(chains(TABLE, &SHARED_CHAINS[1..]));
+    assert!(!apply::shared_chains_present(&one_missing));
+    assert!(!apply::shared_chains_present(""));
+    assert!(!apply::shared_chains_present("table ip weft-proxy {"));
+}
