@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use weft_api::telemetry::{self, AdminState, Readiness};
 use weft_operator::k8s::metrics::{PoolCollector, ReconcileMetrics};
-use weft_operator::k8s::{cluster, ipam, status};
+use weft_operator::k8s::{cluster, inputs, ipam, status};
 use weft_operator::server::metrics::{ConvergenceCollector, PlanMetrics};
 use weft_operator::server::{AgentAuth, PlanServer, PlanStore};
 
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let reconcile_metrics = ReconcileMetrics::register(&mut registry);
     status_metrics.reconcile = reconcile_metrics.clone();
     let store = Arc::new(PlanStore::new());
-    let (status_tx, mut status_rx) = watch::channel(cluster::StatusInputs::default());
+    let (status_tx, mut status_rx) = watch::channel(inputs::StatusInputs::default());
     ConvergenceCollector::register(&mut registry, store.clone());
     PoolCollector::register(&mut registry, store.clone(), status_rx.clone());
     let _otlp_instruments = weft_operator::server::metrics::register_otlp(store.clone());
@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         let readiness = readiness.clone();
         let mut status_rx = status_rx.clone();
         tokio::spawn(async move {
-            let _ = status_rx.wait_for(|s| s.synced_kinds >= cluster::ALL_KINDS).await;
+            let _ = status_rx.wait_for(|s| s.synced).await;
             readiness.set("cluster-synced", true);
             info!("cluster state synced");
         });

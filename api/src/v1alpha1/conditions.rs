@@ -92,6 +92,30 @@ pub fn new_condition(
     }
 }
 
+/// A boolean condition stamped with the current time (see [`new_condition`]).
+#[must_use]
+pub fn condition_now(
+    type_: &str,
+    holds: bool,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+) -> Condition {
+    new_condition(type_, status_str(holds), reason, message, observed_generation, Timestamp::now())
+}
+
+/// The conditions `new` as they replace `old`: types missing from `new` are dropped, and a
+/// condition whose status did not change keeps its transition time.
+#[must_use]
+pub fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
+    let mut out = old.to_vec();
+    out.retain(|c| new.iter().any(|n| n.type_ == c.type_));
+    for c in new {
+        set_condition(&mut out, c);
+    }
+    out
+}
+
 /// The condition of type `type_`, if present.
 #[must_use]
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {

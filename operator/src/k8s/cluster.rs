@@ -21,8 +21,9 @@ use tracing::{Instrument, debug, info_span, warn};
 use weft_api::v1alpha1 as api;
 
 use super::convert;
+use super::inputs::StatusInputs;
 use super::metrics::ReconcileMetrics;
-use super::policy::{Policy, PolicyIndex, PolicyMatch};
+use super::policy::{Policy, PolicyIndex};
 use crate::plan::Compiler;
 use crate::plan::model::{Change, ObjectKey};
 use crate::server::PlanStore;
@@ -58,7 +59,7 @@ pub enum ObjectKind {
     Secret,
 }
 
-pub const ALL_KINDS: usize = 11;
+const ALL_KINDS: usize = 11;
 
 impl Object {
     fn kind(&self) -> ObjectKind {
@@ -103,22 +104,6 @@ pub enum ClusterEvent {
     Deleted(Object),
     /// A complete (re)list of one kind: anything known of that kind and not listed is gone.
     Listed(ObjectKind, Vec<Object>),
-}
-
-/// What the leader needs to write status; published after every compile.
-#[derive(Debug, Clone, Default)]
-pub struct StatusInputs {
-    /// Node names and labels (for IPPool node selectors).
-    pub nodes: BTreeMap<String, BTreeMap<String, String>>,
-    pub pools: Vec<api::IPPool>,
-    pub blocks: Vec<api::IPBlock>,
-    pub network: Option<api::NetworkConfig>,
-    pub policies: Vec<api::ProxyPolicy>,
-    pub policy_matches: BTreeMap<ObjectKey, PolicyMatch>,
-    /// How many kinds have completed their first list.
-    pub synced_kinds: usize,
-    /// Ingresses of Weft's class: served or rejected, and the ingress nodes' addresses.
-    pub ingress: super::ingress::IngressStatusInputs,
 }
 
 impl ObjectKind {
@@ -301,6 +286,8 @@ pub struct ClusterView {
     services: BTreeMap<ObjectKey, (crate::plan::model::Service, BTreeMap<String, String>)>,
     known: HashMap<ObjectKind, HashSet<ObjectKey>>,
     nodes: BTreeMap<String, BTreeMap<String, String>>,
+    /// Nodes as the kube-dns endpoints need them, by name.
+    dns_nodes: BTreeMap<String, convert::DnsNode>,
     pools: BTreeMap<ObjectKey, api::IPPool>,
     blocks: BTreeMap<ObjectKey, api::IPBlock>,
     network: Option<api::NetworkConfig>,
@@ -343,6 +330,10 @@ impl ClusterView {
         match object {
             Object::Node(n) => {
                 self.nodes.insert(key.name.clone(), n.labels().clone());
+                match convert::dns_node(&n) {
+                    Some(dns) => self.dns_nodes.insert(key.name.clone(), dns),
+                    None => self.dns_nodes.remove(&key.name),
+                };
                 self.compiler.apply(Change::Node(convert::node(&n)));
             }
             Object::Service(s) => match convert::service(&s) {
@@ -410,6 +401,7 @@ impl ClusterView {
         match kind {
             ObjectKind::Node => {
                 self.nodes.remove(&key.name);
+                self.dns_nodes.remove(&key.name);
                 self.compiler.apply(Change::NodeDeleted(key.name.clone()));
             }
             ObjectKind::Service => {
@@ -480,7 +472,8 @@ impl ClusterView {
             network: self.network.clone(),
             policies: self.policy_objects.values().cloned().collect(),
             policy_matches: self.policies.matches(self.services.iter().map(|(k, (_, labels))| (k, labels))),
-            synced_kinds: self.synced.len(),
+            synced: self.synced(),
+            dns_nodes: self.dns_nodes.values().cloned().collect(),
             ingress: super::ingress::IngressStatusInputs::new(
                 &self.ingress_objects,
                 self.compiler.ingress_report(),

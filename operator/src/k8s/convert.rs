@@ -14,6 +14,28 @@ use crate::plan::model::{self, ObjectKey, ProxyOverrides};
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// A node as the kube-dns endpoints need it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DnsNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub zone: Option<String>,
+    pub ready: bool,
+}
+
+/// The node's first IPv4 InternalIP, zone and Ready condition; None without an address.
+pub fn dns_node(node: &core::Node) -> Option<DnsNode> {
+    let status = node.status.as_ref()?;
+    let ip = status
+        .addresses
+        .iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
+    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+    Some(DnsNode { name: node.name_any(), ip, zone: node.labels().get(ZONE_LABEL).cloned(), ready })
+}
+
 pub fn node(node: &core::Node) -> model::Node {
     let ip = node.status.as_ref().and_then(|s| s.addresses.as_ref()).and_then(|addrs| {
         addrs.iter().find(|a| a.type_ == "InternalIP").and_then(|a| a.address.parse().ok())

@@ -7,20 +7,18 @@
 //! apply only when they differ from what was last written, and again every few minutes to undo
 //! edits by hand.
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::cluster::StatusInputs;
+use super::convert::DnsNode;
+use super::inputs::StatusInputs;
 
 pub const NAMESPACE: &str = "kube-system";
 pub const SERVICE: &str = "kube-dns";
@@ -31,33 +29,6 @@ const FIELD_MANAGER: &str = "weft-operator-dns";
 /// CoreDNS's metrics port on every node (the agent's `--dns-metrics-port` default).
 pub const METRICS_PORT: u16 = 9153;
 const RESYNC: Duration = Duration::from_secs(300);
-
-/// A node as the kube-dns endpoints need it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DnsNode {
-    pub name: String,
-    pub ip: Ipv4Addr,
-    pub zone: Option<String>,
-    pub ready: bool,
-}
-
-/// The node's first IPv4 InternalIP, zone and Ready condition; None without an address.
-pub fn dns_node(node: &core::Node) -> Option<DnsNode> {
-    let status = node.status.as_ref()?;
-    let ip = status
-        .addresses
-        .iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
-    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-    Some(DnsNode {
-        name: node.name_any(),
-        ip,
-        zone: node.labels().get("topology.kubernetes.io/zone").cloned(),
-        ready,
-    })
-}
 
 /// The kube-dns Service and its EndpointSlice (without owner reference) for `service_ip`.
 pub fn desired(service_ip: &str, nodes: &[DnsNode]) -> (serde_json::Value, serde_json::Value) {
@@ -130,38 +101,20 @@ pub async fn run(
     mut inputs: watch::Receiver<StatusInputs>,
     mut leader: watch::Receiver<bool>,
 ) {
-    let (reader, writer) = reflector::store::<core::Node>();
-    let (nodes_changed, mut nodes_rx) = watch::channel(());
-    let nodes_api: Api<core::Node> = Api::all(client.clone());
-    tokio::spawn(async move {
-        let mut stream = reflector(writer, watcher(nodes_api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects()
-            .boxed();
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                warn!(error = %e, "node watch failed; retrying");
-                continue;
-            }
-            nodes_changed.send_replace(());
-        }
-    });
     let services: Api<core::Service> = Api::namespaced(client.clone(), NAMESPACE);
     let slices: Api<discovery::EndpointSlice> = Api::namespaced(client, NAMESPACE);
     let mut written: Option<(serde_json::Value, serde_json::Value)> = None;
     let mut last_write = Instant::now();
     loop {
-        let synced = reader.wait_until_ready().await.is_ok();
-        if *leader.borrow_and_update() && synced {
+        if *leader.borrow_and_update() {
             let snapshot = inputs.borrow_and_update().clone();
-            if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
+            if snapshot.synced {
                 let service_ip = snapshot
                     .network
                     .as_ref()
                     .map(|n| n.spec.dns.service_ip.clone())
                     .unwrap_or_else(|| weft_api::v1alpha1::DnsSettings::default().service_ip);
-                let nodes: Vec<DnsNode> = reader.state().iter().filter_map(|n| dns_node(n)).collect();
-                let want = desired(&service_ip, &nodes);
+                let want = desired(&service_ip, &snapshot.dns_nodes);
                 if written.as_ref() != Some(&want) || last_write.elapsed() > RESYNC {
                     match write(&services, &slices, &want).await {
                         Ok(()) => {
@@ -177,7 +130,6 @@ pub async fn run(
         }
         tokio::select! {
             _ = inputs.changed() => {}
-            _ = nodes_rx.changed() => {}
             _ = leader.changed() => {}
             () = tokio::time::sleep(Duration::from_secs(if written.is_some() { 60 } else { 5 })) => {}
         }
@@ -223,6 +175,7 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::convert::dns_node;
 
     fn node(name: &str, ip: &str, ready: bool) -> core::Node {
         serde_json::from_value(json!({

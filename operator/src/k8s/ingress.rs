@@ -13,11 +13,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 use weft_api::v1alpha1 as api;
 
-use crate::plan::ingress::{
-    BackendRef, Ingress, IngressClass, IngressPath, IngressRule, IngressTls, PathType, PortRef, Settings,
-    TlsSecret,
+use crate::plan::model::{
+    BackendRef, Ingress, IngressClass, IngressPath, IngressRule, IngressTls, ObjectKey, PathType, PortRef,
+    Settings, TlsSecret,
 };
-use crate::plan::model::ObjectKey;
 
 const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";

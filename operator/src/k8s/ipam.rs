@@ -10,71 +10,19 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use kube::api::{DeleteParams, PostParams};
-use kube::core::{Selector, SelectorExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_api::v1alpha1 as api;
 
-use super::cluster::StatusInputs;
+use super::inputs::StatusInputs;
+use super::pools::{PoolView, overlap, pool_views};
 use crate::server::PlanStore;
 
 /// A node gets another block when fewer than this share of one block's addresses are free.
 const FREE_FRACTION_BEFORE_NEW_BLOCK: u32 = 4;
 /// Upper bound of blocks per node, so a runaway report cannot drain a pool.
 const MAX_BLOCKS_PER_NODE: usize = 16;
-
-/// An IPPool as the allocator sees it.
-#[derive(Debug, Clone)]
-pub struct PoolView {
-    pub name: String,
-    pub cidr: Option<Ipv4Net>,
-    pub block_size: u8,
-    pub selector: Option<Selector>,
-    pub disabled: bool,
-    pub reserved: Vec<Ipv4Net>,
-    /// Other pools sharing addresses with this one ("name (cidr)").
-    pub overlaps: Vec<String>,
-}
-
-impl PoolView {
-    /// Pools that may hand out blocks: valid, enabled, overlapping no other pool.
-    pub fn usable(&self) -> bool {
-        self.cidr.is_some() && !self.disabled && self.overlaps.is_empty()
-    }
-
-    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.as_ref().is_none_or(|s| s.matches(labels))
-    }
-}
-
-pub fn pool_views(pools: &[api::IPPool]) -> Vec<PoolView> {
-    let parsed: Vec<(String, Option<Ipv4Net>, &api::IPPool)> =
-        pools.iter().map(|p| (p.name_any(), p.spec.cidr.parse().ok(), p)).collect();
-    parsed
-        .iter()
-        .map(|(name, cidr, pool)| PoolView {
-            name: name.clone(),
-            cidr: *cidr,
-            block_size: pool.spec.block_size,
-            selector: pool.spec.node_selector.clone().and_then(|s| Selector::try_from(s).ok()),
-            disabled: pool.spec.disabled,
-            reserved: pool.spec.reserved.iter().filter_map(|r| r.parse().ok()).collect(),
-            overlaps: parsed
-                .iter()
-                .filter(|(other, theirs, _)| other != name && overlap(*cidr, *theirs))
-                .map(|(other, _, p)| format!("{other} ({})", p.spec.cidr))
-                .collect(),
-        })
-        .collect()
-}
-
-fn overlap(a: Option<Ipv4Net>, b: Option<Ipv4Net>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => a.contains(&b.network()) || b.contains(&a.network()),
-        _ => false,
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewBlock {
@@ -187,7 +135,7 @@ pub async fn run(
     loop {
         if *leader.borrow_and_update() {
             let snapshot = inputs.borrow_and_update().clone();
-            if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
+            if snapshot.synced {
                 let plan = plan_blocks(
                     &snapshot.nodes,
                     &pool_views(&snapshot.pools),

@@ -15,9 +15,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::cluster::StatusInputs;
-use super::ipam::pool_views;
-use super::status::pool_status;
+use super::inputs::StatusInputs;
+use super::pools::{pool_status, pool_views};
 use crate::server::PlanStore;
 
 /// The kinds of object the operator reconciles or writes, as `resource` label values.

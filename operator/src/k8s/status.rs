@@ -1,11 +1,10 @@
 //! Status and Events, written by the leader only. Desired statuses are computed by pure functions
 //! (tested below); writing patches only what differs, so a steady cluster causes no writes.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -14,39 +13,18 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use weft_api::v1alpha1::conditions::{self as cond, Condition, new_condition, reasons, set_condition, types};
+use weft_api::v1alpha1::conditions::{self as cond, condition_now, merge_conditions, reasons, types};
 use weft_api::v1alpha1::{self as api, network_config::NodePlanState};
 
-use super::cluster::StatusInputs;
-use super::ipam::{PoolView, pool_views};
+use super::inputs::StatusInputs;
 use super::policy::PolicyMatch;
+use super::pools::{pool_status, pool_views};
 use crate::plan::model::ObjectKey;
 use crate::server::PlanStore;
 use crate::server::store::NodeConvergence;
 
 const FIELD_MANAGER: &str = "weft-operator";
 const MAX_LAGGING: usize = 10;
-
-fn condition(
-    type_: &str,
-    holds: bool,
-    reason: &str,
-    message: impl Into<String>,
-    generation: Option<i64>,
-) -> Condition {
-    new_condition(type_, cond::status_str(holds), reason, message, generation, Timestamp::now())
-}
-
-/// Copies conditions from `old` so unchanged ones keep their transition time.
-fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
-    let mut out = old.to_vec();
-    let wanted: HashSet<String> = new.iter().map(|c| c.type_.clone()).collect();
-    out.retain(|c| wanted.contains(&c.type_));
-    for c in new {
-        set_condition(&mut out, c);
-    }
-    out
-}
 
 pub fn network_status(
     config: &api::NetworkConfig,
@@ -74,10 +52,10 @@ pub fn network_status(
         .map(|n| format!("{} ({})", n.node, short_lag_reason(n)))
         .collect();
     let ready = if nodes.is_empty() {
-        condition(types::READY, false, reasons::CONVERGING, "no nodes in the plan yet", observed)
+        condition_now(types::READY, false, reasons::CONVERGING, "no nodes in the plan yet", observed)
     } else if !rejected.is_empty() {
         let names: Vec<&str> = rejected.iter().map(|n| n.node.as_str()).take(5).collect();
-        condition(
+        condition_now(
             types::READY,
             false,
             reasons::PLAN_REJECTED,
@@ -91,7 +69,7 @@ pub fn network_status(
             observed,
         )
     } else if converged == nodes.len() {
-        condition(
+        condition_now(
             types::READY,
             true,
             reasons::CONVERGED,
@@ -99,7 +77,7 @@ pub fn network_status(
             observed,
         )
     } else {
-        condition(
+        condition_now(
             types::READY,
             false,
             reasons::CONVERGING,
@@ -142,112 +120,13 @@ fn short_lag_reason(n: &NodeConvergence) -> &'static str {
     }
 }
 
-/// A pool's status from the blocks handed out of it and the addresses the agents report in use.
-pub fn pool_status(
-    pool: &api::IPPool,
-    view: &PoolView,
-    blocks: &[api::IPBlock],
-    usage: &HashMap<String, u32>,
-) -> api::IPPoolStatus {
-    let old = pool.status.clone().unwrap_or_default();
-    let observed = pool.metadata.generation;
-    let name = pool.name_any();
-    let Ok(cidr) = pool.spec.cidr.parse::<ipnet::Ipv4Net>() else {
-        let msg = format!("spec.cidr {:?} is not an IPv4 CIDR", pool.spec.cidr);
-        return api::IPPoolStatus {
-            observed_generation: observed,
-            conditions: merge_conditions(
-                &old.conditions,
-                vec![condition(types::READY, false, reasons::INVALID_SPEC, msg, observed)],
-            ),
-            ..Default::default()
-        };
-    };
-    let prefix = u32::from(cidr.prefix_len());
-    let block_bits = u32::from(pool.spec.block_size).saturating_sub(prefix).min(31);
-    let total_blocks = 1u32 << block_bits;
-    let mine: Vec<&api::IPBlock> = blocks.iter().filter(|b| b.spec.pool == name).collect();
-    let allocated = u32::try_from(mine.len()).unwrap_or(u32::MAX);
-    let nodes: BTreeSet<&str> = mine.iter().map(|b| b.spec.node.as_str()).collect();
-    let total_addresses = 1u64 << (32 - prefix);
-    let used_addresses: u64 =
-        mine.iter().map(|b| u64::from(usage.get(&b.spec.cidr).copied().unwrap_or(0))).sum();
-    let overlaps = &view.overlaps;
-    let overlapping = if overlaps.is_empty() {
-        condition(
-            types::OVERLAPPING,
-            false,
-            reasons::NO_OVERLAP,
-            "no other pool shares these addresses",
-            observed,
-        )
-    } else {
-        condition(
-            types::OVERLAPPING,
-            true,
-            reasons::CIDR_OVERLAP,
-            format!(
-                "{} overlaps pool {}; no blocks are handed out of either until one changes",
-                pool.spec.cidr,
-                overlaps.join(", ")
-            ),
-            observed,
-        )
-    };
-    let exhausted = if allocated >= total_blocks {
-        condition(
-            types::EXHAUSTED,
-            true,
-            reasons::NO_FREE_BLOCKS,
-            format!(
-                "all {total_blocks} blocks of /{} are handed out; add a pool or a larger CIDR",
-                pool.spec.block_size
-            ),
-            observed,
-        )
-    } else {
-        condition(
-            types::EXHAUSTED,
-            false,
-            reasons::BLOCKS_AVAILABLE,
-            format!("{} of {total_blocks} blocks free", total_blocks - allocated),
-            observed,
-        )
-    };
-    let ready = if pool.spec.disabled {
-        condition(
-            types::READY,
-            false,
-            reasons::DISABLED,
-            "the pool is disabled: no new blocks are handed out",
-            observed,
-        )
-    } else if !overlaps.is_empty() {
-        condition(types::READY, false, reasons::CIDR_OVERLAP, "the pool overlaps another pool", observed)
-    } else {
-        condition(types::READY, true, reasons::RECONCILED, "the pool can hand out blocks", observed)
-    };
-    api::IPPoolStatus {
-        observed_generation: observed,
-        conditions: merge_conditions(&old.conditions, vec![ready, overlapping, exhausted]),
-        total_blocks,
-        allocated_blocks: allocated,
-        blocks: Some(format!("{allocated}/{total_blocks}")),
-        total_addresses,
-        used_addresses,
-        free_addresses: total_addresses - used_addresses,
-        used_percent: u32::try_from(used_addresses * 100 / total_addresses).unwrap_or(100),
-        nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
-    }
-}
-
 pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -> api::ProxyPolicyStatus {
     let old = policy.status.clone().unwrap_or_default();
     let observed = policy.metadata.generation;
     let empty = PolicyMatch::default();
     let matched = matched.unwrap_or(&empty);
     let conflicted = if matched.lost_to.is_empty() {
-        condition(
+        condition_now(
             types::CONFLICTED,
             false,
             reasons::NO_CONFLICT,
@@ -261,7 +140,7 @@ pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -
             .take(5)
             .map(|(svc, winner)| format!("{svc} follows older policy {winner}"))
             .collect();
-        condition(
+        condition_now(
             types::CONFLICTED,
             true,
             reasons::OLDER_POLICY_WINS,
@@ -274,7 +153,7 @@ pub fn policy_status(policy: &api::ProxyPolicy, matched: Option<&PolicyMatch>) -
             observed,
         )
     };
-    let ready = condition(
+    let ready = condition_now(
         types::READY,
         true,
         reasons::RECONCILED,
@@ -381,7 +260,7 @@ pub async fn run(
             continue;
         }
         let snapshot = inputs.borrow_and_update().clone();
-        if snapshot.synced_kinds >= super::cluster::ALL_KINDS {
+        if snapshot.synced {
             writer
                 .write_all(&store, &snapshot, &mut reported_nacks, &mut reported_overlaps, &mut reported)
                 .await;
@@ -567,46 +446,10 @@ async fn publish<K: Resource<DynamicType = ()>>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
     use crate::server::store::AgentReport;
-
-    fn pool(name: &str, cidr: &str) -> api::IPPool {
-        let mut p = api::IPPool::new(name, api::IPPoolSpec::new(cidr));
-        p.metadata.generation = Some(3);
-        p
-    }
-
-    #[test]
-    fn overlapping_pools_are_flagged_with_the_other_pool_named() {
-        let pools = vec![pool("a", "10.244.0.0/16"), pool("b", "10.244.8.0/24")];
-        let status = pool_status(&pools[1], &pool_views(&pools)[1], &[], &HashMap::new());
-        let c = cond::find_condition(&status.conditions, types::OVERLAPPING)
-            .map(|c| (c.status.clone(), c.message.clone()));
-        let (holds, message) = c.unwrap_or_default();
-        assert_eq!(holds, "True");
-        assert!(message.contains("a (10.244.0.0/16)"), "{message}");
-        assert!(!cond::is_condition_true(&status.conditions, types::READY));
-        assert_eq!(status.observed_generation, Some(3));
-    }
-
-    #[test]
-    fn pool_counts_come_from_its_blocks() {
-        let p = pool("a", "10.244.0.0/24");
-        let blocks = vec![
-            api::IPBlock::for_node("10.244.0.0/26", "a", "n1"),
-            api::IPBlock::for_node("10.244.0.64/26", "a", "n1"),
-            api::IPBlock::for_node("10.244.0.128/26", "a", "n2"),
-            api::IPBlock::for_node("10.9.0.0/26", "other", "n3"),
-        ];
-        let usage = HashMap::from([("10.244.0.0/26".to_string(), 10), ("10.9.0.0/26".to_string(), 50)]);
-        let status = pool_status(&p, &pool_views(std::slice::from_ref(&p))[0], &blocks, &usage);
-        assert_eq!((status.total_blocks, status.allocated_blocks, status.nodes), (4, 3, 2));
-        assert_eq!((status.total_addresses, status.used_addresses, status.free_addresses), (256, 10, 246));
-        assert_eq!(status.used_percent, 3);
-        assert!(!cond::is_condition_true(&status.conditions, types::EXHAUSTED));
-    }
 
     #[test]
     fn network_status_names_the_nodes_that_rejected_their_plan() {

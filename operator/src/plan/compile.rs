@@ -15,26 +15,9 @@ use ipnet::Ipv4Net;
 use weft_api::plan::{self as pb, Kind, Resource, ResourceKey};
 
 use super::model::{
-    Block, Change, EndpointSlice, Masquerade, NetworkSettings, Node, ObjectKey, Pod, Pool, Protocol, Service,
-    TargetPort, TopologyMode,
+    Block, Change, EndpointSlice, Masquerade, NetworkSettings, Node, ObjectKey, Pod, Pool, Protocol, Scope,
+    Service, TargetPort, TopologyMode, Update,
 };
-
-/// Who receives a resource.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// Every node.
-    All,
-    /// One node only. A key is never held in both scopes at once.
-    Node(String),
-}
-
-/// One resource that changed: `None` removes it.
-#[derive(Debug, Clone)]
-pub struct Update {
-    pub scope: Scope,
-    pub key: ResourceKey,
-    pub resource: Option<Arc<Resource>>,
-}
 
 /// What the compiler last emitted for a Service.
 #[derive(Debug, Clone)]

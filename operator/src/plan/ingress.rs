@@ -16,8 +16,10 @@ use std::sync::Arc;
 
 use weft_api::plan::{self as pb, Kind, Resource, ResourceKey};
 
-use super::compile::{Scope, Update};
-use super::model::{Change, Node, ObjectKey, Protocol, Service};
+use super::model::{
+    BackendRef, Change, Ingress, IngressClass, Node, ObjectKey, PathType, PortRef, Protocol, Scope, Service,
+    Settings, TlsSecret, Update,
+};
 
 /// The name of the settings resource.
 pub const SETTINGS: &str = "ingress";
@@ -25,113 +27,6 @@ pub const SETTINGS: &str = "ingress";
 pub const CONTROLLER: &str = "weft.io/ingress";
 
 const ANNOTATION_PREFIX: &str = "nginx.ingress.kubernetes.io/";
-
-/// NetworkConfig `ingress`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
-    pub enabled: bool,
-    pub node_selector: BTreeMap<String, String>,
-    pub class_name: String,
-    pub http_port: u16,
-    pub https_port: u16,
-    pub default_backend: Option<(ObjectKey, PortRef)>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            node_selector: BTreeMap::new(),
-            class_name: "weft".into(),
-            http_port: 80,
-            https_port: 443,
-            default_backend: None,
-        }
-    }
-}
-
-impl Settings {
-    fn selects(&self, node: &Node) -> bool {
-        self.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PortRef {
-    Number(u16),
-    Name(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendRef {
-    /// A Service in the Ingress's namespace.
-    pub service: String,
-    pub port: PortRef,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathType {
-    Exact,
-    Prefix,
-    ImplementationSpecific,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressPath {
-    pub path: String,
-    pub path_type: PathType,
-    /// `None` for a resource backend, which Weft does not serve (the route answers 503).
-    pub backend: Option<BackendRef>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressRule {
-    pub host: String,
-    pub paths: Vec<IngressPath>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressTls {
-    pub hosts: Vec<String>,
-    pub secret: Option<String>,
-}
-
-/// An Ingress, as far as the compiler needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ingress {
-    pub key: ObjectKey,
-    /// `spec.ingressClassName`, or the legacy `kubernetes.io/ingress.class` annotation.
-    pub class_name: Option<String>,
-    pub created_unix: i64,
-    /// The `nginx.ingress.kubernetes.io/*` annotations.
-    pub annotations: BTreeMap<String, String>,
-    pub default_backend: Option<BackendRef>,
-    pub rules: Vec<IngressRule>,
-    pub tls: Vec<IngressTls>,
-}
-
-/// An IngressClass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressClass {
-    pub name: String,
-    pub controller: String,
-    pub is_default: bool,
-}
-
-/// A `kubernetes.io/tls` Secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TlsSecret {
-    pub key: ObjectKey,
-    pub cert: Vec<u8>,
-    pub private_key: Vec<u8>,
-}
-
-impl std::fmt::Debug for TlsSecret {
-    /// Never prints the key.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSecret").field("key", &self.key).field("cert_len", &self.cert.len()).finish()
-    }
-}
 
 /// What became of each Ingress of Weft's class, for Events and status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -7,7 +7,9 @@ use proptest::prelude::*;
 use weft_api::plan::{self as pb, Kind};
 
 use super::*;
-use crate::plan::model::{ProxyOverrides, ServicePort, TargetPort, TopologyMode};
+use crate::plan::model::{
+    IngressPath, IngressRule, IngressTls, ProxyOverrides, ServicePort, TargetPort, TopologyMode,
+};
 use crate::plan::tests::plans;
 use crate::plan::{Compiler, Scope};
 use crate::server::PlanStore;

@@ -4,7 +4,8 @@ pub mod compile;
 pub mod ingress;
 pub mod model;
 
-pub use compile::{Compiler, Scope, Update};
+pub use compile::Compiler;
+pub use model::{Scope, Update};
 
 #[cfg(test)]
 mod tests;
