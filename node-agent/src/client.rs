@@ -133,7 +133,10 @@ pub async fn run(
         // repairs anything lost while the agent was down.
         agent.apply(None);
     }
-    let mut backoff = Duration::from_millis(100);
+    let mut reconnects = crate::retry::Doubling::new(
+        Duration::from_millis(100),
+        agent.config.retry_interval.max(Duration::from_millis(200)),
+    );
     loop {
         let started = Instant::now();
         tokio::select! {
@@ -160,14 +163,13 @@ pub async fn run(
             agent.check();
         }
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
+            reconnects.reset();
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(reconnects.next_delay()) => {}
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             failure = critical.failed() => return Err(AgentError::Critical(failure)),
         }
-        backoff = (backoff * 2).min(agent.config.retry_interval.max(Duration::from_millis(200)));
     }
 }
 

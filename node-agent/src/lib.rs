@@ -17,6 +17,7 @@ pub mod plan_state;
 pub mod plugin;
 pub mod programmers;
 pub mod proxy;
+pub mod retry;
 pub mod routes;
 
 pub use client::{AgentConfig, AgentStatus, run, spawn};

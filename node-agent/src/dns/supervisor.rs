@@ -194,7 +194,8 @@ struct Supervisor {
     desired: Option<(String, SocketAddr)>,
     /// When a dead CoreDNS may be started again, and the delay after the next death.
     next_start: Instant,
-    backoff: Duration,
+    /// Restart delays: 1 s, doubling to 30 s while CoreDNS keeps dying or failing to start.
+    restarts: crate::retry::Doubling,
     stale_checked: bool,
 }
 
@@ -207,7 +208,7 @@ impl Supervisor {
             running: None,
             desired: None,
             next_start: Instant::now(),
-            backoff: Duration::from_secs(1),
+            restarts: crate::retry::Doubling::new(Duration::from_secs(1), Duration::from_secs(30)),
             stale_checked: false,
         }
     }
@@ -397,12 +398,10 @@ impl Supervisor {
         self.running = None;
         self.metrics.dns_serving.set(0);
         // A CoreDNS that ran for a while is restarted at once; one that keeps dying, less often.
-        self.backoff = if ran > Duration::from_secs(60) {
-            Duration::from_secs(1)
-        } else {
-            (self.backoff * 2).min(Duration::from_secs(30))
-        };
-        self.next_start = Instant::now() + self.backoff;
+        if ran > Duration::from_secs(60) {
+            self.restarts.reset();
+        }
+        self.next_start = Instant::now() + self.restarts.next_delay();
     }
 
     /// Restarts CoreDNS if it died while it should serve.
@@ -420,7 +419,7 @@ impl Supervisor {
             }
             Err(e) => {
                 warn!(error = %e, "CoreDNS did not restart");
-                self.next_start = Instant::now() + self.backoff;
+                self.next_start = Instant::now() + self.restarts.next_delay();
             }
         }
     }
