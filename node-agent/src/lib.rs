@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod cni;
+pub mod daemon;
 pub mod dns;
 pub mod exec;
 pub mod files;

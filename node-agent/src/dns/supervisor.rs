@@ -13,10 +13,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
+use crate::daemon;
 use crate::files::{self, Access, Durability};
 
 use super::{DnsOptions, ServeOptions};
@@ -298,25 +298,10 @@ impl Supervisor {
         if std::mem::replace(&mut self.stale_checked, true) {
             return;
         }
-        let Some(pid) =
-            std::fs::read_to_string(self.pid_path()).ok().and_then(|p| p.trim().parse::<u32>().ok())
-        else {
-            return;
-        };
-        let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-            let cmd = String::from_utf8_lossy(&cmd);
-            cmd.contains("coredns") && cmd.contains(&*self.corefile_path().to_string_lossy())
-        });
-        if ours {
+        if let Some(pid) = daemon::our_pid(&self.pid_path(), "coredns", &self.corefile_path()) {
             info!(pid, "stopping the CoreDNS a previous agent started");
-            let _ = signal(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + STOP_GRACE;
-            while alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if alive(pid) {
-                let _ = signal(pid, Signal::SIGKILL);
-            }
+            let stop = daemon::Stop { graceful: Signal::SIGTERM, grace: STOP_GRACE, forced: Signal::SIGKILL };
+            let _ = daemon::stop(pid, stop, || daemon::alive(pid));
         }
         let _ = std::fs::remove_file(self.pid_path());
     }
@@ -459,16 +444,10 @@ fn health_ok(addr: SocketAddr) -> bool {
     attempt().unwrap_or(false)
 }
 
+/// Signals CoreDNS, the agent's child (whose pid `Child` gives as u32).
 fn signal(pid: u32, sig: Signal) -> Result<(), SupervisorError> {
     let raw = i32::try_from(pid).map_err(|_| SupervisorError::Signal { pid, source: nix::Error::EINVAL })?;
-    kill(Pid::from_raw(raw), sig).map_err(|source| SupervisorError::Signal { pid, source })
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-        .is_some_and(|zombie| !zombie)
+    daemon::signal(raw, sig).map_err(|source| SupervisorError::Signal { pid, source })
 }
 
 /// `setpriv` from PATH, if the node has it.
@@ -567,7 +546,7 @@ mod tests {
         // The agent stops: so does its CoreDNS.
         let pid: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");
         drop(handle);
-        assert!(!alive(pid), "CoreDNS {pid} stopped with the agent");
+        assert!(!daemon::alive(i32::try_from(pid).expect("pid")), "CoreDNS {pid} stopped with the agent");
 
         // A CoreDNS left behind by an agent that died (its pid file names it) is replaced by the
         // next agent.
@@ -589,7 +568,7 @@ mod tests {
         // The last handle gone (the agent stops): CoreDNS stops too.
         let new: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");
         drop(handle);
-        assert!(!alive(new), "CoreDNS {new} stopped with the agent");
+        assert!(!daemon::alive(i32::try_from(new).expect("pid")), "CoreDNS {new} stopped with the agent");
         assert!(!pid_file.exists());
     }
 

@@ -9,13 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use super::render::{Desired, Paths};
 use super::{IngressError, IngressOptions, Outcome};
+use crate::daemon;
 use crate::files::{self, Access, Durability};
 
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -66,36 +66,26 @@ impl IngressHandle {
         self.shared.dir.join("nginx.conf")
     }
 
-    /// The pid of our running nginx master, if one runs.
-    pub fn running_pid(&self) -> Option<i32> {
-        let pid: i32 =
-            std::fs::read_to_string(self.shared.dir.join("nginx.pid")).ok()?.trim().parse().ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        let conf = self.conf();
-        (cmdline.contains("nginx") && cmdline.contains(&*conf.to_string_lossy())).then_some(pid)
+    fn pid_file(&self) -> PathBuf {
+        self.shared.dir.join("nginx.pid")
     }
 
-    /// The pid in the pid file, whether or not it still runs.
-    fn recorded_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.shared.dir.join("nginx.pid")).ok()?.trim().parse().ok()
+    /// The pid of our running nginx master, if one runs.
+    pub fn running_pid(&self) -> Option<i32> {
+        daemon::our_pid(&self.pid_file(), "nginx", &self.conf())
     }
 
     /// Workers of a master that died keep the listening sockets (nginx workers outlive their
     /// master): they are in the master's process group, so they are found by that and stopped
     /// before a new nginx binds the ports.
     fn stop_orphans(&self) {
-        let Some(group) = self.recorded_pid() else { return };
+        let Some(group) = daemon::recorded_pid(&self.pid_file()) else { return };
         let Ok(procs) = std::fs::read_dir("/proc") else { return };
         for entry in procs.flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            // pid (comm) state ppid pgrp …
-            let Some((comm, rest)) = stat.split_once(") ") else { continue };
-            let pgrp = rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok());
-            if comm.ends_with("(nginx") && pgrp == Some(group) {
+            if daemon::proc_stat(pid).is_some_and(|s| s.comm == "nginx" && s.pgrp == group) {
                 tracing::warn!(pid, "stopping a worker of a dead nginx master");
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = daemon::signal(pid, Signal::SIGKILL);
             }
         }
     }
@@ -147,8 +137,7 @@ impl IngressHandle {
         }
         let outcome = match running {
             Some(pid) => {
-                kill(Pid::from_raw(pid), Signal::SIGHUP)
-                    .map_err(|source| IngressError::Signal { pid, source })?;
+                daemon::signal(pid, Signal::SIGHUP).map_err(|source| IngressError::Signal { pid, source })?;
                 Outcome::Reloaded
             }
             None => {
@@ -171,16 +160,10 @@ impl IngressHandle {
         state.want = false;
         let Some(pid) = self.running_pid() else { return Ok(()) };
         tracing::info!(pid, "stopping nginx: the node no longer serves ingress");
-        let pid_t = Pid::from_raw(pid);
-        kill(pid_t, Signal::SIGQUIT).map_err(|source| IngressError::Signal { pid, source })?;
-        let deadline = Instant::now() + STOP_GRACE;
-        while self.running_pid().is_some() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.running_pid().is_some() {
-            let _ = kill(pid_t, Signal::SIGTERM);
-        }
-        Ok(())
+        // SIGTERM, nginx's fast shutdown, when in-flight requests take too long.
+        let stop = daemon::Stop { graceful: Signal::SIGQUIT, grace: STOP_GRACE, forced: Signal::SIGTERM };
+        daemon::stop(pid, stop, || self.running_pid().is_some())
+            .map_err(|source| IngressError::Signal { pid, source })
     }
 
     fn nginx(&self, args: &[&str]) -> Result<std::process::Output, IngressError> {
