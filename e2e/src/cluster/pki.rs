@@ -1,19 +1,15 @@
-//! Certificates generated on the fly with `openssl` (P-256 keys; RSA for the service-account
-//! signing key), and kubeconfigs that reference them.
+//! The test cluster's certificates, made with rcgen (P-256 keys throughout, the service-account
+//! signing key too: the API server signs ES256 tokens), and kubeconfigs that reference them.
 
-use std::fmt::Write as _;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-
-use super::net::run;
-
-/// Runs `openssl` with mixed string and path arguments.
-fn openssl(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<String> {
-    run("openssl", args.iter().map(|a| a.as_ref()))
-}
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
+};
 
 /// A certificate and its key.
 #[derive(Clone, Debug)]
@@ -64,8 +60,8 @@ impl Pki {
         CertPair { cert: self.dir.join(format!("{stem}.crt")), key: self.dir.join(format!("{stem}.key")) }
     }
 
-    /// Creates the CA, the API server's and the plan service's serving certificates, the admin, controller-manager and
-    /// scheduler client certificates and the service-account key pair.
+    /// Creates the CA, the API server's and the plan service's serving certificates, the admin,
+    /// controller-manager and scheduler client certificates and the service-account key pair.
     pub fn create(
         dir: &Path,
         cluster: &str,
@@ -75,39 +71,34 @@ impl Pki {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let pki = Pki { dir: dir.to_path_buf() };
         let ca = pki.ca();
-        genkey(&ca.key)?;
-        openssl(&[
-            &"req",
-            &"-x509",
-            &"-new",
-            &"-key",
-            &ca.key,
-            &"-subj",
-            &format!("/CN=weft-{cluster}-ca"),
-            &"-days",
-            &"3650",
-            &"-addext",
-            &"basicConstraints=critical,CA:TRUE",
-            &"-addext",
-            &"keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            &"-out",
-            &ca.cert,
-        ])?;
-        let mut sans = String::from(
-            "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,\
-             DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1",
-        );
-        for ip in apiserver_ips {
-            let _ = write!(sans, ",IP:{ip}");
-        }
-        pki.issue("apiserver", "kube-apiserver", None, Usage::Server { sans: &sans })?;
+        let ca_key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&format!("weft-{cluster}-ca"), None);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        write(&ca.cert, &params.self_signed(&ca_key)?.pem())?;
+        write(&ca.key, &ca_key.serialize_pem())?;
+
+        let mut sans: Vec<SanType> = [
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ]
+        .iter()
+        .map(|d| dns_name(d))
+        .collect::<Result<_>>()?;
+        sans.push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+        sans.extend(apiserver_ips.iter().map(|ip| SanType::IpAddress((*ip).into())));
+        pki.issue("apiserver", "kube-apiserver", None, Usage::Server { sans })?;
         // The operator's plan service listens on the bridge address (a process there) or on the
         // addresses of the nodes its replicas run on (real nodes).
-        let mut plan_sans = String::from("DNS:localhost,DNS:weft-operator.weft-system.svc,IP:127.0.0.1");
-        for ip in apiserver_ips.iter().chain(plan_ips) {
-            let _ = write!(plan_sans, ",IP:{ip}");
-        }
-        pki.issue("plan", "weft-operator", None, Usage::Server { sans: &plan_sans })?;
+        let mut plan_sans = vec![dns_name("localhost")?, dns_name("weft-operator.weft-system.svc")?];
+        plan_sans.push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+        plan_sans.extend(apiserver_ips.iter().chain(plan_ips).map(|ip| SanType::IpAddress((*ip).into())));
+        pki.issue("plan", "weft-operator", None, Usage::Server { sans: plan_sans })?;
         pki.issue("admin", "weft-admin", Some("system:masters"), Usage::Client)?;
         // What the API server presents to kubelets (exec, logs, port-forward), which authorize it
         // with a SubjectAccessReview.
@@ -119,16 +110,9 @@ impl Pki {
         )?;
         pki.issue("controller-manager", "system:kube-controller-manager", None, Usage::Client)?;
         pki.issue("scheduler", "system:kube-scheduler", None, Usage::Client)?;
-        openssl(&[
-            &"genpkey",
-            &"-algorithm",
-            &"RSA",
-            &"-pkeyopt",
-            &"rsa_keygen_bits:2048",
-            &"-out",
-            &pki.sa_key(),
-        ])?;
-        openssl(&[&"pkey", &"-in", &pki.sa_key(), &"-pubout", &"-out", &pki.sa_pub()])?;
+        let sa = KeyPair::generate()?;
+        write(&pki.sa_key(), &sa.serialize_pem())?;
+        write(&pki.sa_pub(), &sa.public_key_pem())?;
         Ok(pki)
     }
 
@@ -137,55 +121,57 @@ impl Pki {
         self.issue(stem, cn, org, Usage::Client)
     }
 
-    fn issue(&self, stem: &str, cn: &str, org: Option<&str>, usage: Usage<'_>) -> Result<CertPair> {
+    fn issue(&self, stem: &str, cn: &str, org: Option<&str>, usage: Usage) -> Result<CertPair> {
         let pair = self.pair(stem);
         let ca = self.ca();
-        genkey(&pair.key)?;
-        let csr = self.dir.join(format!("{stem}.csr"));
-        let ext = self.dir.join(format!("{stem}.ext"));
-        let subj = match org {
-            Some(o) => format!("/O={o}/CN={cn}"),
-            None => format!("/CN={cn}"),
-        };
-        openssl(&[&"req", &"-new", &"-key", &pair.key, &"-subj", &subj, &"-out", &csr])?;
-        let mut ext_text = String::from("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n");
+        let read =
+            |path: &Path| fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+        let issuer = Issuer::from_ca_cert_pem(&read(&ca.cert)?, KeyPair::from_pem(&read(&ca.key)?)?)
+            .with_context(|| format!("the CA in {}", ca.cert.display()))?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(cn, org);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
         match usage {
-            Usage::Client => ext_text.push_str("extendedKeyUsage=clientAuth\n"),
+            Usage::Client => params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::Server { sans } => {
-                let _ = writeln!(ext_text, "extendedKeyUsage=serverAuth\nsubjectAltName={sans}");
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                params.subject_alt_names = sans;
             }
         }
-        fs::write(&ext, ext_text)?;
-        openssl(&[
-            &"x509",
-            &"-req",
-            &"-in",
-            &csr,
-            &"-CA",
-            &ca.cert,
-            &"-CAkey",
-            &ca.key,
-            &"-days",
-            &"825",
-            &"-extfile",
-            &ext,
-            &"-out",
-            &pair.cert,
-        ])?;
-        let _ = fs::remove_file(csr);
-        let _ = fs::remove_file(ext);
+        write(&pair.cert, &params.signed_by(&key, &issuer)?.pem())?;
+        write(&pair.key, &key.serialize_pem())?;
         Ok(pair)
     }
 }
 
-#[derive(Clone, Copy)]
-enum Usage<'a> {
+enum Usage {
     Client,
-    Server { sans: &'a str },
+    Server { sans: Vec<SanType> },
 }
 
-fn genkey(path: &Path) -> Result<()> {
-    openssl(&[&"genpkey", &"-algorithm", &"EC", &"-pkeyopt", &"ec_paramgen_curve:P-256", &"-out", &path])?;
+fn name(cn: &str, org: Option<&str>) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    if let Some(org) = org {
+        name.push(DnType::OrganizationName, org);
+    }
+    name.push(DnType::CommonName, cn);
+    name
+}
+
+fn dns_name(name: &str) -> Result<SanType> {
+    Ok(SanType::DnsName(name.try_into()?))
+}
+
+/// Writes a PEM file; keys are readable by their owner only.
+fn write(path: &Path, pem: &str) -> Result<()> {
+    fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+    if pem.contains("PRIVATE KEY") {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
     Ok(())
 }
 
@@ -215,4 +201,77 @@ pub fn write_kubeconfig(
         fs::create_dir_all(parent)?;
     }
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openssl` as an independent judge of what rcgen made.
+    fn openssl(args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl runs");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    #[test]
+    fn certificates_verify_against_the_ca_for_their_purpose_with_their_names() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let pki =
+            Pki::create(dir.path(), "t", &[Ipv4Addr::new(172, 18, 0, 1)], &[Ipv4Addr::new(172, 18, 1, 11)])
+                .expect("pki");
+        let ca = pki.ca().cert.display().to_string();
+        let node = pki.client("node-1", "system:node:node-1", Some("system:nodes")).expect("a later client");
+        for (pair, purpose) in [
+            (pki.apiserver(), "sslserver"),
+            (pki.plan(), "sslserver"),
+            (pki.admin(), "sslclient"),
+            (pki.kubelet_client(), "sslclient"),
+            (node.clone(), "sslclient"),
+        ] {
+            let cert = pair.cert.display().to_string();
+            let (ok, out) = openssl(&["verify", "-CAfile", &ca, "-purpose", purpose, &cert]);
+            assert!(ok, "{cert} for {purpose}: {out}");
+            let (ok, out) = openssl(&["x509", "-in", &cert, "-noout", "-checkend", "86400"]);
+            assert!(ok, "{cert} is valid tomorrow: {out}");
+        }
+        let (_, wrong) = openssl(&[
+            "verify",
+            "-CAfile",
+            &ca,
+            "-purpose",
+            "sslserver",
+            &pki.admin().cert.display().to_string(),
+        ]);
+        assert!(
+            wrong.contains("unsuitable certificate purpose"),
+            "a client certificate serves nothing: {wrong}"
+        );
+        let (_, text) = openssl(&[
+            "x509",
+            "-in",
+            &pki.apiserver().cert.display().to_string(),
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ]);
+        for name in
+            ["DNS:kubernetes.default.svc.cluster.local", "IP Address:127.0.0.1", "IP Address:172.18.0.1"]
+        {
+            assert!(text.contains(name), "{name} in {text}");
+        }
+        let (_, subject) = openssl(&["x509", "-in", &node.cert.display().to_string(), "-noout", "-subject"]);
+        assert!(
+            subject.contains("O = system:nodes") && subject.contains("CN = system:node:node-1"),
+            "{subject}"
+        );
+        let (ok, out) = openssl(&["pkey", "-pubin", "-in", &pki.sa_pub().display().to_string(), "-noout"]);
+        assert!(ok, "the service-account public key parses: {out}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(pki.sa_key()).expect("sa.key").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }
