@@ -511,15 +511,28 @@ async fn rules_for_services(host: &OutsideHost, proxy: Proxy, legacy: bool) -> R
         Proxy::Iptables | Proxy::Weft => None,
     };
     let out = match nft_table {
-        Some(table) => host.run("nft", &["list", "map", "ip", table, "service-ips"]).await?,
+        Some(table) => host.run("nft", &["-j", "list", "map", "ip", table, "service-ips"]).await?,
         None if legacy => host.run("iptables-legacy-save", &["-t", "nat"]).await?,
         None => host.run("iptables-nft-save", &["-t", "nat"]).await?,
     };
-    let text = String::from_utf8_lossy(&out.stdout);
     Ok(match nft_table {
-        Some(_) => text.matches(" : goto ").count(),
-        None => text.lines().filter(|l| l.starts_with("-A") && l.contains(" -d 10.96.")).count(),
+        Some(table) => {
+            map_elements(&out.stdout).with_context(|| format!("reading {table}'s service-ips map"))?
+        }
+        None => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains(" -d 10.96."))
+            .count(),
     })
+}
+
+/// How many elements the map in `nft -j list map` output holds.
+fn map_elements(json: &[u8]) -> Result<usize> {
+    let listing: serde_json::Value = serde_json::from_slice(json).context("nft -j output is not JSON")?;
+    let objects = listing["nftables"].as_array().context("no nftables array")?;
+    let map = objects.iter().find_map(|o| o.get("map")).context("no map in the listing")?;
+    // A map without elements has no "elem" at all.
+    Ok(map.get("elem").and_then(serde_json::Value::as_array).map_or(0, Vec::len))
 }
 
 /// Sets the NetworkConfig's `spec.proxy.mode` and waits until the operator has compiled it into
