@@ -846,8 +846,13 @@ impl Cluster {
 
     /// Starts the cluster's `weft-operator` again — same addresses and log (appended) — after it
     /// was killed or stopped, talking to the API server through `kubeconfig` when given (the
-    /// admin kubeconfig otherwise). Fails while it still runs.
-    pub fn restart_operator(&mut self, kubeconfig: Option<&Path>) -> Result<ProcRecord> {
+    /// admin kubeconfig otherwise), with `env` added to its environment (settings, by the
+    /// variables its flags read). Fails while it still runs.
+    pub fn restart_operator(
+        &mut self,
+        kubeconfig: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<ProcRecord> {
         if !self.state.weft {
             bail!("cluster {} runs without Weft", self.state.name);
         }
@@ -866,7 +871,7 @@ impl Cluster {
         if let Some(kubeconfig) = kubeconfig {
             launch = launch.env("KUBECONFIG", kubeconfig);
         }
-        let (record, child) = launch.spawn()?;
+        let (record, child) = launch.envs(env.iter().cloned()).spawn()?;
         self.record((record.clone(), child))?;
         Ok(record)
     }

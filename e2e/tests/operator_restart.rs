@@ -234,7 +234,7 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     ensure!(c.kill_process("weft-operator", Signal::KILL).await?, "weft-operator did not exit on SIGKILL");
     let (proxy_addr, proxy) = start_proxy(c.client()).await?;
     let kubeconfig = proxy_kubeconfig(&c.state().dir, proxy_addr)?;
-    let restarted = c.restart_operator(Some(&kubeconfig)).await?;
+    let restarted = c.restart_operator(Some(&kubeconfig), &[]).await?;
     step(&format!(
         "operator killed and started again (pid {}) behind the slow-list proxy at {proxy_addr}",
         restarted.pid

@@ -40,6 +40,11 @@ struct Args {
     /// PEM private key of --plan-tls-cert.
     #[arg(long, env = "WEFT_PLAN_TLS_KEY", requires = "plan_tls_cert")]
     plan_tls_key: Option<PathBuf>,
+    /// Seconds a deleted Node's IPBlocks are kept for it before they may go to other nodes (a node
+    /// that re-registers under its name meanwhile keeps them; its agent may still be allocating).
+    /// Even then a block is kept while a pod holds an address in it.
+    #[arg(long, env = "WEFT_BLOCK_RELEASE_GRACE_SECONDS", default_value_t = 300)]
+    block_release_grace_seconds: u64,
 }
 
 const LEASE: &str = "weft-operator";
@@ -120,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             status_rx.clone(),
             is_leader.clone(),
             reconcile_metrics.clone(),
+            std::time::Duration::from_secs(args.block_release_grace_seconds),
         ),
     ));
     // The kube-dns Service in front of every node's CoreDNS.

@@ -417,13 +417,19 @@ impl TestCluster {
     }
 
     /// Starts the cluster's operator again after [`TestCluster::kill_process`] or
-    /// [`TestCluster::stop_process`] (see [`Cluster::restart_operator`]). Does not wait for it.
-    pub async fn restart_operator(&self, kubeconfig: Option<&Path>) -> Result<ProcRecord> {
+    /// [`TestCluster::stop_process`] (see [`Cluster::restart_operator`]), with `env` added to
+    /// its environment. Does not wait for it.
+    pub async fn restart_operator(
+        &self,
+        kubeconfig: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<ProcRecord> {
         let inner = self.inner.clone();
         let kubeconfig = kubeconfig.map(Path::to_path_buf);
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         tokio::task::spawn_blocking(move || {
             let mut c = lock(&inner.cluster);
-            let res = c.restart_operator(kubeconfig.as_deref());
+            let res = c.restart_operator(kubeconfig.as_deref(), &env);
             *lock(&inner.state) = c.state().clone();
             res
         })

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -295,6 +296,9 @@ pub struct ClusterView {
     synced: HashSet<ObjectKind>,
     /// Ingresses as watched, for their status and Events.
     ingress_objects: BTreeMap<ObjectKey, networking::Ingress>,
+    /// The address each pod holds, for IPAM (a block is given back only when no pod holds an
+    /// address in it). Shared with the published inputs; copied only when it changes.
+    pod_addresses: Arc<BTreeMap<ObjectKey, Ipv4Addr>>,
 }
 
 impl ClusterView {
@@ -368,10 +372,13 @@ impl ClusterView {
                     self.network = Some(*n);
                 }
             }
-            Object::Pod(p) => match convert::pod(&p) {
-                Some(model) => self.compiler.apply(Change::Pod(model)),
-                None => self.compiler.apply(Change::PodDeleted(key)),
-            },
+            Object::Pod(p) => {
+                self.set_pod_address(&key, convert::pod_address(&p));
+                match convert::pod(&p) {
+                    Some(model) => self.compiler.apply(Change::Pod(model)),
+                    None => self.compiler.apply(Change::PodDeleted(key)),
+                }
+            }
             Object::Policy(p) => {
                 self.policies.upsert(Policy::from_object(&p));
                 self.policy_objects.insert(key.clone(), *p);
@@ -425,7 +432,10 @@ impl ClusterView {
                     self.compiler.apply(Change::IngressSettings(Default::default()));
                 }
             }
-            ObjectKind::Pod => self.compiler.apply(Change::PodDeleted(key.clone())),
+            ObjectKind::Pod => {
+                self.set_pod_address(key, None);
+                self.compiler.apply(Change::PodDeleted(key.clone()));
+            }
             ObjectKind::Policy => {
                 self.policies.remove(key);
                 self.policy_objects.remove(key);
@@ -437,6 +447,16 @@ impl ClusterView {
             }
             ObjectKind::IngressClass => self.compiler.apply(Change::IngressClassDeleted(key.name.clone())),
             ObjectKind::Secret => self.compiler.apply(Change::SecretDeleted(key.clone())),
+        }
+    }
+
+    fn set_pod_address(&mut self, key: &ObjectKey, address: Option<Ipv4Addr>) {
+        if self.pod_addresses.get(key) != address.as_ref() {
+            let addresses = Arc::make_mut(&mut self.pod_addresses);
+            match address {
+                Some(a) => addresses.insert(key.clone(), a),
+                None => addresses.remove(key),
+            };
         }
     }
 
@@ -474,6 +494,7 @@ impl ClusterView {
             policy_matches: self.policies.matches(self.services.iter().map(|(k, (_, labels))| (k, labels))),
             synced: self.synced(),
             dns_nodes: self.dns_nodes.values().cloned().collect(),
+            pod_addresses: self.pod_addresses.clone(),
             ingress: super::ingress::IngressStatusInputs::new(
                 &self.ingress_objects,
                 self.compiler.ingress_report(),

@@ -191,9 +191,7 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 pub fn pod(pod: &core::Pod) -> Option<model::Pod> {
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.clone()?;
-    let finished =
-        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-    if spec.host_network == Some(true) || finished {
+    if !pod_holds_address(pod) {
         return None;
     }
     Some(model::Pod {
@@ -201,6 +199,25 @@ pub fn pod(pod: &core::Pod) -> Option<model::Pod> {
         uid: pod.uid().unwrap_or_default(),
         node,
     })
+}
+
+/// The IPv4 address a running pod holds from Weft's IPAM: none for host-network or finished pods
+/// (their address is the node's, or given back).
+pub fn pod_address(pod: &core::Pod) -> Option<std::net::Ipv4Addr> {
+    if !pod_holds_address(pod) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let listed = status.pod_ips.iter().flatten().map(|a| a.ip.as_str());
+    status.pod_ip.as_deref().into_iter().chain(listed).find_map(|ip| ip.parse().ok())
+}
+
+/// Neither host-network nor finished: the pod has (or will get) an address of its own.
+fn pod_holds_address(pod: &core::Pod) -> bool {
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let finished =
+        matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    !host_network && !finished
 }
 
 pub fn block(block: &api::IPBlock) -> Option<model::Block> {

@@ -13,9 +13,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 use weft_api::v1alpha1 as api;
 
+use crate::plan::ingress::UnusableSecret;
 use crate::plan::model::{
-    BackendRef, Ingress, IngressClass, IngressPath, IngressRule, IngressTls, ObjectKey, PathType, PortRef,
-    Settings, TlsSecret,
+    BackendRef, Ingress, IngressClass, IngressPath, IngressRule, IngressTls, KeyPair, ObjectKey, PathType,
+    PortRef, Settings, TlsSecret,
 };
 
 const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
@@ -24,6 +25,11 @@ const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-cl
 pub const REJECTED: &str = "IngressRejected";
 /// The Event reason for a served Ingress whose TLS Secret is missing.
 pub const TLS_SECRET_MISSING: &str = "TLSSecretMissing";
+/// The Event reason for a served Ingress whose TLS Secret holds a pair nginx cannot load.
+pub const TLS_SECRET_INVALID: &str = "TLSSecretInvalid";
+/// The DER of the named curve secp521r1 (OID 1.3.132.0.35) in a key: nginx loads such keys, ring
+/// cannot, so they are left to nginx's judgement.
+const P521_OID: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23];
 
 pub fn settings(config: &api::NetworkConfig) -> Settings {
     let s = &config.spec.ingress;
@@ -113,17 +119,70 @@ pub fn class(o: &networking::IngressClass) -> IngressClass {
     }
 }
 
-/// A `kubernetes.io/tls` Secret with both keys; `None` for any other Secret.
+/// A `kubernetes.io/tls` Secret with both keys, its pair checked ([`key_pair_problem`]); `None`
+/// for any other Secret.
 pub fn secret(o: &core::Secret) -> Option<TlsSecret> {
     if o.type_.as_deref() != Some("kubernetes.io/tls") {
         return None;
     }
     let data = o.data.as_ref()?;
-    Some(TlsSecret {
-        key: ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any()),
-        cert: data.get("tls.crt")?.0.clone(),
-        private_key: data.get("tls.key")?.0.clone(),
-    })
+    let (cert, private_key) = (&data.get("tls.crt")?.0, &data.get("tls.key")?.0);
+    let pair = match key_pair_problem(cert, private_key) {
+        None => Ok(KeyPair { cert: cert.clone(), private_key: private_key.clone() }),
+        Some(why) => Err(why),
+    };
+    Some(TlsSecret { key: ObjectKey::new(o.namespace().unwrap_or_default(), o.name_any()), pair })
+}
+
+/// Why nginx would refuse `cert` and `key` (and with them the whole configuration), or `None`:
+/// `cert` holds PEM certificates, `key` a PEM private key, and it is the first certificate's key.
+/// Only what is sure is refused: a key of a type ring cannot load but OpenSSL can (ECDSA P-521), or
+/// a certificate webpki cannot parse, is left to `nginx -t`.
+pub fn key_pair_problem(cert: &[u8], key: &[u8]) -> Option<String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = match CertificateDer::pem_slice_iter(cert).collect() {
+        Ok(certs) => certs,
+        Err(e) => return Some(format!("tls.crt is not PEM: {e}")),
+    };
+    if certs.is_empty() {
+        return Some("tls.crt holds no PEM certificate".into());
+    }
+    let key = match PrivateKeyDer::from_pem_slice(key) {
+        Ok(key) => key,
+        Err(e) => return Some(format!("tls.key holds no PEM private key: {e}")),
+    };
+    if matches!(key, PrivateKeyDer::Pkcs8(_)) && pkcs8_version(key.secret_der()) != Some(0) {
+        // OneAsymmetricKey (RFC 5958, with the public key: how ring writes Ed25519 keys) is
+        // loaded by ring but not by the OpenSSL nginx runs with.
+        return Some(
+            "tls.key is a PKCS #8 v2 key, which nginx cannot load (`openssl pkey` writes it as v1)".into(),
+        );
+    }
+    if key.secret_der().windows(P521_OID.len()).any(|w| w == P521_OID) {
+        return None;
+    }
+    let signing = match rustls::crypto::ring::default_provider().key_provider.load_private_key(key) {
+        Ok(signing) => signing,
+        Err(e) => return Some(format!("tls.key cannot be loaded: {e}")),
+    };
+    match rustls::sign::CertifiedKey::new(certs, signing).keys_match() {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Some("tls.key is not the key of the certificate in tls.crt".into())
+        }
+        _ => None,
+    }
+}
+
+/// The version of a DER PKCS #8 key: 0 for PrivateKeyInfo, 1 for OneAsymmetricKey.
+fn pkcs8_version(der: &[u8]) -> Option<u8> {
+    let (&tag, rest) = der.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    let rest = if len < 0x80 { rest } else { rest.get(usize::from(len & 0x7f)..)? };
+    match (tag, rest) {
+        (0x30, [0x02, 0x01, version, ..]) => Some(*version),
+        _ => None,
+    }
 }
 
 /// What the leader needs for Ingress status and Events.
@@ -131,8 +190,8 @@ pub fn secret(o: &core::Secret) -> Option<TlsSecret> {
 pub struct IngressStatusInputs {
     /// Each Ingress of Weft's class, with why it is left out of the plans (if it is).
     pub ingresses: Vec<(networking::Ingress, Result<(), String>)>,
-    /// Served Ingresses naming TLS Secrets that do not exist (`namespace/name` each).
-    pub missing_secrets: Vec<(networking::Ingress, Vec<String>)>,
+    /// Served Ingresses naming TLS Secrets that cannot be used.
+    pub unusable_secrets: Vec<(networking::Ingress, Vec<UnusableSecret>)>,
     /// The ingress nodes' addresses.
     pub addresses: Vec<Ipv4Addr>,
 }
@@ -148,10 +207,10 @@ impl IngressStatusInputs {
                 .iter()
                 .filter_map(|(key, result)| Some((objects.get(key)?.clone(), result.clone())))
                 .collect(),
-            missing_secrets: report
-                .missing_secrets
+            unusable_secrets: report
+                .unusable_secrets
                 .iter()
-                .filter_map(|(key, names)| Some((objects.get(key)?.clone(), names.clone())))
+                .filter_map(|(key, secrets)| Some((objects.get(key)?.clone(), secrets.clone())))
                 .collect(),
             addresses: report.addresses.clone(),
         }
@@ -224,12 +283,21 @@ pub async fn write_status(
             Err(e) => warn!(error = %e, "cannot publish an Event"),
         }
     };
-    for (object, names) in &inputs.missing_secrets {
-        for name in names {
-            let note = format!(
-                "TLS Secret {name} not found (or not a kubernetes.io/tls Secret with tls.crt and tls.key): its hosts are served over HTTP only"
-            );
-            warn(object, TLS_SECRET_MISSING, note).await;
+    for (object, secrets) in &inputs.unusable_secrets {
+        for UnusableSecret { name, invalid } in secrets {
+            let (reason, note) = match invalid {
+                None => (
+                    TLS_SECRET_MISSING,
+                    format!(
+                        "TLS Secret {name} not found (or not a kubernetes.io/tls Secret with tls.crt and tls.key): its hosts are served over HTTP only"
+                    ),
+                ),
+                Some(why) => (
+                    TLS_SECRET_INVALID,
+                    format!("TLS Secret {name} cannot be used ({why}): its hosts are served over HTTP only"),
+                ),
+            };
+            warn(object, reason, note).await;
         }
     }
     for (object, result) in &inputs.ingresses {
@@ -312,5 +380,128 @@ mod tests {
             Some(BackendRef { service: "watch".into(), port: PortRef::Name("http".into()) })
         );
         assert_eq!(i.tls[0].secret.as_deref(), Some("shop-tls"));
+    }
+}
+
+/// The key-pair check against the judge that matters: for each pair of a corpus, the check passes
+/// exactly when the real `nginx -t` loads the pair.
+#[cfg(test)]
+mod key_pair_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn self_signed(alg: &'static rcgen::SignatureAlgorithm) -> (String, String) {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        let params = rcgen::CertificateParams::new(vec!["shop.example.com".to_string()]).expect("params");
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A pair from openssl, as most admins make one (ring, rcgen's backend, makes no RSA keys).
+    fn openssl_pair(dir: &Path, newkey: &str) -> (String, String) {
+        let (crt, key) = (dir.join("openssl.crt"), dir.join("openssl.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                newkey,
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=shop.example.com",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (std::fs::read_to_string(crt).expect("crt"), std::fs::read_to_string(key).expect("key"))
+    }
+
+    /// Whether nginx loads `cert` and `key` for an HTTPS server (what it said when not).
+    fn nginx_loads(dir: &Path, cert: &str, key: &str) -> Result<(), String> {
+        let (crt, k, conf) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("nginx.conf"));
+        std::fs::write(&crt, cert).expect("write");
+        std::fs::write(&k, key).expect("write");
+        let d = dir.display();
+        let config = format!(
+            "pid {d}/nginx.pid;\nevents {{}}\nhttp {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:8443 ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n  }}\n}}\n",
+            crt.display(),
+            k.display()
+        );
+        std::fs::write(&conf, config).expect("write");
+        let out = std::process::Command::new("/usr/sbin/nginx")
+            .args(["-t", "-q", "-p", &format!("{d}/"), "-e", &format!("{d}/error.log"), "-c"])
+            .arg(&conf)
+            .output()
+            .expect("nginx (installed by make tools)");
+        if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+    }
+
+    /// Every pair `nginx -t` refuses is refused by the check, and the check passes exactly the
+    /// pairs nginx can serve with. (A certificate with a key of another type passes `nginx -t`,
+    /// which files the key in another slot, yet serves no handshake: the check refuses it too.)
+    #[test]
+    fn the_check_passes_exactly_the_pairs_nginx_can_serve_with() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let (rsa_cert, rsa_key) = openssl_pair(dir.path(), "rsa:2048");
+        let (ed_ossl_cert, ed_ossl_key) = openssl_pair(dir.path(), "ed25519");
+        let (ec_cert, ec_key) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let (ec384_cert, ec384_key) = self_signed(&rcgen::PKCS_ECDSA_P384_SHA384);
+        let (ed_cert, ed_key) = self_signed(&rcgen::PKCS_ED25519);
+        let garbage_key = "-----BEGIN PRIVATE KEY-----\nAAAAAAAAAAAAAAAA\n-----END PRIVATE KEY-----\n";
+        // (what, certificate, key, whether nginx can serve with it)
+        let corpus: [(&str, &str, &str, bool); 10] = [
+            ("RSA", &rsa_cert, &rsa_key, true),
+            ("ECDSA P-256", &ec_cert, &ec_key, true),
+            ("ECDSA P-384", &ec384_cert, &ec384_key, true),
+            ("Ed25519 from openssl (PKCS #8 v1)", &ed_ossl_cert, &ed_ossl_key, true),
+            ("Ed25519 from ring (PKCS #8 v2, which OpenSSL 3.0 refuses)", &ed_cert, &ed_key, false),
+            ("an RSA certificate with an ECDSA key", &rsa_cert, &ec_key, false),
+            ("an ECDSA certificate with another ECDSA key", &ec_cert, &ec384_key, false),
+            ("no certificate", "junk", &rsa_key, false),
+            ("no key", &rsa_cert, "junk", false),
+            ("a key block of garbage", &rsa_cert, garbage_key, false),
+        ];
+        for (what, cert, key, serves) in corpus {
+            let problem = key_pair_problem(cert.as_bytes(), key.as_bytes());
+            let loads = nginx_loads(dir.path(), cert, key);
+            assert_eq!(problem.is_none(), serves, "{what}: the check says {problem:?}");
+            assert!(
+                loads.is_ok() || problem.is_some(),
+                "{what}: nginx refuses it ({loads:?}), the check does not"
+            );
+            assert!(!serves || loads.is_ok(), "{what}: nginx refuses a good pair: {loads:?}");
+        }
+    }
+
+    #[test]
+    fn a_secret_with_a_mismatched_pair_converts_with_the_reason() {
+        let (cert, _) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let (_, other_key) = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let secret = core::Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("shop-tls".into()),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(BTreeMap::from([
+                ("tls.crt".to_string(), k8s_openapi::ByteString(cert.into_bytes())),
+                ("tls.key".to_string(), k8s_openapi::ByteString(other_key.into_bytes())),
+            ])),
+            ..Default::default()
+        };
+        let converted = secret_of(&secret);
+        assert_eq!(converted.pair, Err("tls.key is not the key of the certificate in tls.crt".to_string()));
+    }
+
+    fn secret_of(s: &core::Secret) -> TlsSecret {
+        secret(s).expect("a kubernetes.io/tls Secret")
     }
 }

@@ -2,6 +2,8 @@
 //! published by the index ([`super::cluster`]) after every compile, never imported back by it.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use weft_api::v1alpha1 as api;
 
@@ -25,6 +27,8 @@ pub struct StatusInputs {
     pub synced: bool,
     /// The nodes' addresses, zones and readiness, for the kube-dns endpoints.
     pub dns_nodes: Vec<DnsNode>,
+    /// The address each pod holds (host-network and finished pods left out), for IPAM.
+    pub pod_addresses: Arc<BTreeMap<ObjectKey, Ipv4Addr>>,
     /// Ingresses of Weft's class: served or rejected, and the ingress nodes' addresses.
     pub ingress: IngressStatusInputs,
 }

@@ -2,14 +2,21 @@
 //! function ([`plan_blocks`]); the leader applies it by creating and deleting `IPBlock` objects.
 //! The API server's create-if-absent is the lock: a block name is its CIDR, so two replicas (or a
 //! replica racing itself after a restart) can never hand one block to two nodes.
+//!
+//! A block whose Node is gone is not given back at once: the node's agent may still hand out
+//! addresses from its checkpoint, and a node that re-registers under its name keeps its blocks.
+//! It is released ([`release_orphans`]) once its node has been gone for a grace period, no pod
+//! holds an address in it and no connected agent reports one in use, and it is deleted with a
+//! UID and resourceVersion precondition, so only the block that was judged goes (Calico's IPAM
+//! waits and checks the same way).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -17,6 +24,7 @@ use weft_api::v1alpha1 as api;
 
 use super::inputs::StatusInputs;
 use super::pools::{PoolView, overlap, pool_views};
+use crate::plan::model::ObjectKey;
 use crate::server::PlanStore;
 
 /// A node gets another block when fewer than this share of one block's addresses are free.
@@ -31,11 +39,22 @@ pub struct NewBlock {
     pub node: String,
 }
 
+/// A block whose node is gone: a candidate for release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub name: String,
+    pub cidr: Ipv4Net,
+    pub node: String,
+    /// The block object's UID and resourceVersion, the preconditions of its deletion.
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Allocation {
     pub create: Vec<NewBlock>,
-    /// IPBlock names to delete: their node is gone.
-    pub release: Vec<String>,
+    /// Blocks whose node is gone (still taken: see [`release_orphans`]).
+    pub orphans: Vec<Orphan>,
     /// Nodes that need a block and find none free: (node, why).
     pub starved: Vec<(String, String)>,
 }
@@ -53,10 +72,17 @@ pub fn plan_blocks(
     let mut taken: HashSet<Ipv4Net> = blocks.iter().filter_map(|b| b.spec.cidr.parse().ok()).collect();
     let mut by_node: HashMap<&str, Vec<Ipv4Net>> = HashMap::new();
     for block in blocks {
-        if !nodes.contains_key(&block.spec.node) {
-            out.release.push(block.name_any());
-        } else if let Ok(cidr) = block.spec.cidr.parse::<Ipv4Net>() {
+        let Ok(cidr) = block.spec.cidr.parse::<Ipv4Net>() else { continue };
+        if nodes.contains_key(&block.spec.node) {
             by_node.entry(block.spec.node.as_str()).or_default().push(cidr);
+        } else {
+            out.orphans.push(Orphan {
+                name: block.name_any(),
+                cidr,
+                node: block.spec.node.clone(),
+                uid: block.metadata.uid.clone(),
+                resource_version: block.metadata.resource_version.clone(),
+            });
         }
     }
     let mut pools: Vec<&PoolView> = pools.iter().filter(|p| p.usable()).collect();
@@ -122,16 +148,76 @@ fn free_block(pool: &PoolView, taken: &HashSet<Ipv4Net>, start: u64) -> Option<(
     })
 }
 
-/// Claims and releases blocks while this replica leads.
+/// Why a block whose node is gone is still held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// The node may come back under its name (re-registered, or its agent still running).
+    Grace { left: Duration },
+    /// A pod still holds an address in the block.
+    PodAddress { pod: ObjectKey, address: Ipv4Addr },
+    /// A connected agent reports addresses of the block in use.
+    InUse { used: u32 },
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Grace { left } => {
+                write!(f, "the node may come back; released in {}s at the earliest", left.as_secs())
+            }
+            Held::PodAddress { pod, address } => write!(f, "pod {pod} still holds {address}"),
+            Held::InUse { used } => write!(f, "its node's agent reports {used} addresses in use"),
+        }
+    }
+}
+
+/// Which orphaned blocks may go now, and why each of the others is held. `gone_for` is how long
+/// each block's node has been seen gone (by this replica: a restart or failover starts the clock
+/// again, which only delays); `live_usage` counts only agents that are connected now.
+pub fn release_orphans<'a>(
+    orphans: &'a [Orphan],
+    gone_for: &HashMap<String, Duration>,
+    grace: Duration,
+    pod_addresses: &BTreeMap<ObjectKey, Ipv4Addr>,
+    live_usage: &HashMap<String, u32>,
+) -> (Vec<&'a Orphan>, Vec<(&'a Orphan, Held)>) {
+    let mut release = Vec::new();
+    let mut held = Vec::new();
+    for orphan in orphans {
+        let gone = gone_for.get(&orphan.name).copied().unwrap_or_default();
+        let holder = pod_addresses.iter().find(|(_, a)| orphan.cidr.contains(*a));
+        let used = live_usage.get(&orphan.cidr.to_string()).copied().unwrap_or(0);
+        let why = if gone < grace {
+            Some(Held::Grace { left: grace - gone })
+        } else if let Some((pod, address)) = holder {
+            Some(Held::PodAddress { pod: pod.clone(), address: *address })
+        } else if used > 0 {
+            Some(Held::InUse { used })
+        } else {
+            None
+        };
+        match why {
+            Some(why) => held.push((orphan, why)),
+            None => release.push(orphan),
+        }
+    }
+    (release, held)
+}
+
+/// Claims and releases blocks while this replica leads; a block whose node is gone is released
+/// only after `grace` (see [`release_orphans`]).
 pub async fn run(
     client: Client,
     store: Arc<PlanStore>,
     mut inputs: watch::Receiver<StatusInputs>,
     mut leader: watch::Receiver<bool>,
     metrics: super::metrics::ReconcileMetrics,
+    grace: Duration,
 ) {
     let blocks: Api<api::IPBlock> = Api::all(client);
     let mut reported: HashSet<String> = HashSet::new();
+    // When this replica first saw each orphaned block's node gone.
+    let mut gone_since: HashMap<String, Instant> = HashMap::new();
     loop {
         if *leader.borrow_and_update() {
             let snapshot = inputs.borrow_and_update().clone();
@@ -142,8 +228,31 @@ pub async fn run(
                     &snapshot.blocks,
                     &store.ipam_usage(),
                 );
-                apply(&blocks, plan, &mut reported, &metrics).await;
+                let now = Instant::now();
+                gone_since.retain(|name, _| plan.orphans.iter().any(|o| &o.name == name));
+                let gone_for: HashMap<String, Duration> = plan
+                    .orphans
+                    .iter()
+                    .map(|o| (o.name.clone(), now - *gone_since.entry(o.name.clone()).or_insert(now)))
+                    .collect();
+                let (release, held) = release_orphans(
+                    &plan.orphans,
+                    &gone_for,
+                    grace,
+                    &snapshot.pod_addresses,
+                    &store.live_ipam_usage(),
+                );
+                for (orphan, why) in held {
+                    // Said once per reason kind, not every pass.
+                    let reason = std::mem::discriminant(&why);
+                    if reported.insert(format!("{}: {reason:?}", orphan.name)) {
+                        info!(block = %orphan.cidr, node = %orphan.node, %why, "block of a deleted node held");
+                    }
+                }
+                apply(&blocks, plan.create, &release, plan.starved, &mut reported, &metrics).await;
             }
+        } else {
+            gone_since.clear();
         }
         tokio::select! {
             _ = inputs.changed() => {}
@@ -155,11 +264,13 @@ pub async fn run(
 
 async fn apply(
     api: &Api<api::IPBlock>,
-    plan: Allocation,
+    create: Vec<NewBlock>,
+    release: &[&Orphan],
+    starved: Vec<(String, String)>,
     reported: &mut HashSet<String>,
     metrics: &super::metrics::ReconcileMetrics,
 ) {
-    for block in plan.create {
+    for block in create {
         let object = api::IPBlock::for_node(&block.cidr.to_string(), &block.pool, &block.node);
         match api.create(&PostParams::default(), &object).await {
             Ok(_) => info!(block = %block.cidr, node = %block.node, pool = %block.pool, "block claimed"),
@@ -171,17 +282,23 @@ async fn apply(
             }
         }
     }
-    for name in plan.release {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => info!(block = %name, "block released: its node is gone"),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
+    for orphan in release {
+        // Only the block that was judged: not one deleted and claimed again meanwhile.
+        let preconditions =
+            Preconditions { uid: orphan.uid.clone(), resource_version: orphan.resource_version.clone() };
+        let params = DeleteParams { preconditions: Some(preconditions), ..DeleteParams::default() };
+        let name = &orphan.name;
+        match api.delete(name, &params).await {
+            Ok(_) => info!(block = %orphan.cidr, node = %orphan.node, "block released: its node is gone"),
+            // Gone already, or changed since it was judged: the next pass judges it again.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => {
                 metrics.error("IPBlock");
                 warn!(error = %e, block = %name, "cannot release a block");
             }
         }
     }
-    for (node, why) in plan.starved {
+    for (node, why) in starved {
         if reported.insert(format!("{node}: {why}")) {
             metrics.exhaustion_events.inc();
             warn!(%node, %why, "node has no address block");
@@ -228,13 +345,54 @@ mod tests {
     }
 
     #[test]
-    fn blocks_of_deleted_nodes_are_released_and_reserved_ranges_skipped() {
+    fn blocks_of_deleted_nodes_stay_taken_and_reserved_ranges_are_skipped() {
         let mut p = pool("default", "10.244.0.0/24", 26);
         p.spec.reserved = vec!["10.244.0.0/26".into()];
-        let blocks = vec![api::IPBlock::for_node("10.244.0.128/26", "default", "gone")];
+        let blocks = vec![api::IPBlock::for_node("10.244.0.64/26", "default", "gone")];
         let plan = plan_blocks(&nodes(&["a"]), &pool_views(&[p]), &blocks, &HashMap::new());
-        assert_eq!(claimed(&plan), ["a=10.244.0.64/26"]);
-        assert_eq!(plan.release, [api::block_name("10.244.0.128/26")]);
+        assert_eq!(claimed(&plan), ["a=10.244.0.128/26"], "the orphan is not handed out again");
+        let names: Vec<&str> = plan.orphans.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, [api::block_name("10.244.0.64/26")]);
+    }
+
+    fn orphan(cidr: &str) -> Orphan {
+        Orphan {
+            name: api::block_name(cidr),
+            cidr: cidr.parse().unwrap(),
+            node: "gone".into(),
+            uid: Some("u1".into()),
+            resource_version: Some("7".into()),
+        }
+    }
+
+    #[test]
+    fn an_orphan_is_released_only_after_the_grace_with_no_pod_and_no_live_use() {
+        let grace = Duration::from_secs(300);
+        let orphans = [orphan("10.244.0.64/26")];
+        let name = orphans[0].name.clone();
+        let at = |secs| HashMap::from([(name.clone(), Duration::from_secs(secs))]);
+        let none = BTreeMap::new();
+        let no_use = HashMap::new();
+
+        let (release, held) = release_orphans(&orphans, &at(10), grace, &none, &no_use);
+        assert!(release.is_empty());
+        assert_eq!(held[0].1, Held::Grace { left: Duration::from_secs(290) });
+
+        let pod = ObjectKey::new("default", "p0");
+        let holding = BTreeMap::from([(pod.clone(), Ipv4Addr::new(10, 244, 0, 65))]);
+        let (release, held) = release_orphans(&orphans, &at(400), grace, &holding, &no_use);
+        assert!(release.is_empty());
+        assert_eq!(held[0].1, Held::PodAddress { pod, address: Ipv4Addr::new(10, 244, 0, 65) });
+
+        let elsewhere = BTreeMap::from([(ObjectKey::new("default", "p1"), Ipv4Addr::new(10, 244, 0, 1))]);
+        let in_use = HashMap::from([("10.244.0.64/26".to_string(), 2)]);
+        let (release, held) = release_orphans(&orphans, &at(400), grace, &elsewhere, &in_use);
+        assert!(release.is_empty());
+        assert_eq!(held[0].1, Held::InUse { used: 2 });
+
+        let (release, held) = release_orphans(&orphans, &at(400), grace, &elsewhere, &no_use);
+        assert!(held.is_empty());
+        assert_eq!(release, [&orphans[0]]);
     }
 
     #[test]

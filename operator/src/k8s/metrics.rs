@@ -93,25 +93,31 @@ impl PoolCollector {
 
 impl Collector for PoolCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (pools, blocks) = {
+        let (pools, blocks, nodes) = {
             let inputs = self.inputs.borrow();
-            (inputs.pools.clone(), inputs.blocks.clone())
+            (inputs.pools.clone(), inputs.blocks.clone(), inputs.nodes.clone())
         };
         let usage: HashMap<String, u32> = self.store.ipam_usage();
         let views = pool_views(&pools);
-        let rows: Vec<(String, [u64; 5])> = pools
+        let rows: Vec<(String, [u64; 6])> = pools
             .iter()
             .zip(&views)
             .map(|(pool, view)| {
                 let s = pool_status(pool, view, &blocks, &usage);
+                let name = pool.name_any();
+                let of_deleted_nodes = blocks
+                    .iter()
+                    .filter(|b| b.spec.pool == name && !nodes.contains_key(&b.spec.node))
+                    .count();
                 let counts = [
                     s.total_addresses,
                     s.used_addresses,
                     s.free_addresses,
                     u64::from(s.total_blocks),
                     u64::from(s.allocated_blocks),
+                    u64::try_from(of_deleted_nodes).unwrap_or(u64::MAX),
                 ];
-                (pool.name_any(), counts)
+                (name, counts)
             })
             .collect();
         let gauges = [
@@ -120,6 +126,10 @@ impl Collector for PoolCollector {
             ("ipam_pool_addresses_free", "Addresses of the pool not in use"),
             ("ipam_pool_blocks", "Blocks the pool's CIDR holds"),
             ("ipam_pool_blocks_allocated", "Blocks of the pool handed to nodes"),
+            (
+                "ipam_pool_blocks_of_deleted_nodes",
+                "Blocks of the pool whose Node is gone, kept until the grace has passed and no pod holds an address in them",
+            ),
         ];
         for (i, (name, help)) in gauges.into_iter().enumerate() {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -150,7 +160,11 @@ mod tests {
         store.ipam_report("n1", vec![weft_api::plan::BlockUsage { cidr: "10.244.0.0/26".into(), used: 5 }]);
         let inputs = StatusInputs {
             pools: vec![api::IPPool::new("default", api::IPPoolSpec::new("10.244.0.0/24"))],
-            blocks: vec![api::IPBlock::for_node("10.244.0.0/26", "default", "n1")],
+            blocks: vec![
+                api::IPBlock::for_node("10.244.0.0/26", "default", "n1"),
+                api::IPBlock::for_node("10.244.0.64/26", "default", "deleted"),
+            ],
+            nodes: [("n1".to_string(), Default::default())].into(),
             ..Default::default()
         };
         let (_tx, rx) = watch::channel(inputs);
@@ -164,7 +178,8 @@ mod tests {
             "weft_ipam_pool_addresses{pool=\"default\"} 256",
             "weft_ipam_pool_addresses_used{pool=\"default\"} 5",
             "weft_ipam_pool_addresses_free{pool=\"default\"} 251",
-            "weft_ipam_pool_blocks_allocated{pool=\"default\"} 1",
+            "weft_ipam_pool_blocks_allocated{pool=\"default\"} 2",
+            "weft_ipam_pool_blocks_of_deleted_nodes{pool=\"default\"} 1",
             "weft_reconcile_errors_total{resource=\"IPPool\"} 1",
             "weft_reconcile_errors_total{resource=\"Service\"} 0",
             "weft_ipam_exhaustion_events_total 0",

@@ -33,11 +33,21 @@ const ANNOTATION_PREFIX: &str = "nginx.ingress.kubernetes.io/";
 pub struct IngressReport {
     /// Served Ingresses (`Ok`) and left-out ones with the reason (`Err`).
     pub ingresses: BTreeMap<ObjectKey, Result<(), String>>,
-    /// Served Ingresses naming TLS Secrets that do not exist (or are not TLS Secrets): their
-    /// hosts are served over HTTP only.
-    pub missing_secrets: BTreeMap<ObjectKey, Vec<String>>,
+    /// Served Ingresses naming TLS Secrets that cannot be used: their hosts are served over
+    /// HTTP only.
+    pub unusable_secrets: BTreeMap<ObjectKey, Vec<UnusableSecret>>,
     /// Addresses of the nodes serving ingress.
     pub addresses: Vec<Ipv4Addr>,
+}
+
+/// A TLS Secret an Ingress names that nginx is not given, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnusableSecret {
+    /// `namespace/name`.
+    pub name: String,
+    /// Why it cannot be used; `None`: it does not exist (or is not a `kubernetes.io/tls` Secret
+    /// with `tls.crt` and `tls.key`).
+    pub invalid: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -189,7 +199,7 @@ impl IngressState {
         let mut desired = BTreeMap::new();
         self.referenced_services.clear();
         self.report.ingresses.clear();
-        self.report.missing_secrets.clear();
+        self.report.unusable_secrets.clear();
         if !self.active() {
             return desired;
         }
@@ -211,7 +221,7 @@ impl IngressState {
         add(Kind::IngressSettings, SETTINGS.into(), &settings);
         let mut secrets = BTreeSet::new();
         let mut report = BTreeMap::new();
-        let mut missing_secrets: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+        let mut unusable_secrets: BTreeMap<ObjectKey, Vec<UnusableSecret>> = BTreeMap::new();
         for ingress in self.ingresses.values().filter(|i| self.is_ours(i)) {
             for rule in &ingress.rules {
                 for path in &rule.paths {
@@ -236,11 +246,17 @@ impl IngressState {
                         let found = tls
                             .secret
                             .split_once('/')
-                            .is_some_and(|(ns, n)| self.secrets.contains_key(&ObjectKey::new(ns, n)));
-                        if !found {
-                            missing_secrets.entry(ingress.key.clone()).or_default().push(tls.secret.clone());
-                        }
-                        secrets.insert(tls.secret.clone());
+                            .and_then(|(ns, n)| self.secrets.get(&ObjectKey::new(ns, n)));
+                        let invalid = match found.map(|s| &s.pair) {
+                            Some(Ok(_)) => {
+                                secrets.insert(tls.secret.clone());
+                                continue;
+                            }
+                            Some(Err(why)) => Some(why.clone()),
+                            None => None,
+                        };
+                        let unusable = UnusableSecret { name: tls.secret.clone(), invalid };
+                        unusable_secrets.entry(ingress.key.clone()).or_default().push(unusable);
                     }
                     add(Kind::Ingress, ingress.key.to_string(), &payload);
                     report.insert(ingress.key.clone(), Ok(()));
@@ -250,17 +266,17 @@ impl IngressState {
                 }
             }
         }
-        // Only Secrets a served Ingress names reach the nodes.
+        // Only usable Secrets a served Ingress names reach the nodes.
         for name in secrets {
             let Some((ns, n)) = name.split_once('/') else { continue };
-            if let Some(secret) = self.secrets.get(&ObjectKey::new(ns, n)) {
-                let payload = pb::TlsSecret { cert: secret.cert.clone(), key: secret.private_key.clone() };
+            if let Some(Ok(pair)) = self.secrets.get(&ObjectKey::new(ns, n)).map(|s| &s.pair) {
+                let payload = pb::TlsSecret { cert: pair.cert.clone(), key: pair.private_key.clone() };
                 add(Kind::Secret, name, &payload);
             }
         }
         self.referenced_services = referenced;
         self.report.ingresses = report;
-        self.report.missing_secrets = missing_secrets;
+        self.report.unusable_secrets = unusable_secrets;
         desired
     }
 }

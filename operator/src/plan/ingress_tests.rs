@@ -8,7 +8,7 @@ use weft_api::plan::{self as pb, Kind};
 
 use super::*;
 use crate::plan::model::{
-    IngressPath, IngressRule, IngressTls, ProxyOverrides, ServicePort, TargetPort, TopologyMode,
+    IngressPath, IngressRule, IngressTls, KeyPair, ProxyOverrides, ServicePort, TargetPort, TopologyMode,
 };
 use crate::plan::tests::plans;
 use crate::plan::{Compiler, Scope};
@@ -72,7 +72,8 @@ fn ingress(name: &str, path: &str, svc: &str, port: PortRef) -> Ingress {
 }
 
 fn secret(name: &str) -> TlsSecret {
-    TlsSecret { key: ObjectKey::new("shop", name), cert: b"CERT".to_vec(), private_key: b"KEY".to_vec() }
+    let pair = KeyPair { cert: b"CERT".to_vec(), private_key: b"KEY".to_vec() };
+    TlsSecret { key: ObjectKey::new("shop", name), pair: Ok(pair) }
 }
 
 fn kinds(store: &PlanStore, node: &str) -> Vec<String> {
@@ -250,10 +251,37 @@ fn a_served_ingress_naming_a_missing_tls_secret_is_reported_until_the_secret_exi
         "still served over HTTP"
     );
     assert_eq!(
-        report.missing_secrets.get(&ObjectKey::new("shop", "wear")),
-        Some(&vec!["shop/shop-tls".to_string()])
+        report.unusable_secrets.get(&ObjectKey::new("shop", "wear")),
+        Some(&vec![UnusableSecret { name: "shop/shop-tls".into(), invalid: None }])
     );
     compiler.apply(Change::Secret(secret("shop-tls")));
     compiler.flush();
-    assert!(compiler.ingress_report().missing_secrets.is_empty());
+    assert!(compiler.ingress_report().unusable_secrets.is_empty());
+}
+
+#[test]
+fn a_tls_secret_nginx_cannot_load_is_reported_and_kept_from_the_nodes_and_the_other_ingresses_stay() {
+    let mut changes = base();
+    changes.push(Change::Service(service("shoes", 12)));
+    let mut shoes = ingress("shoes", "/shoes", "shoes", PortRef::Name("http".into()));
+    shoes.rules[0].host = "shoes.example.com".into();
+    shoes.tls =
+        vec![IngressTls { hosts: vec!["shoes.example.com".into()], secret: Some("shoes-tls".into()) }];
+    changes.push(Change::Ingress(shoes));
+    let broken = TlsSecret { key: ObjectKey::new("shop", "shoes-tls"), pair: Err("mismatched".into()) };
+    changes.push(Change::Secret(broken));
+    let (compiler, updates) = Compiler::full(changes);
+    let store = PlanStore::new();
+    store.publish(updates, Default::default());
+    let report = compiler.ingress_report();
+    assert_eq!(report.ingresses.get(&ObjectKey::new("shop", "shoes")), Some(&Ok(())), "served over HTTP");
+    assert_eq!(
+        report.unusable_secrets.get(&ObjectKey::new("shop", "shoes")),
+        Some(&vec![UnusableSecret { name: "shop/shoes-tls".into(), invalid: Some("mismatched".into()) }])
+    );
+    assert_eq!(
+        kinds(&store, "n1"),
+        ["Ingress shop/shoes", "Ingress shop/wear", "IngressSettings ingress", "Secret shop/shop-tls"],
+        "the broken Secret never reaches a node; the good one does"
+    );
 }

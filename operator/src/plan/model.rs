@@ -342,18 +342,24 @@ pub struct IngressClass {
     pub is_default: bool,
 }
 
-/// A `kubernetes.io/tls` Secret.
-#[derive(Clone, PartialEq, Eq)]
+/// A `kubernetes.io/tls` Secret: its certificate and key, or why nginx could not load them
+/// (checked when converted, so one bad Secret never makes nginx refuse every Ingress).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSecret {
     pub key: ObjectKey,
+    pub pair: Result<KeyPair, String>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyPair {
     pub cert: Vec<u8>,
     pub private_key: Vec<u8>,
 }
 
-impl std::fmt::Debug for TlsSecret {
+impl std::fmt::Debug for KeyPair {
     /// Never prints the key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSecret").field("key", &self.key).field("cert_len", &self.cert.len()).finish()
+        f.debug_struct("KeyPair").field("cert_len", &self.cert.len()).finish_non_exhaustive()
     }
 }
 

@@ -360,6 +360,17 @@ impl PlanStore {
         inner.reports.values().flat_map(|r| r.ipam.iter().map(|(c, u)| (c.clone(), *u))).collect()
     }
 
+    /// Addresses in use per block (CIDR), as reported by the agents connected now.
+    pub fn live_ipam_usage(&self) -> HashMap<String, u32> {
+        let inner = self.inner();
+        inner
+            .reports
+            .values()
+            .filter(|r| r.connected)
+            .flat_map(|r| r.ipam.iter().map(|(c, u)| (c.clone(), *u)))
+            .collect()
+    }
+
     pub fn generation(&self) -> u64 {
         self.inner().generation
     }
