@@ -27,6 +27,7 @@ pub struct AgentMetrics {
     pub proxy_sync_lines: Histogram,
     pub proxy_syncs: Family<ResultLabel, Counter>,
     pub proxy_full_resyncs: Counter,
+    pub proxy_services_refused: Gauge,
     pub network_programming_latency: Histogram,
     pub messages_received: Family<KindLabel, Counter>,
     pub apply_duration: Histogram,
@@ -62,6 +63,7 @@ impl Default for AgentMetrics {
             )),
             proxy_syncs: Family::default(),
             proxy_full_resyncs: Counter::default(),
+            proxy_services_refused: Gauge::default(),
             network_programming_latency: Histogram::new([
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
             ]),
@@ -193,6 +195,11 @@ impl AgentMetrics {
             "agent_ingress_reloads",
             "Graceful nginx reloads (SIGHUP) after a configuration change",
             m.ingress_reloads.clone(),
+        );
+        registry.register(
+            "agent_proxy_services_refused",
+            "Services of the plan left out of the last service proxy sync because they do not render (each is logged with why; the others are programmed)",
+            m.proxy_services_refused.clone(),
         );
         registry.register(
             "agent_ingress_rejected",

@@ -137,6 +137,7 @@ impl ProxyCache {
                 span.record("chains_changed", report.chains_written + report.chains_deleted);
                 span.record("lines", report.lines);
                 span.record("full", report.full);
+                metrics.proxy_services_refused.set(i64::try_from(report.refused.len()).unwrap_or(i64::MAX));
                 let result = if report.lines == 0 { "unchanged" } else { "changed" };
                 metrics.proxy_syncs.get_or_create(&ResultLabel { result }).inc();
                 if report.lines > 0 {

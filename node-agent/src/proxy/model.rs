@@ -263,6 +263,27 @@ pub struct SyncReport {
     pub lines: usize,
     /// `iptables-restore` or `nft` runs.
     pub writes: usize,
+    /// Services left out because they do not decode or render (what they had keeps running).
+    pub refused: Vec<String>,
+}
+
+/// Decodes and renders one plan Service. One that fails is left out of the sync and named in
+/// `report`, as kube-proxy skips a Service it cannot program: one bad object never blocks the
+/// others, and the rules it had stay until it renders again.
+pub fn render_or_refuse<R>(
+    r: &pb::Resource,
+    report: &mut SyncReport,
+    render: impl FnOnce(&pb::Service) -> Result<R, ProxyError>,
+) -> Option<(pb::Service, R)> {
+    let rendered = decode::<pb::Service>(r).and_then(|svc| render(&svc).map(|rules| (svc, rules)));
+    match rendered {
+        Ok(rendered) => Some(rendered),
+        Err(e) => {
+            tracing::warn!(service = %r.name, error = %e, "Service left out of the proxy rules");
+            report.refused.push(r.name.clone());
+            None
+        }
+    }
 }
 
 pub fn now_unix_ms() -> i64 {

@@ -2,8 +2,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use weft_api::plan as pb;
-
 use super::{
     CANARY_RULE, Chain, EXTERNAL_SERVICES, Fragments, JUMPS, NODEPORTS, SERVICES, Table, global_chains,
     owned_chain, render_service, restore_text,
@@ -12,8 +10,8 @@ use crate::exec::Runner;
 use crate::metrics::AgentMetrics;
 use crate::proxy::conntrack::UdpFlows;
 use crate::proxy::model::{
-    Context, ProxyError, ProxyPlan, SyncReport, WrittenService, changed_services, decode, record_removed,
-    record_written,
+    Context, ProxyError, ProxyPlan, SyncReport, WrittenService, changed_services, record_removed,
+    record_written, render_or_refuse,
 };
 
 /// Chains per `iptables-restore` in a big write on iptables-nft (about 180 Services of 10
@@ -133,8 +131,11 @@ impl IptablesCache {
         let mut batch: Vec<Chain> = leaves;
         let mut pending: Vec<(String, Written, i64)> = Vec::new();
         for r in stale {
-            let svc: pb::Service = decode(r)?;
-            let rules = render_service(ctx, &r.name, &svc)?;
+            let Some((svc, rules)) =
+                render_or_refuse(r, &mut report, |svc| render_service(ctx, &r.name, svc))
+            else {
+                continue;
+            };
             let old = self.services.get(&r.name);
             fragments_changed |= old.is_none_or(|o| o.fragments != rules.fragments);
             let mut group = Vec::new();

@@ -439,3 +439,24 @@ fn programming_latency_is_observed_once_per_change_and_not_for_old_triggers() {
     cache.sync(&proxy_plan(&plan(&[("default/a", svc)])), &metrics).expect("sync");
     assert_eq!(count(&metrics), "1");
 }
+
+/// A Service that does not render (an IPv6 allowed source, stored before admission refused
+/// them) is left out and named; the others are programmed in the same sync.
+#[test]
+fn a_service_that_does_not_render_is_left_out_and_the_others_are_programmed() {
+    let runner = Runner::recording();
+    let cache = ProxyCache::with_runner(runner.clone());
+    let metrics = AgentMetrics::default();
+    let good = service("10.96.0.1", vec![port("http", pb::Protocol::Tcp, 80, 0, vec![ep("10.244.1.1", 0)])]);
+    let mut bad =
+        service("10.96.0.2", vec![port("http", pb::Protocol::Tcp, 80, 0, vec![ep("10.244.2.2", 0)])]);
+    bad.allowed_source_cidrs = vec!["fd00::/64".into()];
+    let report = cache
+        .sync(&proxy_plan(&plan(&[("default/bad", bad), ("default/good", good)])), &metrics)
+        .expect("one bad Service does not fail the sync");
+    assert_eq!(report.refused, ["default/bad"]);
+    assert_eq!(metrics.proxy_services_refused.get(), 1);
+    let text = runner.recorded().concat();
+    assert!(text.contains("-d 10.96.0.1/32"), "the good Service is programmed: {text}");
+    assert!(!text.contains("10.96.0.2"), "nothing of the bad one: {text}");
+}

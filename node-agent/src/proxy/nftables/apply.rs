@@ -4,15 +4,13 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
-use weft_api::plan as pb;
-
 use super::{Changes, Claim, Pick, SHARED_CHAINS, TABLE, Written, base, render_service};
 use crate::exec::Runner;
 use crate::metrics::AgentMetrics;
 use crate::proxy::conntrack::UdpFlows;
 use crate::proxy::model::{
-    Context, ProxyError, ProxyPlan, SyncReport, WrittenService, changed_services, decode, record_removed,
-    record_written,
+    Context, ProxyError, ProxyPlan, SyncReport, WrittenService, changed_services, record_removed,
+    record_written, render_or_refuse,
 };
 
 #[derive(Debug, Clone)]
@@ -79,8 +77,11 @@ impl NftCache {
         let mut hairpin: HashMap<Ipv4Addr, i64> = HashMap::new();
         let mut pending: Vec<(String, Service, i64)> = Vec::with_capacity(stale.len());
         for r in stale {
-            let svc: pb::Service = decode(r)?;
-            let mut rules = render_service(ctx, &r.name, &svc)?;
+            let Some((svc, mut rules)) =
+                render_or_refuse(r, &mut report, |svc| render_service(ctx, &r.name, svc))
+            else {
+                continue;
+            };
             let old = self.services.get(&r.name);
             if let Some(old) = old {
                 for e in &old.written.elements {

@@ -200,3 +200,23 @@ fn the_check_finds_the_shared_chains_of_its_own_table_only() {
     assert!(!apply::shared_chains_present(""));
     assert!(!apply::shared_chains_present("table ip weft-proxy {"));
 }
+
+/// A Service that does not render (an IPv6 allowed source, stored before admission refused
+/// them) is left out and named; the others are programmed in the same transaction.
+#[test]
+fn a_service_that_does_not_render_is_left_out_and_the_others_are_programmed() {
+    let runner = Runner::recording();
+    let cache = ProxyCache::with_runner(runner.clone());
+    let metrics = AgentMetrics::default();
+    let mut bad = service("10.96.0.2", 0, vec![ep("10.244.2.2", 0)]);
+    bad.allowed_source_cidrs = vec!["fd00::/64".into()];
+    let good = service("10.96.0.1", 0, vec![ep("10.244.1.1", 0)]);
+    let report = cache
+        .sync(&proxy_plan(&plan(1, &[("default/bad", bad), ("default/good", good)])), &metrics)
+        .expect("one bad Service does not fail the sync");
+    assert_eq!(report.refused, ["default/bad"]);
+    assert_eq!(metrics.proxy_services_refused.get(), 1);
+    let text = runner.recorded().concat();
+    assert!(text.contains("10.96.0.1 . tcp . 80 : goto"), "the good Service is programmed: {text}");
+    assert!(!text.contains("10.96.0.2"), "nothing of the bad one: {text}");
+}
