@@ -185,16 +185,14 @@ pub fn release_orphans<'a>(
     let mut held = Vec::new();
     for orphan in orphans {
         let gone = gone_for.get(&orphan.name).copied().unwrap_or_default();
-        let holder = pod_addresses.iter().find(|(_, a)| orphan.cidr.contains(*a));
-        let used = live_usage.get(&orphan.cidr.to_string()).copied().unwrap_or(0);
+        // Checked in this order so the pods are scanned only once the grace is over.
         let why = if gone < grace {
             Some(Held::Grace { left: grace - gone })
-        } else if let Some((pod, address)) = holder {
+        } else if let Some((pod, address)) = pod_addresses.iter().find(|(_, a)| orphan.cidr.contains(*a)) {
             Some(Held::PodAddress { pod: pod.clone(), address: *address })
-        } else if used > 0 {
-            Some(Held::InUse { used })
         } else {
-            None
+            let used = live_usage.get(&orphan.cidr.to_string()).copied().unwrap_or(0);
+            (used > 0).then_some(Held::InUse { used })
         };
         match why {
             Some(why) => held.push((orphan, why)),
