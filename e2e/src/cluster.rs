@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
+use serde::Deserialize as _;
 
 pub use nodes::plan_token;
 pub use observability::{Observability, PromSample, SpanRecord};
@@ -42,7 +43,7 @@ pub use process::ProcRecord;
 pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path};
 pub use state::{
     AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
-    NodeRuntime, NodeState, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
+    NodeRuntime, NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
     Fatal, PodOptions, ReplicaGuard, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get,
@@ -315,6 +316,9 @@ impl Cluster {
             self.record(registry)?;
             realnode::wait_registry(&self.state, &rec, Duration::from_secs(30))?;
             if self.state.weft {
+                if opts.observability {
+                    self.start_observability()?;
+                }
                 self.install_weft()?;
             }
         } else if self.state.weft {
@@ -666,7 +670,15 @@ impl Cluster {
         ])?;
         self.kubectl_stdin(&["apply", "-f", "-"], &secret)?;
         for part in ["rbac", "operator", "agent", "default"] {
-            self.kubectl_ok(&["apply", "-R", "-f", &config(part)])?;
+            match (&self.state.observability, part) {
+                (Some(obs), "operator" | "agent") => {
+                    let docs = with_otel_env(&repo_root().join("config").join(part), obs)?;
+                    self.kubectl_stdin(&["apply", "-f", "-"], &docs)?;
+                }
+                _ => {
+                    self.kubectl_ok(&["apply", "-R", "-f", &config(part)])?;
+                }
+            }
         }
         Ok(())
     }
@@ -1004,9 +1016,40 @@ impl Cluster {
     }
 }
 
-/// How many nodes (node-1, node-2) are control-plane nodes running the operator's replicas on
-/// real nodes (the Deployment's 2 replicas, one per node).
-const OPERATOR_NODES: u8 = 2;
+/// The manifests of `dir` with the `OTEL_*` environment pointing Weft at the cluster's collector
+/// added to every container of its Deployments and DaemonSets, as JSON lines for `kubectl apply`.
+/// The agents name their node through the DaemonSet's `NODE_NAME` variable.
+fn with_otel_env(dir: &Path, obs: &Observability) -> Result<String> {
+    let mut out = String::new();
+    for file in nodes::yaml_files(dir)? {
+        let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let mut value =
+                serde_json::Value::deserialize(doc).with_context(|| format!("parsing {}", file.display()))?;
+            if value.is_null() {
+                continue;
+            }
+            let env = match value["kind"].as_str() {
+                Some("Deployment") => obs.otel_env("weft-operator", None),
+                Some("DaemonSet") => obs.otel_env("weft-agent", Some("$(NODE_NAME)")),
+                _ => Vec::new(),
+            };
+            if let Some(containers) =
+                value.pointer_mut("/spec/template/spec/containers").and_then(|c| c.as_array_mut())
+            {
+                for c in containers {
+                    let vars = c["env"].as_array().cloned().unwrap_or_default();
+                    let mut vars: Vec<serde_json::Value> = vars;
+                    vars.extend(env.iter().map(|(k, v)| serde_json::json!({ "name": k, "value": v })));
+                    c["env"] = serde_json::Value::Array(vars);
+                }
+            }
+            out.push_str(&value.to_string());
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
 
 /// The kubeconfig each node's CoreDNS reads the API with: the weft-dns token the agent
 /// DaemonSet mounts (config/rbac/dns.yaml), as in config/bootstrap.yaml.

@@ -99,7 +99,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
 
     // SIGKILL the node's agent while the pods run, then start it again.
     let agent = "agent-node-1";
-    let record = c.state().processes.into_iter().find(|p| p.name == agent).context("no agent-node-1")?;
+    let record = c.agent_process("node-1")?;
     ensure!(c.kill_process(agent, Signal::KILL).await?, "{agent} did not exit on SIGKILL");
     ensure!(!record.is_alive(), "{agent} (pid {}) is still alive", record.pid);
     step(&format!("{agent} (pid {}) killed with SIGKILL", record.pid));

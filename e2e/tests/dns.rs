@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use weft_e2e::cluster::{
     AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value,
     metrics_text,
@@ -290,7 +290,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
         async move {
             let status = status.await?;
             let refused = status.matches("is the cluster DNS itself; forwarding there would loop").count();
-            Ok((refused == 2).then_some(()))
+            if refused == 2 { Ok(Some(())) } else { bail!("lagging nodes: {status:?}") }
         }
     })
     .await?;

@@ -73,9 +73,8 @@ async fn a_deleted_nodes_block_goes_to_another_node_only_once_the_node_is_gone_f
     )
     .await?;
     // The operator under test with a short grace (the default is 300 s).
-    c.stop_process("weft-operator").await?;
     let grace = GRACE_SECONDS.to_string();
-    c.restart_operator(None, &[("WEFT_BLOCK_RELEASE_GRACE_SECONDS", &grace)]).await?;
+    c.set_operator_env(&[("WEFT_BLOCK_RELEASE_GRACE_SECONDS", &grace)]).await?;
     // node-1 keeps its default block; new nodes get blocks only from the one-block pool.
     c.kubectl(&["patch", "ippool", "default", "--type", "merge", "-p", r#"{"spec":{"disabled":true}}"#])
         .await?;

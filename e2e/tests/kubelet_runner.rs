@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, wait_for};
+use weft_e2e::cluster::{NodeRuntime, PodOptions, TestCluster, TestOptions, wait_for};
 use weft_e2e::kubelet::{PodRecord, container_log_path, pod_netns_name};
 
 async fn cluster() -> Result<TestCluster> {
-    TestCluster::shared(TestOptions::default().nodes(2).weft_dev(env!("CARGO_BIN_EXE_weft-dev"))).await
+    let opts = TestOptions::default().nodes(2).runtime(NodeRuntime::Runner);
+    TestCluster::shared(opts.weft_dev(env!("CARGO_BIN_EXE_weft-dev"))).await
 }
 
 fn state_dir(c: &TestCluster, node: &str) -> Result<PathBuf> {

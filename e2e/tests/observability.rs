@@ -91,13 +91,19 @@ fn has_data(samples: &[weft_e2e::cluster::PromSample]) -> bool {
 }
 
 /// The spans of the trace that holds the `watch.event` of `object` (`<ns>/<name>`) of `kind`.
-fn trace_of(spans: &[SpanRecord], kind: &str, object: &str) -> Option<Vec<SpanRecord>> {
-    let event = spans.iter().find(|s| {
-        s.name == "watch.event"
-            && s.attributes.get("kind").map(String::as_str) == Some(kind)
-            && s.attributes.get("object").map(String::as_str) == Some(object)
-    })?;
-    Some(spans.iter().filter(|s| s.trace_id == event.trace_id).cloned().collect())
+/// The traces (spans by trace) whose watch event is `kind` `object`: one per operator replica
+/// that saw the change (every replica compiles plans for the agents connected to it).
+fn traces_of(spans: &[SpanRecord], kind: &str, object: &str) -> Vec<Vec<SpanRecord>> {
+    let ids: BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| {
+            s.name == "watch.event"
+                && s.attributes.get("kind").map(String::as_str) == Some(kind)
+                && s.attributes.get("object").map(String::as_str) == Some(object)
+        })
+        .map(|s| s.trace_id.as_str())
+        .collect();
+    ids.into_iter().map(|id| spans.iter().filter(|s| s.trace_id == id).cloned().collect()).collect()
 }
 
 /// `sum(weft_agents_connected)` across operator replicas.
@@ -132,14 +138,20 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
 
     // Prometheus scrapes both agents before anything happens on them: rate() only sees what
     // happens after a target's first scrape.
-    c.wait_for("Prometheus to scrape both agents", Duration::from_secs(60), || {
-        let c = c.clone();
-        async move {
-            let up =
-                c.prometheus_query("sum(up{job=\"weft-agent\"}) + sum(up{job=\"weft-operator\"})").await?;
-            Ok(up.first().filter(|s| s.value == 3.0).map(|_| ()))
-        }
-    })
+    let replicas = c.state().operator_metrics_addrs().len() as f64;
+    c.wait_for(
+        "Prometheus to scrape both agents and every operator replica",
+        Duration::from_secs(60),
+        || {
+            let c = c.clone();
+            async move {
+                let up = c
+                    .prometheus_query("sum(up{job=\"weft-agent\"}) + sum(up{job=\"weft-operator\"})")
+                    .await?;
+                Ok(up.first().filter(|s| s.value == 2.0 + replicas).map(|_| ()))
+            }
+        },
+    )
     .await?;
 
     // Workloads: pods get addresses (IPAM), a Service gets endpoints (the proxy programs them).
@@ -163,51 +175,52 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     };
     c.apply_yaml(&service("web")).await?;
     let object = format!("{}/web", ns.name());
-    let trace = c
-        .wait_for("the Service's trace to reach both agents", Duration::from_secs(60), || {
+    // Each replica's trace of the change is one tree; together they reach both agents.
+    let traces = c
+        .wait_for("the Service's traces to reach both agents", Duration::from_secs(60), || {
             let c = c.clone();
             let object = object.clone();
             async move {
                 let spans = c.traces().await?;
-                let Some(trace) = trace_of(&spans, "Service", &object) else { return Ok(None) };
-                let applied: BTreeSet<&str> = trace
-                    .iter()
-                    .filter(|s| s.service == "weft-agent" && s.name == "agent.apply")
-                    .map(|s| s.span_id.as_str())
-                    .collect();
-                let acked = trace.iter().filter(|s| s.name == "plan.ack").count();
-                Ok((applied.len() >= 2 && acked >= 2).then_some(trace))
+                let traces = traces_of(&spans, "Service", &object);
+                let all = traces.iter().flatten();
+                let applied =
+                    all.clone().filter(|s| s.service == "weft-agent" && s.name == "agent.apply").count();
+                let acked = all.filter(|s| s.name == "plan.ack").count();
+                Ok((applied >= 2 && acked >= 2).then_some(traces))
             }
         })
         .await?;
-    let names = |service: &str| -> BTreeSet<String> {
-        trace.iter().filter(|s| s.service == service).map(|s| s.name.clone()).collect()
-    };
-    let (operator, agent) = (names("weft-operator"), names("weft-agent"));
-    step(&format!("trace of {object}: {} spans; operator {operator:?}; agent {agent:?}", trace.len()));
-    for span in ["watch.event", "reconcile", "plan.compile", "plan.send", "plan.ack"] {
-        ensure!(operator.contains(span), "operator span {span} missing from the trace: {operator:?}");
+    for trace in traces.iter().filter(|t| t.iter().any(|s| s.name == "agent.apply")) {
+        let names = |service: &str| -> BTreeSet<String> {
+            trace.iter().filter(|s| s.service == service).map(|s| s.name.clone()).collect()
+        };
+        let (operator, agent) = (names("weft-operator"), names("weft-agent"));
+        step(&format!("trace of {object}: {} spans; operator {operator:?}; agent {agent:?}", trace.len()));
+        for span in ["watch.event", "reconcile", "plan.compile", "plan.send", "plan.ack"] {
+            ensure!(operator.contains(span), "operator span {span} missing from the trace: {operator:?}");
+        }
+        for span in ["agent.receive", "agent.apply", "program"] {
+            ensure!(agent.contains(span), "agent span {span} missing from the trace: {agent:?}");
+        }
+        // One tree: a single root (the reconcile), every other span's parent is in the trace.
+        let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+        let roots: Vec<&str> =
+            trace.iter().filter(|s| s.parent_span_id.is_empty()).map(|s| s.name.as_str()).collect();
+        ensure!(roots == ["reconcile"], "the trace has roots {roots:?}, expected the reconcile alone");
+        let orphans: Vec<&str> = trace
+            .iter()
+            .filter(|s| !s.parent_span_id.is_empty() && !ids.contains(s.parent_span_id.as_str()))
+            .map(|s| s.name.as_str())
+            .collect();
+        ensure!(orphans.is_empty(), "spans whose parent is not in the trace: {orphans:?}");
+        let programmers: BTreeSet<&str> = trace
+            .iter()
+            .filter(|s| s.name == "program")
+            .filter_map(|s| s.attributes.get("programmer").map(String::as_str))
+            .collect();
+        ensure!(programmers.contains("proxy"), "the Service change ran no proxy programmer: {programmers:?}");
     }
-    for span in ["agent.receive", "agent.apply", "program"] {
-        ensure!(agent.contains(span), "agent span {span} missing from the trace: {agent:?}");
-    }
-    // One tree: a single root (the reconcile), every other span's parent is in the trace.
-    let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
-    let roots: Vec<&str> =
-        trace.iter().filter(|s| s.parent_span_id.is_empty()).map(|s| s.name.as_str()).collect();
-    ensure!(roots == ["reconcile"], "the trace has roots {roots:?}, expected the reconcile alone");
-    let orphans: Vec<&str> = trace
-        .iter()
-        .filter(|s| !s.parent_span_id.is_empty() && !ids.contains(s.parent_span_id.as_str()))
-        .map(|s| s.name.as_str())
-        .collect();
-    ensure!(orphans.is_empty(), "spans whose parent is not in the trace: {orphans:?}");
-    let programmers: BTreeSet<&str> = trace
-        .iter()
-        .filter(|s| s.name == "program")
-        .filter_map(|s| s.attributes.get("programmer").map(String::as_str))
-        .collect();
-    ensure!(programmers.contains("proxy"), "the Service change ran no proxy programmer: {programmers:?}");
 
     // 2. Every dashboard query answers from the live cluster. Changes first, made while
     //    Prometheus scrapes, so every histogram has observations in the rate window (what the

@@ -23,7 +23,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rustix::process::Signal;
-use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions, http_get};
+use weft_e2e::cluster::{CniMode, NodeRuntime, NodeState, PodOptions, TestCluster, TestOptions, http_get};
 
 /// How long the proxy holds each slow LIST.
 const LIST_DELAY: Duration = Duration::from_secs(6);
@@ -179,7 +179,10 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
+        // The operator as a process of the test's choosing (behind the proxy): the one e2e test
+        // left on the pod runner, where Weft runs as processes (see docs/LOCAL-CLUSTER.md).
         TestOptions::default()
+            .runtime(NodeRuntime::Runner)
             .nodes(2)
             .weft(true)
             .cni(CniMode::Weft)

@@ -1,6 +1,6 @@
 //! Agents prove which node they run on before they get a plan (DESIGN §3): a cluster of its own
-//! (2 nodes, Weft on) whose agents present `weft-system/weft-agent` tokens for the audience
-//! `weft-operator`, bound to their Node, over TLS (the cluster CA signed the plan service's
+//! (2 real nodes, Weft installed from `config/`) whose agents present `weft-system/weft-agent`
+//! tokens for the audience `weft-operator`, bound to their pod on their node, over TLS (the cluster CA signed the plan service's
 //! certificate). A gRPC client of the plan service, on the nodes' bridge like an agent, tries the
 //! ways in a node could lie or a stranger could ask: plain text, no token, another
 //! node's token, a token bound to nothing, one for the API server's audience, one of another
@@ -8,18 +8,27 @@
 //! `weft_plan_auth_refusals_total`); node-1's own token opens node-1's plan.
 //! Needs root and `cargo build --workspace --bins`.
 
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use tokio_stream::StreamExt as _;
 use weft_api::plan::{self as pb, plan_service_client::PlanServiceClient};
-use weft_e2e::cluster::{Steps, TestCluster, TestOptions, metric_value, plan_token};
+use weft_e2e::cluster::{Steps, TestCluster, TestOptions, metric_value, metrics_text};
 
-/// A client of the cluster's plan service over TLS, trusting the cluster's CA.
+/// The operator replica the test talks to: its plan service and its metrics.
+fn replica(c: &TestCluster) -> Result<(SocketAddrV4, SocketAddrV4)> {
+    let state = c.state();
+    let plan = state.plan_addrs().first().copied().context("no operator replica")?;
+    let metrics = state.operator_metrics_addrs().first().copied().context("no operator replica")?;
+    Ok((plan, metrics))
+}
+
+/// A client of the replica's plan service over TLS, trusting the cluster's CA.
 async fn client(c: &TestCluster) -> Result<PlanServiceClient<tonic::transport::Channel>> {
     let state = c.state();
     let ca = tonic::transport::Certificate::from_pem(std::fs::read(state.ca_cert())?);
-    let channel = tonic::transport::Endpoint::from_shared(state.plan_url())?
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", replica(c)?.0))?
         .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))?
         .connect()
         .await?;
@@ -97,20 +106,49 @@ async fn plan_streams_need_a_token_bound_to_the_node_they_ask_for() -> Result<()
     )
     .await?;
     let nodes = c.nodes();
-    for node in &nodes {
-        let series = format!("weft_plan_node_acks_total{{node=\"{}\"}}", node.name);
-        c.wait_for(&format!("{} to acknowledge a plan", node.name), Duration::from_secs(60), || async {
-            let metrics = c.operator_metrics().await?;
-            Ok(metric_value(&metrics, &series).is_some_and(|acks| acks >= 1.0).then_some(()))
-        })
-        .await?;
-    }
+    c.wait_for("both agents to run their plans (networkconfig 2/2)", Duration::from_secs(60), || async {
+        let rows = c.get_table(&["networkconfig", "default"]).await?;
+        let row = rows.first().context("no row")?;
+        if row.get("CONVERGED").map(String::as_str) == Some("2/2") { Ok(Some(())) } else { bail!("{row:?}") }
+    })
+    .await?;
     s.step("cluster up: both agents got their plans with their own tokens");
-    let node1_token = std::fs::read_to_string(plan_token(&nodes[0]))?.trim().to_string();
+    // What node-1's agent presents: a token of its ServiceAccount for the operator, bound to its
+    // pod on node-1 (the DaemonSet's projected token).
+    let agent_pod = c
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/name=weft-agent",
+            "--field-selector",
+            &format!("spec.nodeName={}", nodes[0].name),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+        .await?;
+    let node1_token = token(
+        &c,
+        &[
+            "weft-agent",
+            "-n",
+            "weft-system",
+            "--audience",
+            "weft-operator",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            agent_pod.trim(),
+        ],
+    )
+    .await?;
+    let (plan_addr, metrics_addr) = replica(&c)?;
 
     // The service speaks only TLS: a plain HTTP/2 client with node-1's own token gets nothing.
     let plain = async {
-        let client = PlanServiceClient::connect(format!("http://{}", c.state().plan_addr())).await?;
+        let client = PlanServiceClient::connect(format!("http://{plan_addr}")).await?;
         ask(client, Some(&node1_token), "node-1").await
     };
     if let Ok(Ok(m)) = plain.await {
@@ -158,7 +196,7 @@ async fn plan_streams_need_a_token_bound_to_the_node_they_ask_for() -> Result<()
     .await?;
     s.step("another ServiceAccount's token: PermissionDenied");
 
-    let metrics = c.operator_metrics().await?;
+    let metrics = metrics_text(metrics_addr.into()).await?;
     for reason in ["no_token", "wrong_node", "not_bound", "invalid", "wrong_user"] {
         let series = format!("weft_plan_auth_refusals_total{{reason=\"{reason}\"}}");
         ensure!(metric_value(&metrics, &series) == Some(1.0), "{series} is not 1");

@@ -1,15 +1,15 @@
 //! Weft's spine on a real cluster, as an admin would see it: the operator compiles a plan per
 //! node, every agent applies it and acknowledges it (`kubectl get networkconfig`), a Service and
 //! its endpoints reach every node's (recorded) proxy programming, ProxyPolicy conflicts are
-//! reported on the newer policy, and a second operator replica writes nothing until the first is
-//! gone, then takes the leader Lease over. One cluster of its own (2 nodes, reference CNI, Weft
-//! on), one session, in order. Needs root and `cargo build --workspace --bins`.
+//! reported on the newer policy, and the operator Deployment's second replica writes nothing
+//! until the leader's pod is gone, then takes the leader Lease over. One cluster of its own (2
+//! real nodes, Weft installed from `config/`), one session, in order. Needs root and `cargo build --workspace --bins`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, metric_value};
+use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, metric_value, metrics_text};
 
 /// `kubectl get networkconfig default`, once it shows `2/2` and Ready=True, with the plan version.
 async fn wait_converged(c: &TestCluster, what: &str, timeout: Duration) -> Result<u64> {
@@ -185,19 +185,18 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
     );
     step(&format!("second: {second:?}"));
 
-    // A second operator replica serves but writes no status while the first holds the Lease.
-    let leader_metrics = c.operator_metrics().await?;
-    ensure!(metric_value(&leader_metrics, "weft_leader") == Some(1.0), "the first replica leads");
-    let first_pid =
-        c.state().processes.iter().find(|p| p.name == "weft-operator").context("no operator")?.pid;
+    // The Deployment's second replica serves but writes no status while the leader holds the
+    // Lease.
     let holder = lease_holder(&c).await?;
-    ensure!(
-        holder.ends_with(&format!("-{first_pid}")),
-        "the first replica (pid {first_pid}) holds the Lease: {holder:?}"
-    );
-    let replica_b = c.start_operator_replica("replica-b").await?;
-    step(&format!("replica-b ready (metrics {}, log {})", replica_b.metrics_addr, replica_b.log.display()));
-    ensure!(lease_holder(&c).await? == holder, "the Lease stays with {holder}");
+    let leader_metrics = c.operator_metrics().await?;
+    ensure!(metric_value(&leader_metrics, "weft_leader") == Some(1.0), "{holder} leads");
+    let (follower, follower_addr) = c
+        .operator_replicas()
+        .await?
+        .into_iter()
+        .find(|(pod, _)| *pod != holder)
+        .context("the operator Deployment runs no second replica")?;
+    let follower_metrics = || async move { metrics_text(follower_addr.into()).await };
     let writes_before = metric_value(&c.operator_metrics().await?, "weft_status_writes_total").unwrap_or(0.0);
     c.apply_yaml(&proxy_policy(&ns, "third")).await?;
     let third = wait_policy(&c, &ns, "third", |_, conflicted, _| conflicted == "True").await?;
@@ -205,33 +204,28 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
     let writes_after = metric_value(&c.operator_metrics().await?, "weft_status_writes_total").unwrap_or(0.0);
     ensure!(
         writes_after > writes_before,
-        "the first replica wrote third's status ({writes_before} → {writes_after})"
+        "the leader wrote third's status ({writes_before} → {writes_after})"
     );
-    let b = replica_b.metrics().await?;
-    ensure!(metric_value(&b, "weft_leader") == Some(0.0), "replica-b does not lead:\n{b}");
-    ensure!(metric_value(&b, "weft_status_writes_total") == Some(0.0), "replica-b wrote no status:\n{b}");
-    step("replica-b follows and writes nothing; the first replica wrote third's status");
+    let b = follower_metrics().await?;
+    ensure!(metric_value(&b, "weft_leader") == Some(0.0), "{follower} does not lead:\n{b}");
+    ensure!(metric_value(&b, "weft_status_writes_total") == Some(0.0), "{follower} wrote no status:\n{b}");
+    ensure!(lease_holder(&c).await? == holder, "the Lease stays with {holder}");
+    step(&format!("{follower} follows and writes nothing; {holder} wrote third's status"));
 
-    // The first replica stops: replica-b takes the Lease over and writes status.
-    let stopped = c.stop_process("weft-operator").await?;
-    step(&format!(
-        "weft-operator stopped after {:.1?} ({})",
-        stopped.took,
-        if stopped.exited_on_sigterm { "exited on SIGTERM" } else { "SIGKILLed" }
-    ));
-    c.wait_for("replica-b to lead and write status", Duration::from_secs(60), || async {
-        let b = replica_b.metrics().await?;
+    // The leader's pod is deleted: the follower takes the Lease over and writes status.
+    c.kubectl(&["delete", "pod", "-n", "weft-system", &holder, "--wait=false"]).await?;
+    step(&format!("{holder} deleted"));
+    c.wait_for(&format!("{follower} to lead and write status"), Duration::from_secs(60), || async {
+        let b = follower_metrics().await?;
         let (leader, writes) =
             (metric_value(&b, "weft_leader"), metric_value(&b, "weft_status_writes_total"));
-        let holder = lease_holder(&c).await?;
-        if leader == Some(1.0) && writes.is_some_and(|w| w > 0.0) && holder == "replica-b" {
+        let now = lease_holder(&c).await?;
+        if leader == Some(1.0) && writes.is_some_and(|w| w > 0.0) && now == follower {
             return Ok(Some(()));
         }
-        bail!(
-            "replica-b: weft_leader {leader:?}, weft_status_writes_total {writes:?}; Lease holder {holder:?}"
-        )
+        bail!("{follower}: weft_leader {leader:?}, weft_status_writes_total {writes:?}; Lease holder {now:?}")
     })
     .await?;
-    step("replica-b leads, holds the Lease and writes status");
+    step(&format!("{follower} leads, holds the Lease and writes status"));
     Ok(())
 }

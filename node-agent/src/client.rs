@@ -126,6 +126,7 @@ pub async fn run(
         status,
         target,
         last_check: Instant::now(),
+        next_operator: 0,
     };
     if agent.plan.version != 0 {
         info!(version = agent.plan.version, "resuming from the saved plan");
@@ -173,13 +174,20 @@ pub async fn run(
     }
 }
 
-/// A channel to the first of the operator endpoints that answers, and its address. Every replica
-/// serves plan streams, so any will do; the last error is returned when none answers.
-async fn connect(config: &AgentConfig) -> Result<(tonic::transport::Channel, String), SessionError> {
+/// A channel to the first operator endpoint that answers, trying them in turn from `start`
+/// (wrapping), with its address and index. Only the leader replica serves plan streams; a
+/// follower answers and then refuses the stream, and the caller starts past it next time. The
+/// last error is returned when none answers.
+async fn connect(
+    config: &AgentConfig,
+    start: usize,
+) -> Result<(tonic::transport::Channel, String, usize), SessionError> {
     let mut last = SessionError::Tls("no operator address given (--operator)".into());
-    for operator in &config.operators {
+    let n = config.operators.len();
+    for index in (0..n).map(|i| (start + i) % n) {
+        let operator = &config.operators[index];
         match connect_one(config, operator).await {
-            Ok(channel) => return Ok((channel, operator.clone())),
+            Ok(channel) => return Ok((channel, operator.clone(), index)),
             Err(e) => {
                 debug!(%operator, error = %e, "operator endpoint unreachable");
                 last = e;
@@ -243,6 +251,9 @@ struct Agent {
     status: watch::Sender<AgentStatus>,
     /// When the programmers' periodic checks last ran.
     last_check: Instant,
+    /// Where in `config.operators` the next connection starts: past the endpoint of the last
+    /// session, so a replica that refuses streams (a follower) does not hold the agent.
+    next_operator: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +287,10 @@ impl SessionError {
 
 impl Agent {
     async fn session(&mut self) -> Result<(), SessionError> {
-        let (channel, operator) = connect(&self.config).await?;
+        let (channel, operator, index) = connect(&self.config, self.next_operator).await?;
+        // The next session starts at the following endpoint: a follower that refused this one,
+        // or a leader that went away, is not tried first again.
+        self.next_operator = index + 1;
         let mut client = PlanServiceClient::new(channel).max_decoding_message_size(pb::MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::Hello {

@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    // Every replica serves plan streams; only the Lease holder writes status.
+    // Only the Lease holder serves plan streams, claims blocks and writes status.
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     ));
     leader_tasks.push(critical.spawn(
         "status writer",
-        status::run(client.clone(), store.clone(), status_rx, is_leader, status_metrics),
+        status::run(client.clone(), store.clone(), status_rx, is_leader.clone(), status_metrics),
     ));
 
     let (sa_namespace, sa_name) = args
@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         .split_once('/')
         .context("--agent-service-account must be namespace/name")?;
     let auth = AgentAuth::token_review(client.clone(), sa_namespace, sa_name);
-    let server = PlanServer::new(store, metrics, auth).into_service();
+    let server = PlanServer::new(store, metrics, auth).leading_only(is_leader).into_service();
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.plan_tls_cert, &args.plan_tls_key) {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));

@@ -99,6 +99,15 @@ impl Operator {
     /// Starts a plan server on `addr` (port 0 picks one) with the cluster compiled from scratch,
     /// as a restarted operator does after its initial list.
     fn start(addr: SocketAddr, state: Vec<Change>) -> (Self, SocketAddr) {
+        Self::start_replica(addr, state, None)
+    }
+
+    /// Like [`Operator::start`], serving streams only while `leader` holds true when given.
+    fn start_replica(
+        addr: SocketAddr,
+        state: Vec<Change>,
+        leader: Option<watch::Receiver<bool>>,
+    ) -> (Self, SocketAddr) {
         let (compiler, updates) = Compiler::full(state);
         let store = Arc::new(PlanStore::new());
         store.publish(updates, Default::default());
@@ -116,8 +125,11 @@ impl Operator {
         };
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
-        let service =
-            PlanServer::new(store.clone(), PlanMetrics::default(), AgentAuth::Trusting).into_service();
+        let mut server = PlanServer::new(store.clone(), PlanMetrics::default(), AgentAuth::Trusting);
+        if let Some(leader) = leader {
+            server = server.leading_only(leader);
+        }
+        let service = server.into_service();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -154,11 +166,15 @@ struct Agent {
 
 impl Agent {
     fn start(node: &'static str, dir: &Path, operator: SocketAddr) -> Self {
+        // An unreachable endpoint first: the agent must move on to the one that answers.
+        Self::start_with(node, dir, vec!["http://127.0.0.1:1".into(), format!("http://{operator}")])
+    }
+
+    fn start_with(node: &'static str, dir: &Path, operators: Vec<String>) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let config = AgentConfig {
             node_name: node.into(),
-            // An unreachable endpoint first: the agent must move on to the one that answers.
-            operators: vec!["http://127.0.0.1:1".into(), format!("http://{operator}")],
+            operators,
             plan_token_file: None,
             operator_ca_file: None,
             state_dir: dir.to_path_buf(),
@@ -412,4 +428,48 @@ async fn a_plan_of_twenty_thousand_services_arrives_whole() {
     assert!(agent.programmed("proxy").contains("svc-19999"), "the last Service reached the proxy");
     agent.stop().await;
     operator.stop();
+}
+
+/// `agent` applied its node's version, and `operator` heard its ACK.
+async fn converge_node(operator: &Operator, agent: &mut Agent) {
+    let version = operator.store.node_version(agent.node).expect("node in plan");
+    agent.wait_applied(version).await;
+    let acked = async {
+        while !operator.store.convergence().iter().any(|c| c.node == agent.node && c.converged()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), acked).await.expect("the operator hears the ACK");
+}
+
+/// Two replicas, as the Deployment runs them: only the Lease holder serves plan streams. The
+/// agent lists the follower first; it ends up on the leader, whose store alone hears its ACKs.
+/// When the Lease moves, the old leader ends the stream and the agent follows to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_serves_plan_streams_and_agents_follow_the_lease() {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let (a_leads, a_leader) = watch::channel(false);
+    let (b_leads, b_leader) = watch::channel(true);
+    let (a, a_addr) = Operator::start_replica(any, cluster(3, "/etc/cni/net.d"), Some(a_leader));
+    let (b, b_addr) = Operator::start_replica(any, cluster(3, "/etc/cni/net.d"), Some(b_leader));
+    let dir = TempDir::new().expect("tempdir");
+    let mut agent =
+        Agent::start_with("n1", dir.path(), vec![format!("http://{a_addr}"), format!("http://{b_addr}")]);
+    converge_node(&b, &mut agent).await;
+    assert_eq!(a.store.connected_agents(), 0, "the follower holds no stream");
+
+    let _ = b_leads.send(false);
+    let _ = a_leads.send(true);
+    let moved = async {
+        while a.store.connected_agents() == 0 || b.store.connected_agents() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), moved)
+        .await
+        .expect("the agent leaves the old leader for the new one");
+    converge_node(&a, &mut agent).await;
+    agent.stop().await;
+    a.stop();
+    b.stop();
 }

@@ -266,11 +266,18 @@ pub fn operator_launch(
 }
 
 /// Whether a path is an existing directory with at least one `*.yaml`/`*.yml` file.
+/// The YAML files directly in `dir`, sorted.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 pub fn has_yaml(dir: &Path) -> bool {
-    fs::read_dir(dir).is_ok_and(|rd| {
-        rd.filter_map(|e| e.ok()).any(|e| {
-            let p = e.path();
-            p.extension().is_some_and(|x| x == "yaml" || x == "yml")
-        })
-    })
+    yaml_files(dir).is_ok_and(|files| !files.is_empty())
 }

@@ -162,7 +162,7 @@ global:
 scrape_configs:
   - job_name: weft-operator
     static_configs:
-      - targets: ["{operator}"]
+      - targets: [{operators}]
   - job_name: weft-agent
     file_sd_configs:
       - files: ["{agents}"]
@@ -172,7 +172,8 @@ scrape_configs:
       - targets: ["{collector}"]
 "#,
         name = state.name,
-        operator = state.operator_metrics_addr(),
+        operators =
+            state.operator_metrics_addrs().iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "),
         agents = obs.agents_file().display(),
         collector = obs.collector_metrics,
     )

@@ -216,6 +216,25 @@ fn cgroup_pids(state: &ClusterState, node: &NodeState) -> Vec<u32> {
     pids
 }
 
+/// The running `weft-agent` of the node (its DaemonSet pod's container), found under the node's
+/// cgroup by its program name: what a test kills to crash the agent as a real node would see it.
+pub fn agent_process(state: &ClusterState, node: &NodeState) -> Option<ProcRecord> {
+    cgroup_pids(state, node).into_iter().find_map(|pid| {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "weft-agent" {
+            return None;
+        }
+        let stat = process::proc_stat(pid)?;
+        Some(ProcRecord {
+            name: format!("agent-{}", node.name),
+            pid,
+            start_time: stat.start_time,
+            log: host_path(node, "/var/log/pods"),
+            netns: Some(node.netns.clone()),
+        })
+    })
+}
+
 /// Stops everything still running under the node's cgroup (shims, containers: the recorded
 /// containerd and kubelet are stopped first by the caller) and removes its cgroups.
 pub fn teardown_node(state: &ClusterState, node: &NodeState, children: &mut Vec<Child>) -> Vec<String> {

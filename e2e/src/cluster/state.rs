@@ -83,8 +83,14 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub const POD_CIDR: &str = "10.244.0.0/16";
 /// Port of the operator's plan server on the bridge address.
 pub const PLAN_PORT: u16 = 7700;
-/// Port of each agent's metrics endpoint on its node address.
-pub const AGENT_METRICS_PORT: u16 = 9101;
+/// Port of each agent's metrics endpoint on its node address (as `config/agent/daemonset.yaml`).
+pub const AGENT_METRICS_PORT: u16 = 7702;
+/// Port of an operator replica's metrics endpoint on its node address, on real nodes (as
+/// `config/operator/deployment.yaml`).
+pub const OPERATOR_METRICS_PORT: u16 = 7701;
+/// How many nodes (node-1, node-2) are control-plane nodes running the operator's replicas on
+/// real nodes (the Deployment's 2 replicas, one per node).
+pub const OPERATOR_NODES: u8 = 2;
 /// Zones handed to nodes round robin.
 pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
@@ -262,6 +268,18 @@ impl ClusterState {
         std::net::SocketAddrV4::new(self.bridge_ip, PLAN_PORT)
     }
 
+    /// Where every operator replica serves plan streams: the process's bridge address, or on
+    /// real nodes each control-plane node's address (in the order of
+    /// [`ClusterState::operator_metrics_addrs`]).
+    pub fn plan_addrs(&self) -> Vec<std::net::SocketAddrV4> {
+        match self.runtime {
+            NodeRuntime::Runner => vec![self.plan_addr()],
+            NodeRuntime::Kubelet => (1..=OPERATOR_NODES)
+                .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), PLAN_PORT))
+                .collect(),
+        }
+    }
+
     /// The plan endpoint as agents are given it: TLS, with a certificate of the cluster's CA.
     pub fn plan_url(&self) -> String {
         format!("https://{}", self.plan_addr())
@@ -275,6 +293,17 @@ impl ClusterState {
     /// The operator's `/metrics`, `/healthz` and `/readyz` (loopback).
     pub fn operator_metrics_addr(&self) -> std::net::SocketAddrV4 {
         std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.ports.operator_metrics)
+    }
+
+    /// Where every operator replica serves `/metrics`: the process's loopback port, or on real
+    /// nodes each control-plane node's address.
+    pub fn operator_metrics_addrs(&self) -> Vec<std::net::SocketAddrV4> {
+        match self.runtime {
+            NodeRuntime::Runner => vec![self.operator_metrics_addr()],
+            NodeRuntime::Kubelet => (1..=OPERATOR_NODES)
+                .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), OPERATOR_METRICS_PORT))
+                .collect(),
+        }
     }
 }
 

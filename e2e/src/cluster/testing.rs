@@ -38,7 +38,7 @@ pub struct TestOptions {
     /// Nodes to start with (default 2).
     pub nodes: u8,
     pub cni: CniMode,
-    /// What runs the pods (default the pod runner).
+    /// What runs the pods (default real nodes: kubelet + containerd).
     pub runtime: NodeRuntime,
     /// Run Weft — its configuration, `weft-operator` and one `weft-agent` per node (default
     /// false: tests of the cluster itself do without).
@@ -57,7 +57,7 @@ impl Default for TestOptions {
         TestOptions {
             nodes: 2,
             cni: CniMode::Reference,
-            runtime: NodeRuntime::Runner,
+            runtime: NodeRuntime::Kubelet,
             weft: false,
             apply_crds: true,
             weft_bin_dir: None,
@@ -318,10 +318,15 @@ impl TestCluster {
         pod.status.and_then(|s| s.pod_ip).with_context(|| format!("pod {namespace}/{name} has no IP"))
     }
 
-    /// Runs `cmd` inside the pod (its network namespace, resolv.conf…) through the runner of the
-    /// pod's node; returns the output whatever the exit status.
+    /// Runs `cmd` inside the pod (its network namespace, resolv.conf…): `kubectl exec` on real
+    /// nodes, the runner of the pod's node otherwise; returns the output whatever the exit status.
     pub async fn exec_in_pod(&self, namespace: &str, pod: &str, cmd: &[&str]) -> Result<Output> {
         let state = self.state();
+        if state.runtime == NodeRuntime::Kubelet {
+            let mut args = vec!["-n", namespace, "exec", pod, "--"];
+            args.extend_from_slice(cmd);
+            return self.kubectl_output(&args, None).await;
+        }
         let p: Pod = Api::namespaced(self.client(), namespace)
             .get(pod)
             .await
@@ -389,7 +394,12 @@ impl TestCluster {
     /// Sends `signal` to the cluster's process `name` alone (`agent-node-1`, …) and waits up to
     /// 10 s for it to exit; see [`Cluster::kill_process`]. Returns whether it exited (and was
     /// forgotten).
+    /// On real nodes `agent-<node>` is the agent container's process, which the kubelet then
+    /// restarts by itself.
     pub async fn kill_process(&self, name: &str, signal: rustix::process::Signal) -> Result<bool> {
+        if self.state().runtime == NodeRuntime::Kubelet {
+            return self.kill_agent_container(name, signal).await;
+        }
         let inner = self.inner.clone();
         let name = name.to_string();
         tokio::task::spawn_blocking(move || {
@@ -401,10 +411,60 @@ impl TestCluster {
         .await?
     }
 
+    /// The running agent of `node`: its recorded process, or on real nodes its container's.
+    pub fn agent_process(&self, node: &str) -> Result<ProcRecord> {
+        let state = self.state();
+        let found = match state.runtime {
+            NodeRuntime::Kubelet => {
+                let n = state.node(node).with_context(|| format!("no node {node} in this cluster"))?;
+                super::realnode::agent_process(&state, n)
+            }
+            NodeRuntime::Runner => {
+                state.processes.iter().find(|p| p.name == format!("agent-{node}") && p.is_alive()).cloned()
+            }
+        };
+        found.with_context(|| format!("no agent runs on {node}"))
+    }
+
+    /// Sends `signal` to the agent container's process named by `agent-<node>` and waits up to
+    /// 10 s for it to exit.
+    async fn kill_agent_container(&self, name: &str, signal: rustix::process::Signal) -> Result<bool> {
+        let node = name
+            .strip_prefix("agent-")
+            .with_context(|| format!("on real nodes only agents are killed this way, not {name}"))?;
+        let record = self.agent_process(node)?;
+        let pid = i32::try_from(record.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .with_context(|| format!("{name} has no valid pid ({})", record.pid))?;
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("sending {signal:?} to {name} (pid {})", record.pid))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while record.is_alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(!record.is_alive())
+    }
+
     /// Starts node `node`'s agent again after [`TestCluster::kill_process`] or
     /// [`TestCluster::stop_process`]; see [`Cluster::restart_agent`]. Does not wait for it to
     /// apply its plan.
+    /// On real nodes the kubelet restarts the container: this waits (60 s) for the new process.
     pub async fn restart_agent(&self, node: &str) -> Result<ProcRecord> {
+        let state = self.state();
+        if state.runtime == NodeRuntime::Kubelet {
+            let node =
+                state.node(node).cloned().with_context(|| format!("no node {node} in this cluster"))?;
+            return wait_for(
+                &format!("the kubelet to restart agent-{}", node.name),
+                Duration::from_secs(60),
+                || {
+                    let (state, node) = (state.clone(), node.clone());
+                    async move { Ok(super::realnode::agent_process(&state, &node)) }
+                },
+            )
+            .await;
+        }
         let inner = self.inner.clone();
         let node = node.to_string();
         tokio::task::spawn_blocking(move || {
@@ -434,6 +494,41 @@ impl TestCluster {
             res
         })
         .await?
+    }
+
+    /// Runs the operator with `env` added to its environment (settings, by the variables its flags
+    /// read): a restart of the process, or on real nodes `kubectl set env` on its Deployment,
+    /// waiting (120 s) until a replica with those settings is ready and holds the leader Lease.
+    pub async fn set_operator_env(&self, env: &[(&str, &str)]) -> Result<()> {
+        if self.state().runtime == NodeRuntime::Runner {
+            self.stop_process("weft-operator").await?;
+            self.restart_operator(None, env).await?;
+            return Ok(());
+        }
+        let mut args = vec!["-n".to_string(), "weft-system".into(), "set".into(), "env".into()];
+        args.push("deployment/weft-operator".into());
+        args.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        self.kubectl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        let pods: Api<Pod> = Api::namespaced(self.client(), "weft-system");
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client(), "weft-system");
+        wait_for("an operator replica with the new settings to lead", Duration::from_secs(120), || {
+            let (pods, leases) = (pods.clone(), leases.clone());
+            async move {
+                let lease = leases.get_opt("weft-operator").await?;
+                let Some(holder) = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity) else {
+                    return Ok(None);
+                };
+                let Some(pod) = pods.get_opt(&holder).await? else { return Ok(None) };
+                let has_env = pod.spec.iter().flat_map(|s| &s.containers).any(|c| {
+                    env.iter().all(|(k, v)| {
+                        c.env.iter().flatten().any(|e| e.name == *k && e.value.as_deref() == Some(*v))
+                    })
+                });
+                Ok((has_env && check_pod(&pod)?).then_some(()))
+            }
+        })
+        .await
     }
 
     /// Starts a second `weft-operator` replica with `--identity <identity>` on free loopback
@@ -477,9 +572,53 @@ impl TestCluster {
         Ok(guard)
     }
 
-    /// The `/metrics` text of the cluster's operator (OpenMetrics).
+    /// The `/metrics` text of the cluster's operator (OpenMetrics); on real nodes, of the replica
+    /// holding the leader Lease (the one writing status).
     pub async fn operator_metrics(&self) -> Result<String> {
-        metrics_text(self.state().operator_metrics_addr().into()).await
+        metrics_text(self.operator_leader_metrics_addr().await?.into()).await
+    }
+
+    /// The operator Deployment's running replicas on real nodes: pod name and where it serves
+    /// `/metrics` (its node's address).
+    pub async fn operator_replicas(&self) -> Result<Vec<(String, std::net::SocketAddrV4)>> {
+        let state = self.state();
+        let pods: Api<Pod> = Api::namespaced(self.client(), "weft-system");
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=weft-operator"))
+            .await
+            .context("listing the operator's pods")?;
+        let mut out = Vec::new();
+        for pod in list {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            if let Some(node) = node.and_then(|n| state.node(&n).cloned())
+                && check_pod(&pod).unwrap_or(false)
+            {
+                out.push((name, std::net::SocketAddrV4::new(node.ip, super::OPERATOR_METRICS_PORT)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where the operator (on real nodes, the leader replica) serves `/metrics`.
+    pub async fn operator_leader_metrics_addr(&self) -> Result<std::net::SocketAddrV4> {
+        let state = self.state();
+        if state.runtime == NodeRuntime::Runner {
+            return Ok(state.operator_metrics_addr());
+        }
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client(), "weft-system");
+        let lease = leases.get("weft-operator").await.context("reading the operator's Lease")?;
+        let holder =
+            lease.spec.and_then(|s| s.holder_identity).context("the operator's Lease has no holder")?;
+        let pod: Pod = Api::namespaced(self.client(), "weft-system")
+            .get(&holder)
+            .await
+            .with_context(|| format!("the leader's pod {holder}"))?;
+        let node_name =
+            pod.spec.and_then(|s| s.node_name).with_context(|| format!("{holder} is not scheduled"))?;
+        let node = state.node(&node_name).with_context(|| format!("no node {node_name} in this cluster"))?;
+        Ok(std::net::SocketAddrV4::new(node.ip, super::OPERATOR_METRICS_PORT))
     }
 
     /// What the agent of `node` recorded for `programmer` (`proxy`, `routes`, `ipam`, `cni`,
@@ -783,7 +922,8 @@ impl Drop for TestNamespace {
     }
 }
 
-/// A Pod to run: by default `nicolaka/netshoot` idling, scheduled by the scheduler.
+/// A Pod to run: by default `nicolaka/netshoot` idling (`sleep infinity`), scheduled by the
+/// scheduler.
 #[derive(Clone, Debug)]
 pub struct PodOptions {
     pub namespace: String,
@@ -805,7 +945,7 @@ impl PodOptions {
             name: name.into(),
             node: None,
             image: "nicolaka/netshoot".into(),
-            command: Vec::new(),
+            command: vec!["sleep".into(), "infinity".into()],
             labels: BTreeMap::new(),
             port: None,
         }
@@ -816,8 +956,10 @@ impl PodOptions {
         self
     }
 
+    /// Another image, run with its own command unless [`PodOptions::command`] follows.
     pub fn image(mut self, image: &str) -> Self {
         self.image = image.into();
+        self.command.clear();
         self
     }
 

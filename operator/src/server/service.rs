@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
@@ -20,11 +20,21 @@ pub struct PlanServer {
     store: Arc<PlanStore>,
     metrics: PlanMetrics,
     auth: AgentAuth,
+    leader: Option<watch::Receiver<bool>>,
 }
 
 impl PlanServer {
     pub fn new(store: Arc<PlanStore>, metrics: PlanMetrics, auth: AgentAuth) -> Self {
-        Self { store, metrics, auth }
+        Self { store, metrics, auth, leader: None }
+    }
+
+    /// Serves plan streams only while `leader` says this replica holds the Lease: a follower
+    /// refuses them with `Unavailable` (the agent tries the next address) and a replica that
+    /// loses the Lease ends its streams. So every agent's ACKs, NACKs and IPAM use reach the one
+    /// replica that writes status and claims blocks.
+    pub fn leading_only(mut self, leader: watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
     }
 
     fn refuse(&self, e: AuthError) -> Status {
@@ -38,6 +48,9 @@ impl PlanServer {
         pb::plan_service_server::PlanServiceServer::new(self).max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
     }
 }
+
+/// What a replica that does not hold the Lease answers a plan stream.
+const NOT_LEADER: &str = "this operator replica is not the leader: only the leader serves plan streams";
 
 type PlanStream = Pin<Box<dyn Stream<Item = Result<pb::PlanMessage, Status>> + Send>>;
 
@@ -53,6 +66,10 @@ impl PlanService for PlanServer {
             let span = info_span!("plan.authenticate");
             self.auth.node(request.metadata()).instrument(span).await.map_err(|e| self.refuse(e))?
         };
+        if self.leader.as_ref().is_some_and(|l| !*l.borrow()) {
+            self.metrics.auth_refusals.get_or_create(&ReasonLabel { reason: "not_leader" }).inc();
+            return Err(Status::unavailable(NOT_LEADER));
+        }
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before Hello"))?;
@@ -73,7 +90,8 @@ impl PlanService for PlanServer {
         // Capacity 1: a slow agent backs up here while its queue in the store keeps coalescing.
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(
-            send_loop(self.store.clone(), conn.clone(), tx, self.metrics.clone()).instrument(span.clone()),
+            send_loop(self.store.clone(), conn.clone(), tx, self.metrics.clone(), self.leader.clone())
+                .instrument(span.clone()),
         );
         tokio::spawn(receive_loop(self.store.clone(), conn, inbound, self.metrics.clone()).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -85,9 +103,15 @@ async fn send_loop(
     conn: Arc<Connection>,
     tx: mpsc::Sender<Result<pb::PlanMessage, Status>>,
     metrics: PlanMetrics,
+    mut leader: Option<watch::Receiver<bool>>,
 ) {
     loop {
         if !store.is_current(&conn) {
+            return;
+        }
+        if leader.as_ref().is_some_and(|l| !*l.borrow()) {
+            info!("leadership lost: ending the plan stream so the agent moves to the new leader");
+            let _ = tx.send(Err(Status::unavailable(NOT_LEADER))).await;
             return;
         }
         if let Some((kind, message)) = store.next_message(&conn) {
@@ -106,8 +130,20 @@ async fn send_loop(
             }
             continue;
         }
+        let lost = async {
+            match leader.as_mut() {
+                // A closed channel (the Lease manager gone) changes nothing any more.
+                Some(l) => {
+                    if l.wait_for(|leads| !*leads).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = conn.wake.notified() => {}
+            () = lost => {}
             () = tx.closed() => return,
         }
     }
