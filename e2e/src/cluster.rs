@@ -46,8 +46,8 @@ pub use state::{
     NodeRuntime, NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
-    Fatal, PodOptions, ReplicaGuard, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get,
-    metric_value, metrics_text, wait_for, whoami_remote_ip,
+    Fatal, PodOptions, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get, metric_value,
+    metrics_text, wait_for, whoami_remote_ip,
 };
 
 use pki::Pki;
@@ -888,29 +888,6 @@ impl Cluster {
         Ok(record)
     }
 
-    /// Starts one more `weft-operator` replica in the root namespace, as a Deployment's second
-    /// pod would run: `--identity <identity>`, its plan server and metrics on free loopback ports,
-    /// the admin kubeconfig, its log in `logs/weft-operator-<identity>.log`. It is recorded as a
-    /// process of the cluster (named `weft-operator-<identity>`), so `down` and the test reaper
-    /// stop it too; [`Cluster::stop_process`] stops it earlier.
-    pub fn start_operator_replica(&mut self, identity: &str) -> Result<OperatorReplica> {
-        if !self.state.weft {
-            bail!("cluster {} runs without Weft", self.state.name);
-        }
-        let name = format!("weft-operator-{identity}");
-        if self.state.processes.iter().any(|p| p.name == name) {
-            bail!("cluster {} already runs {name}", self.state.name);
-        }
-        let plan_addr = free_loopback_addr()?;
-        let metrics_addr = free_loopback_addr()?;
-        let log = self.state.logs_dir().join(format!("{name}.log"));
-        let p = nodes::operator_launch(&self.state, &name, plan_addr, metrics_addr, log.clone())?
-            .args(["--identity", identity])
-            .spawn()?;
-        self.record(p)?;
-        Ok(OperatorReplica { name, identity: identity.to_string(), plan_addr, metrics_addr, log })
-    }
-
     /// Stops every process (node side first), removes the namespaces, veths and bridge, and the
     /// bulky state (etcd, node directories); keeps `logs/` and moves `state.json` to
     /// `state.down.json`. Synchronous, idempotent and best effort: it carries on past failures
@@ -1030,7 +1007,12 @@ fn with_otel_env(dir: &Path, obs: &Observability) -> Result<String> {
                 continue;
             }
             let env = match value["kind"].as_str() {
-                Some("Deployment") => obs.otel_env("weft-operator", None),
+                // Each replica its own series: the collector would merge two identical resources.
+                Some("Deployment") => {
+                    let mut env = obs.otel_env("weft-operator", None);
+                    env.push(("OTEL_RESOURCE_ATTRIBUTES".into(), "k8s.pod.name=$(POD_NAME)".into()));
+                    env
+                }
                 Some("DaemonSet") => obs.otel_env("weft-agent", Some("$(NODE_NAME)")),
                 _ => Vec::new(),
             };
@@ -1085,25 +1067,6 @@ pub struct Stopped {
     /// Whether it exited within the grace period after SIGTERM (false: it was SIGKILLed).
     pub exited_on_sigterm: bool,
     pub took: Duration,
-}
-
-/// An extra operator replica started by [`Cluster::start_operator_replica`].
-#[derive(Clone, Debug)]
-pub struct OperatorReplica {
-    /// Its process name in the cluster's records (`weft-operator-<identity>`).
-    pub name: String,
-    /// Its identity in the leader Lease.
-    pub identity: String,
-    pub plan_addr: std::net::SocketAddr,
-    /// `/metrics`, `/healthz`, `/readyz`.
-    pub metrics_addr: std::net::SocketAddr,
-    pub log: PathBuf,
-}
-
-/// A loopback address with a port nothing listens on right now.
-fn free_loopback_addr() -> Result<std::net::SocketAddr> {
-    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(l.local_addr()?)
 }
 
 /// Tears down the cluster whose state is in `dir` (what `weft-dev down` and the reaper do).

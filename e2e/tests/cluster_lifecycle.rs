@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use weft_e2e::cluster::{ClusterState, PodOptions, ProcRecord, TestCluster, TestOptions};
+use weft_e2e::cluster::{ClusterState, NodeRuntime, PodOptions, ProcRecord, TestCluster, TestOptions};
 
 fn leftovers_of(state: &ClusterState) -> Vec<String> {
     let mut left = Vec::new();
@@ -33,7 +33,10 @@ fn leftovers_of(state: &ClusterState) -> Vec<String> {
 
 #[tokio::test]
 async fn a_cluster_grows_a_node_and_is_gone_after_a_panic() -> Result<()> {
-    let opts = TestOptions::default().nodes(1).apply_crds(false).weft_dev(env!("CARGO_BIN_EXE_weft-dev"));
+    // On the pod runner: the check follows the pod's own network namespace, which on real nodes
+    // lives in containerd's mount namespace, out of the test's sight.
+    let opts = TestOptions::default().runtime(NodeRuntime::Runner).nodes(1).apply_crds(false);
+    let opts = opts.weft_dev(env!("CARGO_BIN_EXE_weft-dev"));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let test = tokio::spawn(async move {
         let c = TestCluster::start(opts).await?;

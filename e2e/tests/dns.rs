@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value,
-    metrics_text,
+    AGENT_METRICS_PORT, CniMode, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions,
+    metric_value, metrics_text,
 };
 
 /// Runs CoreDNS on an outside host with `corefile`.
@@ -303,38 +303,40 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
     // An agent killed outright takes its CoreDNS along (nothing is left running on the node);
     // the restarted agent runs exactly one again.
     let node2 = nodes.iter().find(|n| n.name == "node-2").context("no node-2")?;
-    let corefile = node2.agent_state_dir.join("dns/Corefile");
-    ensure!(coredns_running(&corefile).len() == 1, "node-2 runs one CoreDNS");
+    ensure!(coredns_running(node2).len() == 1, "node-2 runs one CoreDNS");
     ensure!(
         c.kill_process("agent-node-2", rustix::process::Signal::KILL).await?,
         "agent-node-2 did not exit"
     );
     c.wait_for("node-2's CoreDNS to stop with its agent", Duration::from_secs(10), || {
-        let left = coredns_running(&corefile);
+        let left = coredns_running(node2);
         async move { Ok(left.is_empty().then_some(())) }
     })
     .await?;
     c.restart_agent("node-2").await?;
     expect_answer(&c, &ns, "client", &[&format!("@{}", node2.ip), &fqdn], &[&cluster_ip]).await?;
-    let running = coredns_running(&corefile);
+    let running = coredns_running(node2);
     ensure!(running.len() == 1, "node-2 runs CoreDNS {running:?} after its agent restarted");
     s.step("a killed agent leaves no CoreDNS behind; its successor serves again");
     Ok(())
 }
 
-/// Pids of the CoreDNS processes serving `corefile`.
-fn coredns_running(corefile: &std::path::Path) -> Vec<u32> {
-    let corefile = corefile.to_string_lossy();
+/// Pids of the CoreDNS processes running in `node`'s network namespace (the agent's, which
+/// runs in the node's host network).
+fn coredns_running(node: &NodeState) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(netns) = std::fs::metadata(format!("/run/netns/{}", node.netns)) else { return Vec::new() };
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
-            cmd.contains("coredns") && cmd.contains(&*corefile) && !zombie
+            let in_node = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.ino() == netns.ino() && m.dev() == netns.dev());
+            comm.trim() == "coredns" && in_node && !zombie
         })
         .collect()
 }

@@ -179,8 +179,8 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
-        // The operator as a process of the test's choosing (behind the proxy): the one e2e test
-        // left on the pod runner, where Weft runs as processes (see docs/LOCAL-CLUSTER.md).
+        // The operator as a process the test launches behind its proxy: on the pod runner, where
+        // Weft runs as processes (see docs/LOCAL-CLUSTER.md, "The tests").
         TestOptions::default()
             .runtime(NodeRuntime::Runner)
             .nodes(2)

@@ -16,11 +16,14 @@ use tokio_stream::StreamExt as _;
 use weft_api::plan::{self as pb, plan_service_client::PlanServiceClient};
 use weft_e2e::cluster::{Steps, TestCluster, TestOptions, metric_value, metrics_text};
 
-/// The operator replica the test talks to: its plan service and its metrics.
-fn replica(c: &TestCluster) -> Result<(SocketAddrV4, SocketAddrV4)> {
+/// The operator replica the test talks to, the leader (only it serves plan streams): its plan
+/// service and its metrics.
+async fn replica(c: &TestCluster) -> Result<(SocketAddrV4, SocketAddrV4)> {
     let state = c.state();
-    let plan = state.plan_addrs().first().copied().context("no operator replica")?;
-    let metrics = state.operator_metrics_addrs().first().copied().context("no operator replica")?;
+    let metrics = c.operator_leader_metrics_addr().await?;
+    let index =
+        state.operator_metrics_addrs().iter().position(|a| *a == metrics).context("the leader's address")?;
+    let plan = state.plan_addrs().get(index).copied().context("the leader's plan address")?;
     Ok((plan, metrics))
 }
 
@@ -28,7 +31,7 @@ fn replica(c: &TestCluster) -> Result<(SocketAddrV4, SocketAddrV4)> {
 async fn client(c: &TestCluster) -> Result<PlanServiceClient<tonic::transport::Channel>> {
     let state = c.state();
     let ca = tonic::transport::Certificate::from_pem(std::fs::read(state.ca_cert())?);
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", replica(c)?.0))?
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", replica(c).await?.0))?
         .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))?
         .connect()
         .await?;
@@ -144,7 +147,7 @@ async fn plan_streams_need_a_token_bound_to_the_node_they_ask_for() -> Result<()
         ],
     )
     .await?;
-    let (plan_addr, metrics_addr) = replica(&c)?;
+    let (plan_addr, metrics_addr) = replica(&c).await?;
 
     // The service speaks only TLS: a plain HTTP/2 client with node-1's own token gets nothing.
     let plain = async {

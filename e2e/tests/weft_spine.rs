@@ -212,20 +212,26 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
     ensure!(lease_holder(&c).await? == holder, "the Lease stays with {holder}");
     step(&format!("{follower} follows and writes nothing; {holder} wrote third's status"));
 
-    // The leader's pod is deleted: the follower takes the Lease over and writes status.
+    // The leader's pod is deleted: a live replica (the follower, or the Deployment's replacement
+    // pod if it is quicker) takes the Lease over and writes status.
     c.kubectl(&["delete", "pod", "-n", "weft-system", &holder, "--wait=false"]).await?;
     step(&format!("{holder} deleted"));
-    c.wait_for(&format!("{follower} to lead and write status"), Duration::from_secs(60), || async {
-        let b = follower_metrics().await?;
-        let (leader, writes) =
-            (metric_value(&b, "weft_leader"), metric_value(&b, "weft_status_writes_total"));
-        let now = lease_holder(&c).await?;
-        if leader == Some(1.0) && writes.is_some_and(|w| w > 0.0) && now == follower {
-            return Ok(Some(()));
-        }
-        bail!("{follower}: weft_leader {leader:?}, weft_status_writes_total {writes:?}; Lease holder {now:?}")
-    })
-    .await?;
-    step(&format!("{follower} leads, holds the Lease and writes status"));
+    let leader = c
+        .wait_for("another replica to lead and write status", Duration::from_secs(60), || async {
+            let now = lease_holder(&c).await?;
+            let replicas = c.operator_replicas().await?;
+            let Some((_, addr)) = replicas.iter().find(|(pod, _)| *pod == now && *pod != holder) else {
+                bail!("Lease holder {now:?}; running replicas {replicas:?}")
+            };
+            let m = metrics_text((*addr).into()).await?;
+            let (leads, writes) =
+                (metric_value(&m, "weft_leader"), metric_value(&m, "weft_status_writes_total"));
+            if leads == Some(1.0) && writes.is_some_and(|w| w > 0.0) {
+                return Ok(Some(now));
+            }
+            bail!("{now}: weft_leader {leads:?}, weft_status_writes_total {writes:?}")
+        })
+        .await?;
+    step(&format!("{leader} leads, holds the Lease and writes status"));
     Ok(())
 }

@@ -17,8 +17,7 @@ use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
 use super::{
-    Cluster, ClusterState, CniMode, NodeRuntime, NodeState, OperatorReplica, ProcRecord, Stopped, UpOptions,
-    weft_dir,
+    Cluster, ClusterState, CniMode, NodeRuntime, NodeState, ProcRecord, Stopped, UpOptions, weft_dir,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -531,47 +530,6 @@ impl TestCluster {
         .await
     }
 
-    /// Starts a second `weft-operator` replica with `--identity <identity>` on free loopback
-    /// ports (see [`Cluster::start_operator_replica`]) and waits until its `/readyz` answers 200.
-    /// The returned guard stops it when dropped, also while a panic unwinds; the cluster's
-    /// teardown (and the reaper) stop it in any case.
-    pub async fn start_operator_replica(&self, identity: &str) -> Result<ReplicaGuard> {
-        let inner = self.inner.clone();
-        let id = identity.to_string();
-        let replica = tokio::task::spawn_blocking(move || {
-            let mut c = lock(&inner.cluster);
-            let res = c.start_operator_replica(&id);
-            *lock(&inner.state) = c.state().clone();
-            res
-        })
-        .await??;
-        let guard = ReplicaGuard { replica, inner: self.inner.clone() };
-        let record = self
-            .state()
-            .processes
-            .into_iter()
-            .find(|p| p.name == guard.name)
-            .with_context(|| format!("{} is not recorded", guard.name))?;
-        let addr = guard.metrics_addr;
-        wait_for(&format!("{} to be ready", guard.name), Duration::from_secs(60), || {
-            let record = record.clone();
-            async move {
-                if !record.is_alive() {
-                    let tail = super::process::log_tail(&record.log, 20);
-                    return Err(Fatal(format!(
-                        "{} exited; the end of {}:\n{tail}",
-                        record.name,
-                        record.log.display()
-                    ))
-                    .into());
-                }
-                Ok((http_get(addr, "/readyz").await?.0 == 200).then_some(()))
-            }
-        })
-        .await?;
-        Ok(guard)
-    }
-
     /// The `/metrics` text of the cluster's operator (OpenMetrics); on real nodes, of the replica
     /// holding the leader Lease (the one writing status).
     pub async fn operator_metrics(&self) -> Result<String> {
@@ -762,39 +720,6 @@ where
             });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// A second operator replica; stopped (SIGTERM, then SIGKILL) and forgotten when dropped.
-#[derive(Debug)]
-pub struct ReplicaGuard {
-    replica: OperatorReplica,
-    inner: Arc<Inner>,
-}
-
-impl std::ops::Deref for ReplicaGuard {
-    type Target = OperatorReplica;
-    fn deref(&self) -> &OperatorReplica {
-        &self.replica
-    }
-}
-
-impl ReplicaGuard {
-    /// Its `/metrics` text.
-    pub async fn metrics(&self) -> Result<String> {
-        metrics_text(self.replica.metrics_addr).await
-    }
-}
-
-impl Drop for ReplicaGuard {
-    fn drop(&mut self) {
-        let mut c = lock(&self.inner.cluster);
-        if c.state().processes.iter().any(|p| p.name == self.replica.name)
-            && let Err(e) = c.stop_process(&self.replica.name, Duration::from_secs(5))
-        {
-            eprintln!("stopping {}: {e:#}", self.replica.name);
-        }
-        *lock(&self.inner.state) = c.state().clone();
     }
 }
 
