@@ -40,7 +40,7 @@ pub use nodes::plan_token;
 pub use observability::{Observability, PromSample, SpanRecord};
 pub use outside::OutsideHost;
 pub use process::ProcRecord;
-pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path};
+pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path, node_cgroups};
 pub use state::{
     AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
     NodeRuntime, NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,

@@ -1,10 +1,11 @@
 //! A test cluster of its own comes up, grows a node, and leaves nothing behind when it is dropped
-//! — also when the test holding it panics. Needs root.
+//! — also when the test holding it panics: no namespace, link, process or node cgroup (where the
+//! containers ran). Needs root.
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
-use weft_e2e::cluster::{ClusterState, NodeRuntime, PodOptions, ProcRecord, TestCluster, TestOptions};
+use anyhow::{Context as _, Result, bail, ensure};
+use weft_e2e::cluster::{ClusterState, PodOptions, ProcRecord, TestCluster, TestOptions, node_cgroups};
 
 fn leftovers_of(state: &ClusterState) -> Vec<String> {
     let mut left = Vec::new();
@@ -22,6 +23,8 @@ fn leftovers_of(state: &ClusterState) -> Vec<String> {
         if Path::new("/sys/class/net").join(&n.veth).exists() {
             left.push(format!("veth {}", n.veth));
         }
+        // Containers (and their network namespaces, mounts) live under the node's cgroup.
+        left.extend(node_cgroups(state, n).iter().map(|g| format!("cgroup {}", g.display())));
     }
     let alive: Vec<&ProcRecord> = state.processes.iter().filter(|p| p.is_alive()).collect();
     left.extend(alive.iter().map(|p| format!("process {} ({})", p.name, p.pid)));
@@ -33,10 +36,7 @@ fn leftovers_of(state: &ClusterState) -> Vec<String> {
 
 #[tokio::test]
 async fn a_cluster_grows_a_node_and_is_gone_after_a_panic() -> Result<()> {
-    // On the pod runner: the check follows the pod's own network namespace, which on real nodes
-    // lives in containerd's mount namespace, out of the test's sight.
-    let opts = TestOptions::default().runtime(NodeRuntime::Runner).nodes(1).apply_crds(false);
-    let opts = opts.weft_dev(env!("CARGO_BIN_EXE_weft-dev"));
+    let opts = TestOptions::default().nodes(1).apply_crds(false).weft_dev(env!("CARGO_BIN_EXE_weft-dev"));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let test = tokio::spawn(async move {
         let c = TestCluster::start(opts).await?;
@@ -45,16 +45,17 @@ async fn a_cluster_grows_a_node_and_is_gone_after_a_panic() -> Result<()> {
         assert_eq!(node.zone, "zone-b");
         let ns = c.namespace("lifecycle").await?;
         let pod = c.run_pod(PodOptions::new(&ns, "idle").on_node("node-2")).await?;
-        let pod_netns = weft_e2e::kubelet::pod_netns_name(pod.metadata.uid.as_deref().unwrap_or_default());
-        assert!(Path::new("/run/netns").join(&pod_netns).exists());
-        let _ = tx.send((c.state(), pod_netns));
+        let node2 = c.state().node("node-2").cloned().context("no node-2")?;
+        assert!(!node_cgroups(&c.state(), &node2).is_empty(), "node-2's containers have a cgroup");
+        ensure!(pod.status.and_then(|s| s.pod_ip).is_some(), "the pod runs with an address");
+        let _ = tx.send(c.state());
         // What a failing test does: the cluster is dropped while unwinding.
         panic!("a deliberate panic with the cluster in scope");
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
     });
     let joined = test.await;
-    let Ok((state, pod_netns)) = rx.await else {
+    let Ok(state) = rx.await else {
         // The test failed before the deliberate panic: report why.
         return match joined {
             Ok(Err(e)) => Err(e),
@@ -63,7 +64,6 @@ async fn a_cluster_grows_a_node_and_is_gone_after_a_panic() -> Result<()> {
         };
     };
     assert!(joined.is_err_and(|e| e.is_panic()), "the task panicked");
-    assert!(!Path::new("/run/netns").join(&pod_netns).exists(), "pod namespace {pod_netns} is gone");
     assert_eq!(state.nodes.len(), 2);
     let left = leftovers_of(&state);
     assert!(left.is_empty(), "left behind by cluster {}: {left:?}", state.name);

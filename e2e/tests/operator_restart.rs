@@ -1,18 +1,18 @@
 //! An operator restart while its lists are slow takes nothing from the nodes (fail-static): a
-//! cluster of its own (2 nodes, `--cni weft`, Weft on) with NetworkConfig away from its defaults
-//! (VXLAN, the iptables proxy mode, masquerade bit 13) and a Service with a pod on each node. The
-//! operator is killed with SIGKILL and started again behind a proxy in front of the API server
-//! that holds its LISTs of EndpointSlices, NetworkConfigs and Pods for several seconds, longer than
-//! the agents take to reconnect. From the kill until the new operator has synced and the nodes
-//! converged again, the test reads each node's kernel every 100 ms (iptables and nftables rules,
-//! links, routes) and its IPAM checkpoint: none of it may change. An operator that publishes
-//! before every kind is listed removes the VXLAN device, switches the proxy to nftables and drops
-//! the Service's endpoints on the nodes.
+//! cluster of its own (2 real nodes, Weft installed from `config/`) with NetworkConfig away from
+//! its defaults (VXLAN, the iptables proxy mode, masquerade bit 13) and a Service with a pod on
+//! each node. The operator Deployment is scaled to 0 (the agents lose their streams) and back to
+//! 2, its pods now reaching the API server through a proxy (a kubeconfig from a ConfigMap) that
+//! holds their LISTs of EndpointSlices, NetworkConfigs and Pods for several seconds, longer than
+//! the agents take to reconnect. From the scale-down until the new leader has synced and the
+//! nodes converged again, the test reads each node's kernel every 100 ms (iptables and nftables
+//! rules, links, routes) and its IPAM checkpoint: none of it may change. An operator that
+//! publishes before every kind is listed removes the VXLAN device, switches the proxy to nftables
+//! and drops the Service's endpoints on the nodes.
 //! Needs root and `cargo build --workspace --bins`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +22,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use rustix::process::Signal;
-use weft_e2e::cluster::{CniMode, NodeRuntime, NodeState, PodOptions, TestCluster, TestOptions, http_get};
+use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions, http_get};
 
 /// How long the proxy holds each slow LIST.
 const LIST_DELAY: Duration = Duration::from_secs(6);
@@ -88,26 +87,40 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// Starts the proxy on loopback; returns its address and the proxy (for its counter).
-async fn start_proxy(client: kube::Client) -> Result<(SocketAddr, Arc<SlowLists>)> {
+/// Starts the proxy on `ip` (the cluster's bridge, which the operator's pods reach from their
+/// nodes); returns its address and the proxy (for its counter).
+async fn start_proxy(client: kube::Client, ip: Ipv4Addr) -> Result<(SocketAddr, Arc<SlowLists>)> {
     let proxy = Arc::new(SlowLists { client, held: AtomicUsize::new(0) });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
     let addr = listener.local_addr()?;
     let app = axum::Router::new().fallback(forward).with_state(proxy.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok((addr, proxy))
 }
 
-/// A kubeconfig for the operator that reaches the API server only through the proxy.
-fn proxy_kubeconfig(dir: &std::path::Path, proxy: SocketAddr) -> Result<PathBuf> {
-    let path = dir.join("operator-through-slow-proxy.kubeconfig");
-    let yaml = format!(
+/// A ConfigMap holding a kubeconfig that reaches the API server only through the proxy, and the
+/// patch that has the operator's pods use it (`KUBECONFIG` comes before the in-cluster config).
+fn through_proxy(proxy: SocketAddr) -> (String, String) {
+    let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: slow\n  cluster:\n    server: http://{proxy}\n\
          users:\n- name: through-proxy\n  user: {{}}\ncontexts:\n- name: slow\n  context:\n    cluster: slow\n    user: through-proxy\n\
          current-context: slow\n"
     );
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    let config_map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": "operator-through-slow-proxy", "namespace": "weft-system" },
+        "data": { "kubeconfig": kubeconfig },
+    });
+    let patch = serde_json::json!([
+        { "op": "add", "path": "/spec/template/spec/volumes/-",
+          "value": { "name": "slow-proxy", "configMap": { "name": "operator-through-slow-proxy" } } },
+        { "op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-",
+          "value": { "name": "slow-proxy", "mountPath": "/etc/weft/slow-proxy", "readOnly": true } },
+        { "op": "add", "path": "/spec/template/spec/containers/0/env/-",
+          "value": { "name": "KUBECONFIG", "value": "/etc/weft/slow-proxy/kubeconfig" } },
+    ]);
+    (config_map.to_string(), patch.to_string())
 }
 
 /// `cmd args…` in the node's network namespace; its stdout.
@@ -179,10 +192,7 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
-        // The operator as a process the test launches behind its proxy: on the pod runner, where
-        // Weft runs as processes (see docs/LOCAL-CLUSTER.md, "The tests").
         TestOptions::default()
-            .runtime(NodeRuntime::Runner)
             .nodes(2)
             .weft(true)
             .cni(CniMode::Weft)
@@ -233,19 +243,29 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     let before: Vec<_> = nodes.iter().map(node_state).collect::<Result<_>>()?;
     step(&format!("both nodes programmed (Service {} with 2 endpoints, VXLAN, iptables)", cluster_ip.trim()));
 
-    // SIGKILL: no goodbye, the agents just lose their stream.
-    ensure!(c.kill_process("weft-operator", Signal::KILL).await?, "weft-operator did not exit on SIGKILL");
-    let (proxy_addr, proxy) = start_proxy(c.client()).await?;
-    let kubeconfig = proxy_kubeconfig(&c.state().dir, proxy_addr)?;
-    let restarted = c.restart_operator(Some(&kubeconfig), &[]).await?;
-    step(&format!(
-        "operator killed and started again (pid {}) behind the slow-list proxy at {proxy_addr}",
-        restarted.pid
-    ));
+    // Every replica goes (the agents lose their streams), and both come back behind the proxy.
+    let (proxy_addr, proxy) = start_proxy(c.client(), c.state().bridge_ip).await?;
+    let (config_map, patch) = through_proxy(proxy_addr);
+    c.apply_yaml(&config_map).await?;
+    let deployment = ["-n", "weft-system", "deployment/weft-operator"];
+    c.kubectl(&[&["scale"][..], &deployment[..], &["--replicas=0"][..]].concat()).await?;
+    c.kubectl(&[
+        "-n",
+        "weft-system",
+        "wait",
+        "--for=delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=weft-operator",
+        "--timeout=60s",
+    ])
+    .await?;
+    c.kubectl(&[&["patch"][..], &deployment[..], &["--type=json", "-p", &patch][..]].concat()).await?;
+    c.kubectl(&[&["scale"][..], &deployment[..], &["--replicas=2"][..]].concat()).await?;
+    step(&format!("operator scaled to 0, then to 2 replicas behind the slow-list proxy at {proxy_addr}"));
 
     // Poll the kernels until the new operator is ready (its lists done) and both nodes report
     // convergence to it, and a little longer: any change at any moment is a failure.
-    let operator_metrics = SocketAddr::from(c.state().operator_metrics_addr());
     let mut changes = Vec::new();
     let mut ready_at: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -263,19 +283,20 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
                 }
             }
         }
-        if ready_at.is_none()
-            && http_get(operator_metrics, "/readyz").await.is_ok_and(|(code, _)| code == 200)
+        let leader = c.operator_leader_metrics_addr().await.ok();
+        if let (None, Some(leader)) = (ready_at, leader)
+            && http_get(leader.into(), "/readyz").await.is_ok_and(|(code, _)| code == 200)
         {
             ready_at = Some(Instant::now());
-            step("the restarted operator is ready (every kind listed)");
+            step("the new leader is ready (every kind listed)");
         }
         if ready_at.is_some_and(|at| at.elapsed() > Duration::from_secs(5)) {
             break;
         }
-        ensure!(Instant::now() < deadline, "the restarted operator was not ready within 120 s");
+        ensure!(Instant::now() < deadline, "no new leader was ready within 120 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_converged(&c, "networkconfig default to converge 2/2 on the restarted operator").await?;
+    wait_converged(&c, "networkconfig default to converge 2/2 on the new leader").await?;
     for (node, old) in nodes.iter().zip(&before) {
         let now = node_state(node)?;
         for (what, text) in &now {

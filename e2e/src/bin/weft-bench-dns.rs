@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::NetworkConfig;
-use weft_e2e::cluster::{OutsideHost, TestCluster, TestOptions};
+use weft_e2e::cluster::{NodeRuntime, OutsideHost, TestCluster, TestOptions};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -252,7 +252,10 @@ fn outside_coredns(c: &TestCluster, host: &mut OutsideHost, name: &str, answer: 
 async fn main() -> Result<()> {
     let args = Args::parse();
     let me = std::env::current_exe()?;
-    let c = TestCluster::start(TestOptions::default().nodes(args.nodes).weft(true).weft_dev(&me)).await?;
+    let c = TestCluster::start(
+        TestOptions::default().runtime(NodeRuntime::Runner).nodes(args.nodes).weft(true).weft_dev(&me),
+    )
+    .await?;
     let servers: Vec<Ipv4Addr> = c.nodes().iter().map(|n| n.ip).collect();
     let mut hosts = [OutsideHost::start(&c, 1)?, OutsideHost::start(&c, 2)?];
     let answers = ["192.0.2.1", "192.0.2.2"];

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions};
+use weft_e2e::cluster::{CniMode, NodeRuntime, NodeState, PodOptions, TestCluster, TestOptions};
 
 /// An iperf3 server in a node's namespace, killed on drop.
 struct Server(Child);
@@ -95,7 +95,10 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|a| a.parse()).transpose().context("rounds")?.unwrap_or(3);
     let seconds: u32 = args.next().map(|a| a.parse()).transpose().context("seconds")?.unwrap_or(5);
-    let c = TestCluster::start(TestOptions::default().nodes(2).weft(true).cni(CniMode::Weft)).await?;
+    let c = TestCluster::start(
+        TestOptions::default().runtime(NodeRuntime::Runner).nodes(2).weft(true).cni(CniMode::Weft),
+    )
+    .await?;
     eprintln!("cluster {} up", c.name());
     let nodes = c.nodes();
     let (n1, n2) = match nodes.as_slice() {

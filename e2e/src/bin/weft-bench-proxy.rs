@@ -42,7 +42,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::{NetworkConfig, ProxyMode};
 use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, http_get, repo_root,
+    AGENT_METRICS_PORT, CniMode, NodeRuntime, OutsideHost, PodOptions, TestCluster, TestOptions, http_get,
+    repo_root,
 };
 
 const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -695,7 +696,10 @@ async fn side_by_side(
 ) -> Result<()> {
     let proxies: Vec<Proxy> = proxies.iter().map(|p| Proxy::parse(p)).collect::<Result<_>>()?;
     ensure!(scales.windows(2).all(|w| w[0] < w[1]), "scales must increase: {scales:?}");
-    let c = TestCluster::start(TestOptions::default().nodes(1).weft(true).cni(CniMode::Reference)).await?;
+    let c = TestCluster::start(
+        TestOptions::default().runtime(NodeRuntime::Runner).nodes(1).weft(true).cni(CniMode::Reference),
+    )
+    .await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());
     let agent = agent.unwrap_or_else(|| {
         let release = repo_root().join("target/release/weft-agent");
@@ -810,7 +814,10 @@ fn print_table(
 // Network programming latency on the local cluster
 
 async fn latency(changes: usize) -> Result<()> {
-    let c = TestCluster::start(TestOptions::default().nodes(3).weft(true).cni(CniMode::Weft)).await?;
+    let c = TestCluster::start(
+        TestOptions::default().runtime(NodeRuntime::Runner).nodes(3).weft(true).cni(CniMode::Weft),
+    )
+    .await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());
     let ns_guard = c.namespace("latency").await?;
     let ns = ns_guard.name();

@@ -148,6 +148,12 @@ fn cgroup_name(state: &ClusterState, node: &NodeState) -> String {
     format!("weft-{}-{}", state.name, node.name)
 }
 
+/// The node's cgroups that exist now (one per hierarchy; none once the node is torn down).
+pub fn node_cgroups(state: &ClusterState, node: &NodeState) -> Vec<PathBuf> {
+    let name = cgroup_name(state, node);
+    hierarchies().into_iter().map(|h| h.join(&name)).filter(|p| p.is_dir()).collect()
+}
+
 fn hierarchies() -> Vec<PathBuf> {
     let Ok(rd) = fs::read_dir("/sys/fs/cgroup") else { return Vec::new() };
     let mut out: Vec<PathBuf> =
