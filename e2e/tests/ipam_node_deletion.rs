@@ -73,6 +73,9 @@ async fn a_deleted_nodes_block_goes_to_another_node_only_once_the_node_is_gone_f
     )
     .await?;
     // The operator under test with a short grace (the default is 300 s).
+    // One control-plane node holds one replica (the second, kept off node-1 by anti-affinity,
+    // would stay Pending and stall every rollout): as an admin of such a cluster runs it.
+    c.kubectl(&["-n", "weft-system", "scale", "deployment/weft-operator", "--replicas=1"]).await?;
     let grace = GRACE_SECONDS.to_string();
     c.set_operator_env(&[("WEFT_BLOCK_RELEASE_GRACE_SECONDS", &grace)]).await?;
     // node-1 keeps its default block; new nodes get blocks only from the one-block pool.
