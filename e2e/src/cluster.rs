@@ -43,7 +43,7 @@ pub use process::ProcRecord;
 pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path, node_cgroups};
 pub use state::{
     AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
-    NodeRuntime, NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
+    NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
     Fatal, PodOptions, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get, metric_value,
@@ -129,13 +129,9 @@ pub struct UpOptions {
     pub dir: Option<PathBuf>,
     /// Nodes to create.
     pub nodes: u8,
-    pub cni: CniMode,
-    /// What runs the pods. With [`NodeRuntime::Kubelet`] the CNI follows from `weft` (Weft's own
-    /// with Weft, the reference plugins without) and Weft is installed from `config/` as pods.
-    pub runtime: NodeRuntime,
-    /// Run Weft: apply `config/namespace.yaml`, `config/rbac/`, `config/default/`, start
-    /// `weft-operator` in the root namespace and one `weft-agent` per node. Independent of the
-    /// CNI (default true).
+    /// Install Weft from `config/` as a user does (the operator Deployment, the agent DaemonSet,
+    /// whose agents install weft-cni); without it pods use the reference bridge + host-local
+    /// plugins (default true).
     pub weft: bool,
     /// Default: [`tools_bin_dir`].
     pub tools_bin_dir: Option<PathBuf>,
@@ -159,8 +155,6 @@ impl Default for UpOptions {
             name: "dev".into(),
             dir: None,
             nodes: 3,
-            cni: CniMode::Reference,
-            runtime: NodeRuntime::Runner,
             weft: true,
             tools_bin_dir: None,
             weft_bin_dir: None,
@@ -193,7 +187,6 @@ impl Cluster {
     /// runner and, with Weft, its agent). Anything half-built is torn down on error.
     pub fn up(opts: &UpOptions) -> Result<Cluster> {
         state::validate_name(&opts.name)?;
-        opts.cni.check_available(opts.weft)?;
         if net::run("id", ["-u"]).map(|s| s.trim() != "0").unwrap_or(true) {
             bail!("the local cluster needs root (it creates network namespaces, veths and bridges)");
         }
@@ -211,13 +204,8 @@ impl Cluster {
             None => tools_bin_dir()?,
         };
         controlplane::check_tools(&tools)?;
-        let cni = match opts.runtime {
-            NodeRuntime::Runner => opts.cni,
-            NodeRuntime::Kubelet => {
-                realnode::check_available(&tools)?;
-                if opts.weft { CniMode::Weft } else { CniMode::Reference }
-            }
-        };
+        realnode::check_available(&tools)?;
+        let cni = if opts.weft { CniMode::Weft } else { CniMode::Reference };
         let weft_bin = opts.weft_bin_dir.clone().unwrap_or_else(default_weft_bin_dir);
         // A fresh directory, apart from earlier logs.
         if dir.exists() {
@@ -237,7 +225,6 @@ impl Cluster {
             name: opts.name.clone(),
             idx,
             cni,
-            runtime: opts.runtime,
             weft: opts.weft,
             dir: dir.clone(),
             tools_bin_dir: tools,
@@ -275,11 +262,9 @@ impl Cluster {
         }
         controlplane::check_ports_free(&self.state)?;
         net::create_bridge(&self.state.bridge, self.state.bridge_ip, 24)?;
-        // Real nodes run the operator's replicas on node-1 and node-2 (the control-plane nodes).
-        let plan_ips: Vec<std::net::Ipv4Addr> = match self.state.runtime {
-            NodeRuntime::Runner => Vec::new(),
-            NodeRuntime::Kubelet => (1..=OPERATOR_NODES).map(|n| nodes::node_ip(&self.state, n)).collect(),
-        };
+        // The operator's replicas run on node-1 and node-2 (the control-plane nodes).
+        let plan_ips: Vec<std::net::Ipv4Addr> =
+            (1..=OPERATOR_NODES).map(|n| nodes::node_ip(&self.state, n)).collect();
         let pki = Pki::create(&self.state.pki_dir(), &self.state.name, &[self.state.bridge_ip], &plan_ips)?;
         pki::write_kubeconfig(
             &self.state.admin_kubeconfig(),
@@ -310,43 +295,21 @@ impl Cluster {
         if opts.apply_crds {
             self.apply_crds()?;
         }
-        if self.state.runtime == NodeRuntime::Kubelet {
-            let registry = realnode::start_registry(&self.state)?;
-            let rec = registry.0.clone();
-            self.record(registry)?;
-            realnode::wait_registry(&self.state, &rec, Duration::from_secs(30))?;
-            if self.state.weft {
-                if opts.observability {
-                    self.start_observability()?;
-                }
-                self.install_weft()?;
-            }
-        } else if self.state.weft {
-            // What config/README.md installs, minus the operator Deployment and agent DaemonSet:
-            // here they run as processes (operator in the root namespace, agents in the nodes').
-            for part in ["config/namespace.yaml", "config/rbac", "config/default"] {
-                let path = repo_root().join(part);
-                if path.is_file() || nodes::has_yaml(&path) {
-                    self.kubectl_ok(&["apply", "-R", "-f", &path.to_string_lossy()])?;
-                }
-            }
+        let registry = realnode::start_registry(&self.state)?;
+        let rec = registry.0.clone();
+        self.record(registry)?;
+        realnode::wait_registry(&self.state, &rec, Duration::from_secs(30))?;
+        if self.state.weft {
             if opts.observability {
                 self.start_observability()?;
             }
-            progress(format_args!(
-                "cluster {}: weft-operator (plans on {}, metrics on http://{}/metrics)",
-                self.state.name,
-                self.state.plan_addr(),
-                self.state.operator_metrics_addr()
-            ));
-            let op = nodes::start_operator(&self.state)?;
-            self.record(op)?;
+            self.install_weft()?;
         }
         self.wait_controllers(Duration::from_secs(90))?;
         for _ in 0..opts.nodes {
             self.add_node()?;
         }
-        if self.state.runtime == NodeRuntime::Kubelet && self.state.weft {
+        if self.state.weft {
             self.label_operator_nodes(Duration::from_secs(60))?;
         }
         if opts.wait_nodes_ready && opts.nodes > 0 {
@@ -357,8 +320,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts the OpenTelemetry Collector and Prometheus (see `observability.rs`) before the
-    /// operator and agents, which then export to the collector. Skipped with a warning when
+    /// Starts the OpenTelemetry Collector and Prometheus (see `observability.rs`) before Weft is
+    /// installed, whose operator and agents then export to the collector. Skipped with a warning when
     /// install.sh has not installed them.
     fn start_observability(&mut self) -> Result<()> {
         if let Err(why) = observability::available(&self.state) {
@@ -455,8 +418,9 @@ impl Cluster {
         self.state.save()
     }
 
-    /// Adds a node: namespace, identity, CNI configuration (reference mode), the pod runner and,
-    /// when Weft runs, the agent. Does not wait for the Node to be Ready.
+    /// Adds a node: namespace, identity, directories, containerd and the kubelet (and on node-1
+    /// the API server's egress proxy into the cluster network). With Weft, its agent comes with
+    /// the DaemonSet. Does not wait for the Node to be Ready.
     pub fn add_node(&mut self) -> Result<NodeState> {
         let node = nodes::plan(&self.state)?;
         self.state.nodes.push(node.clone());
@@ -470,36 +434,25 @@ impl Cluster {
             // Prometheus re-reads the file: the new node's agent is scraped from now on.
             observability::write_agent_targets(&self.state, obs)?;
         }
-        if self.state.runtime == NodeRuntime::Kubelet {
-            realnode::prepare(&self.state, &node, &self.state.ca_cert())?;
-            let containerd = realnode::start_containerd(&self.state, &node)?;
-            let rec = containerd.0.clone();
-            self.record(containerd)?;
-            realnode::wait_containerd(&node, &rec, Duration::from_secs(30))?;
-            let kubelet = realnode::start_kubelet(&self.state, &node, &rec)?;
-            self.record(kubelet)?;
-            if node.index == 1 {
-                self.start_egress_proxy(&node)?;
-            }
-            // Weft's agent comes with its DaemonSet.
-            return Ok(node);
-        }
-        let k = nodes::start_kubelet(&self.state, &node)?;
-        self.record(k)?;
-        if self.state.weft {
-            self.write_plan_token(&node)?;
-            let a = nodes::start_agent(&self.state, &node)?;
-            self.record(a)?;
+        realnode::prepare(&self.state, &node, &self.state.ca_cert())?;
+        let containerd = realnode::start_containerd(&self.state, &node)?;
+        let rec = containerd.0.clone();
+        self.record(containerd)?;
+        realnode::wait_containerd(&node, &rec, Duration::from_secs(30))?;
+        let kubelet = realnode::start_kubelet(&self.state, &node, &rec)?;
+        self.record(kubelet)?;
+        if node.index == 1 {
+            self.start_egress_proxy(&node)?;
         }
         Ok(node)
     }
 
-    /// Writes the token the node's agent proves its identity with: a `weft-system/weft-agent`
-    /// token for the operator's audience, bound to the Node object — on a real cluster the
-    /// DaemonSet's projected token is bound to the agent's Pod on that node, which the operator's
-    /// TokenReview reads the same way. The Node must exist first: its runner registers it a
-    /// moment after starting.
-    fn write_plan_token(&self, node: &NodeState) -> Result<()> {
+    /// Writes a token an agent of `node` proves its identity with, for an agent a benchmark runs
+    /// itself: a `weft-system/weft-agent` token for the operator's audience, bound to the Node
+    /// object (the DaemonSet's projected token is bound to the agent's Pod on that node, which
+    /// the operator's TokenReview reads the same way). Returns where it is
+    /// ([`nodes::plan_token`]).
+    pub fn write_plan_token(&self, node: &NodeState) -> Result<PathBuf> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let token = loop {
             let minted = self.kubectl_ok(&[
@@ -526,7 +479,7 @@ impl Cluster {
         let path = nodes::plan_token(node);
         fs::write(&path, token.trim()).with_context(|| format!("writing {}", path.display()))?;
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(())
+        Ok(path)
     }
 
     /// Waits until every node of the cluster is registered and Ready.
@@ -773,121 +726,6 @@ impl Cluster {
         self.state.processes.iter().map(|p| (p.clone(), p.is_alive())).collect()
     }
 
-    /// Stops the recorded process `name` (`weft-operator`, `agent-node-1`, …) as `down` would —
-    /// SIGTERM to it and its process group, `grace` to exit, then SIGKILL — and forgets it, so
-    /// the cluster no longer counts it as one of its processes.
-    pub fn stop_process(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        let Some(pos) = self.state.processes.iter().position(|p| p.name == name) else {
-            let known: Vec<&str> = self.state.processes.iter().map(|p| p.name.as_str()).collect();
-            bail!("cluster {} has no process named {name} (it has: {})", self.state.name, known.join(", "));
-        };
-        let record = self.state.processes[pos].clone();
-        let started = Instant::now();
-        let was_running = record.is_alive();
-        let exited_on_sigterm = if was_running {
-            let mut pids = vec![record.pid];
-            pids.extend(process::descendants(&[record.pid]));
-            process::terminate(&pids, grace, &mut self.children)
-        } else {
-            false
-        };
-        self.state.processes.remove(pos);
-        self.state.save()?;
-        Ok(Stopped { record, was_running, exited_on_sigterm, took: started.elapsed() })
-    }
-
-    /// Sends `signal` to the recorded process `name` alone (not its group nor its descendants),
-    /// as a crash or an administrator would, then waits up to `wait` for it to exit. A process
-    /// that exited is forgotten, so the cluster does not report it as failed; one still running
-    /// stays recorded. Returns whether it exited.
-    pub fn kill_process(
-        &mut self,
-        name: &str,
-        signal: rustix::process::Signal,
-        wait: Duration,
-    ) -> Result<bool> {
-        let Some(record) = self.state.processes.iter().find(|p| p.name == name).cloned() else {
-            let known: Vec<&str> = self.state.processes.iter().map(|p| p.name.as_str()).collect();
-            bail!("cluster {} has no process named {name} (it has: {})", self.state.name, known.join(", "));
-        };
-        if record.is_alive() {
-            let pid = i32::try_from(record.pid)
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-                .with_context(|| format!("{name} has no valid pid ({})", record.pid))?;
-            rustix::process::kill_process(pid, signal)
-                .with_context(|| format!("sending {signal:?} to {name} (pid {})", record.pid))?;
-        }
-        let deadline = Instant::now() + wait;
-        loop {
-            process::reap(&mut self.children);
-            if !record.is_alive() || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let exited = !record.is_alive();
-        if exited {
-            self.state.processes.retain(|p| !(p.name == record.name && p.pid == record.pid));
-            self.state.save()?;
-        }
-        Ok(exited)
-    }
-
-    /// Starts node `node`'s agent again — same arguments, state directory and log (appended) —
-    /// after it was killed ([`Cluster::kill_process`]) or stopped ([`Cluster::stop_process`]).
-    /// Fails while it still runs.
-    pub fn restart_agent(&mut self, node: &str) -> Result<ProcRecord> {
-        if !self.state.weft {
-            bail!("cluster {} runs without Weft", self.state.name);
-        }
-        let name = format!("agent-{node}");
-        if self.state.processes.iter().any(|p| p.name == name && p.is_alive()) {
-            bail!("{name} of cluster {} is still running; kill or stop it first", self.state.name);
-        }
-        self.state.processes.retain(|p| p.name != name);
-        let node_state = self
-            .state
-            .node(node)
-            .cloned()
-            .with_context(|| format!("cluster {} has no node {node}", self.state.name))?;
-        let (record, child) = nodes::start_agent(&self.state, &node_state)?;
-        self.record((record.clone(), child))?;
-        Ok(record)
-    }
-
-    /// Starts the cluster's `weft-operator` again — same addresses and log (appended) — after it
-    /// was killed or stopped, talking to the API server through `kubeconfig` when given (the
-    /// admin kubeconfig otherwise), with `env` added to its environment (settings, by the
-    /// variables its flags read). Fails while it still runs.
-    pub fn restart_operator(
-        &mut self,
-        kubeconfig: Option<&Path>,
-        env: &[(String, String)],
-    ) -> Result<ProcRecord> {
-        if !self.state.weft {
-            bail!("cluster {} runs without Weft", self.state.name);
-        }
-        let name = "weft-operator";
-        if self.state.processes.iter().any(|p| p.name == name && p.is_alive()) {
-            bail!("{name} of cluster {} is still running; kill or stop it first", self.state.name);
-        }
-        self.state.processes.retain(|p| p.name != name);
-        let mut launch = nodes::operator_launch(
-            &self.state,
-            name,
-            self.state.plan_addr().into(),
-            self.state.operator_metrics_addr().into(),
-            self.state.logs_dir().join("weft-operator.log"),
-        )?;
-        if let Some(kubeconfig) = kubeconfig {
-            launch = launch.env("KUBECONFIG", kubeconfig);
-        }
-        let (record, child) = launch.envs(env.iter().cloned()).spawn()?;
-        self.record((record.clone(), child))?;
-        Ok(record)
-    }
-
     /// Stops every process (node side first), removes the namespaces, veths and bridge, and the
     /// bulky state (etcd, node directories); keeps `logs/` and moves `state.json` to
     /// `state.down.json`. Synchronous, idempotent and best effort: it carries on past failures
@@ -921,26 +759,13 @@ impl Cluster {
         control_all.extend(process::descendants(&control_pids));
         process::terminate(&control_all, Duration::from_secs(3), &mut self.children);
 
-        // What a runner killed before tearing its pods down left: CNI DEL inside the node's
-        // namespace (so before deleting it), pod namespaces, /etc/netns files.
+        // Shims and containers, which left containerd's process tree, are found by the node's
+        // cgroup; the node's mounts go with its mount namespace.
         for n in &self.state.nodes {
-            match self.state.runtime {
-                // Shims and containers, which left containerd's process tree, are found by the
-                // node's cgroup; the node's mounts go with its mount namespace.
-                NodeRuntime::Kubelet => {
-                    errors.extend(realnode::teardown_node(&self.state, n, &mut self.children))
-                }
-                NodeRuntime::Runner => {
-                    if n.kubelet_state_dir.exists()
-                        && let Err(e) = crate::kubelet::cleanup_state(&n.kubelet_state_dir)
-                    {
-                        tracing::warn!("cleaning up the pods of {}: {e:#}", n.name);
-                    }
-                }
-            }
+            errors.extend(realnode::teardown_node(&self.state, n, &mut self.children));
         }
-        // Pod namespaces (named by the runner, not by us) are found through their veth peers in
-        // our node namespaces, or — hostNetwork pods — by being a node namespace themselves.
+        // Other named namespaces tied to ours (a benchmark's or a tool's, not named by us) are
+        // found through their veth peers in our node namespaces, or by being one of them.
         let prefix = self.state.netns_prefix();
         let ours: Vec<String> = net::list_netns().into_iter().filter(|n| n.starts_with(&prefix)).collect();
         let node_inodes: BTreeSet<u64> = ours.iter().filter_map(|n| process::netns_inode(n)).collect();
@@ -956,7 +781,7 @@ impl Cluster {
             ours.iter().chain(&pods_ns).filter_map(|n| process::netns_inode(n)).collect();
         let stragglers = process::pids_in_netns(&inodes);
         process::terminate(&stragglers, Duration::from_secs(2), &mut self.children);
-        // Pod namespaces first (their veths live in node namespaces), then nodes.
+        // Those first (their veths live in node namespaces), then nodes.
         for ns in pods_ns.iter().chain(&ours) {
             if let Err(e) = net::delete_netns(ns) {
                 errors.push(format!("{e:#}"));
@@ -1056,17 +881,6 @@ contexts:
 current-context: weft-dns
 "
     )
-}
-
-/// What [`Cluster::stop_process`] did.
-#[derive(Clone, Debug)]
-pub struct Stopped {
-    pub record: ProcRecord,
-    /// False when it had already exited.
-    pub was_running: bool,
-    /// Whether it exited within the grace period after SIGTERM (false: it was SIGKILLed).
-    pub exited_on_sigterm: bool,
-    pub took: Duration,
 }
 
 /// Tears down the cluster whose state is in `dir` (what `weft-dev down` and the reaper do).

@@ -2,4 +2,3 @@
 //! namespaces, and the test API the end-to-end tests are written against.
 
 pub mod cluster;
-pub mod kubelet;

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use rustix::process::Signal;
-use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, PodOptions, TestCluster, TestOptions, http_get, whoami_remote_ip,
-};
+use weft_e2e::cluster::{AGENT_METRICS_PORT, PodOptions, TestCluster, TestOptions, http_get, whoami_remote_ip};
 
 fn pod_ip(pod: &Pod) -> Result<Ipv4Addr> {
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -76,7 +74,6 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
@@ -98,16 +95,16 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     step(&format!("pods running: {before:?}"));
 
     // SIGKILL the node's agent while the pods run, then start it again.
-    let agent = "agent-node-1";
+    let agent = "the agent of node-1";
     let record = c.agent_process("node-1")?;
-    ensure!(c.kill_process(agent, Signal::KILL).await?, "{agent} did not exit on SIGKILL");
+    ensure!(c.kill_agent("node-1", Signal::KILL).await?, "{agent} did not exit on SIGKILL");
     ensure!(!record.is_alive(), "{agent} (pid {}) is still alive", record.pid);
     step(&format!("{agent} (pid {}) killed with SIGKILL", record.pid));
     // The data path does not need the agent: the pods still talk while it is down.
     let body = c.curl_from_pod(&ns, "client", &format!("http://{}/", before["a"])).await?;
     ensure!(whoami_remote_ip(&body)? == before["client"], "client -> a while the agent is down:\n{body}");
 
-    let restarted = c.restart_agent("node-1").await?;
+    let restarted = c.wait_agent_restarted("node-1").await?;
     ensure!(restarted.pid != record.pid, "the agent was not started again");
     let node1 = c.state().node("node-1").cloned().context("no node-1")?;
     let readyz = std::net::SocketAddr::from((node1.ip, AGENT_METRICS_PORT));

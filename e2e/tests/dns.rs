@@ -20,10 +20,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions,
-    metric_value, metrics_text,
-};
+use weft_e2e::cluster::{AGENT_METRICS_PORT, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value, metrics_text};
 
 /// Runs CoreDNS on an outside host with `corefile`.
 fn outside_coredns(c: &TestCluster, host: &mut OutsideHost, name: &str, corefile: &str) -> Result<()> {
@@ -87,7 +84,6 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
@@ -305,7 +301,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
     let node2 = nodes.iter().find(|n| n.name == "node-2").context("no node-2")?;
     ensure!(coredns_running(node2).len() == 1, "node-2 runs one CoreDNS");
     ensure!(
-        c.kill_process("agent-node-2", rustix::process::Signal::KILL).await?,
+        c.kill_agent("node-2", rustix::process::Signal::KILL).await?,
         "agent-node-2 did not exit"
     );
     c.wait_for("node-2's CoreDNS to stop with its agent", Duration::from_secs(10), || {
@@ -313,7 +309,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
         async move { Ok(left.is_empty().then_some(())) }
     })
     .await?;
-    c.restart_agent("node-2").await?;
+    c.wait_agent_restarted("node-2").await?;
     expect_answer(&c, &ns, "client", &[&format!("@{}", node2.ip), &fqdn], &[&cluster_ip]).await?;
     let running = coredns_running(node2);
     ensure!(running.len() == 1, "node-2 runs CoreDNS {running:?} after its agent restarted");

@@ -23,14 +23,13 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions};
+use weft_e2e::cluster::{OutsideHost, PodOptions, Steps, TestCluster, TestOptions};
 
 async fn cluster() -> Result<TestCluster> {
     TestCluster::shared(
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use weft_e2e::cluster::{CniMode, PodOptions, TestCluster, TestOptions, wait_for};
+use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, wait_for};
 
 #[tokio::test]
 async fn a_pod_that_finds_no_address_gets_an_event_saying_why() -> Result<()> {
@@ -14,7 +14,6 @@ async fn a_pod_that_finds_no_address_gets_an_event_saying_why() -> Result<()> {
         TestOptions::default()
             .nodes(1)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;

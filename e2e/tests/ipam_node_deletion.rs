@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use weft_api::v1alpha1 as api;
-use weft_e2e::cluster::{CniMode, PodOptions, Steps, TestCluster, TestOptions, wait_for};
+use weft_e2e::cluster::{PodOptions, Steps, TestCluster, TestOptions, wait_for};
 
 const GRACE_SECONDS: u64 = 20;
 const BLOCK: &str = "10.250.0.0/30";
@@ -68,7 +68,6 @@ async fn a_deleted_nodes_block_goes_to_another_node_only_once_the_node_is_gone_f
         TestOptions::default()
             .nodes(1)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use weft_e2e::cluster::{CniMode, PodOptions, SpanRecord, TestCluster, TestOptions, repo_root};
+use weft_e2e::cluster::{PodOptions, SpanRecord, TestCluster, TestOptions, repo_root};
 
 /// Metrics of features built in parallel with this test (service proxy, DNS, ingress): a
 /// dashboard query reading one of them is only required to answer once the agent exports it.
@@ -125,7 +125,6 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
@@ -321,7 +320,7 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     })
     .await?;
     ensure!(
-        c.kill_process("agent-node-2", rustix::process::Signal::KILL).await?,
+        c.kill_agent("node-2", rustix::process::Signal::KILL).await?,
         "agent-node-2 did not exit"
     );
     step("agent-node-2 killed");
@@ -393,7 +392,7 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     step(&format!("status: CONVERGED 1/2, node-2: {message}"));
 
     // Back: the restarted agent catches up, the lag returns to 0.
-    c.restart_agent("node-2").await?;
+    c.wait_agent_restarted("node-2").await?;
     c.wait_for("node-2 to converge again", Duration::from_secs(60), || {
         let c = c.clone();
         async move {

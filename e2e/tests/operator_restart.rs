@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions, http_get};
+use weft_e2e::cluster::{NodeState, PodOptions, TestCluster, TestOptions, http_get};
 
 /// How long the proxy holds each slow LIST.
 const LIST_DELAY: Duration = Duration::from_secs(6);
@@ -136,7 +136,11 @@ fn in_node(node: &NodeState, args: &[&str]) -> Result<String> {
 }
 
 /// What the node's agent has programmed, as the kernel holds it, and the addresses its IPAM
-/// holds. Packet counters are left out: traffic changes them, not the agent.
+/// holds. Packet counters are left out: traffic changes them, not the agent. So are the rules of
+/// weft-system's own Services (and the endpoint chains they jump to): the operator's pods are
+/// the weft-operator Service's endpoints, and scaling them down rightly removes those. nftables
+/// is its list of tables: the iptables backend's rules show there too, and a switch to the
+/// nftables backend adds `ip weft-proxy`.
 fn node_state(node: &NodeState) -> Result<BTreeMap<&'static str, String>> {
     let without_counters = |text: String| -> String {
         text.lines()
@@ -160,12 +164,22 @@ fn node_state(node: &NodeState) -> Result<BTreeMap<&'static str, String>> {
         .collect();
     addresses.sort();
     Ok(BTreeMap::from([
-        ("iptables", without_counters(in_node(node, &["iptables-save"])?)),
-        ("nftables", in_node(node, &["nft", "-s", "list", "ruleset"])?),
+        ("iptables", without_weft_system(&without_counters(in_node(node, &["iptables-save"])?))),
+        ("nftables", in_node(node, &["nft", "list", "tables"])?),
         ("links", in_node(node, &["ip", "-d", "-o", "link", "show", "type", "vxlan"])?),
         ("routes", in_node(node, &["ip", "route", "show", "table", "all"])?),
         ("ipam", addresses.join("\n")),
     ]))
+}
+
+/// `iptables-save` output without weft-system's Services and the endpoint chains' declarations
+/// (their rules carry the Service's name, so the test's own endpoints stay in).
+fn without_weft_system(rules: &str) -> String {
+    rules
+        .lines()
+        .filter(|l| !l.contains("\"weft-system/") && !l.starts_with(":WEFT-SEP-"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The lines of `after` that differ from `before`, marked `-` and `+`.
@@ -195,7 +209,6 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;

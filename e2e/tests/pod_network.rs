@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, OutsideHost, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
+use weft_e2e::cluster::{OutsideHost, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
 
 /// An IPv4 CIDR (`a.b.c.d/n`) as (network, prefix length).
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u32)> {
@@ -34,7 +34,6 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;

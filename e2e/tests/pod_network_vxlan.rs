@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{CniMode, NodeState, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
+use weft_e2e::cluster::{NodeState, PodOptions, TestCluster, TestOptions, whoami_remote_ip};
 
 /// The PLAN column of `kubectl get networkconfig default` (0 before the first plan).
 async fn plan_version(c: &TestCluster) -> Result<u64> {
@@ -72,7 +72,6 @@ async fn pods_reach_each_other_over_vxlan_without_nat() -> Result<()> {
         TestOptions::default()
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;

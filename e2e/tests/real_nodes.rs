@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_e2e::cluster::{NodeRuntime, Steps, TestCluster, TestOptions, wait_for};
+use weft_e2e::cluster::{Steps, TestCluster, TestOptions, wait_for};
 
 /// The tests share one cluster, and one of them deletes an agent pod: they take turns.
 static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -15,7 +15,6 @@ async fn cluster() -> Result<TestCluster> {
     TestCluster::shared(
         TestOptions::default()
             .nodes(2)
-            .runtime(NodeRuntime::Kubelet)
             .weft(true)
             .observability(false)
             .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),

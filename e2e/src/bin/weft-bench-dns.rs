@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::NetworkConfig;
-use weft_e2e::cluster::{NodeRuntime, OutsideHost, TestCluster, TestOptions};
+use weft_e2e::cluster::{OutsideHost, TestCluster, TestOptions};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -253,7 +253,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let me = std::env::current_exe()?;
     let c = TestCluster::start(
-        TestOptions::default().runtime(NodeRuntime::Runner).nodes(args.nodes).weft(true).weft_dev(&me),
+        TestOptions::default().nodes(args.nodes).weft(true).weft_dev(&me),
     )
     .await?;
     let servers: Vec<Ipv4Addr> = c.nodes().iter().map(|n| n.ip).collect();

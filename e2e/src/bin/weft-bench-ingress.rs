@@ -23,7 +23,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::Api;
 use kube::api::PostParams;
-use weft_e2e::cluster::{CniMode, NodeRuntime, OutsideHost, PodOptions, TestCluster, TestOptions};
+use weft_e2e::cluster::{OutsideHost, PodOptions, TestCluster, TestOptions};
 
 struct Args {
     changes: usize,
@@ -149,10 +149,8 @@ async fn main() -> Result<()> {
     let weft_dev = std::env::current_exe()?.with_file_name("weft-dev");
     let c = TestCluster::start(
         TestOptions::default()
-            .runtime(NodeRuntime::Runner)
             .nodes(2)
             .weft(true)
-            .cni(CniMode::Weft)
             .weft_dev(weft_dev),
     )
     .await?;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_e2e::cluster::{CniMode, NodeRuntime, NodeState, PodOptions, TestCluster, TestOptions};
+use weft_e2e::cluster::{NodeState, PodOptions, TestCluster, TestOptions};
 
 /// An iperf3 server in a node's namespace, killed on drop.
 struct Server(Child);
@@ -96,7 +96,7 @@ async fn main() -> Result<()> {
     let rounds: usize = args.next().map(|a| a.parse()).transpose().context("rounds")?.unwrap_or(3);
     let seconds: u32 = args.next().map(|a| a.parse()).transpose().context("seconds")?.unwrap_or(5);
     let c = TestCluster::start(
-        TestOptions::default().runtime(NodeRuntime::Runner).nodes(2).weft(true).cni(CniMode::Weft),
+        TestOptions::default().nodes(2).weft(true),
     )
     .await?;
     eprintln!("cluster {} up", c.name());

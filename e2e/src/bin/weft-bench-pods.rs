@@ -20,9 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
-use weft_e2e::cluster::{
-    CNI_TIMING_DIR, NodeRuntime, PAUSE_IMAGE, TestCluster, TestOptions, host_path, wait_for,
-};
+use weft_e2e::cluster::{CNI_TIMING_DIR, PAUSE_IMAGE, TestCluster, TestOptions, host_path, wait_for};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -194,7 +192,6 @@ async fn measure(cni: Cni, args: &Args) -> Result<Figures> {
     let c = TestCluster::start(
         TestOptions::default()
             .nodes(2)
-            .runtime(NodeRuntime::Kubelet)
             .weft(cni == Cni::Weft)
             .observability(false)
             .weft_dev(&weft_bin),

@@ -41,10 +41,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::{NetworkConfig, ProxyMode};
-use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, CniMode, NodeRuntime, OutsideHost, PodOptions, TestCluster, TestOptions, http_get,
-    repo_root,
-};
+use weft_e2e::cluster::{AGENT_METRICS_PORT, OutsideHost, PodOptions, TestCluster, TestOptions, http_get, repo_root};
 
 const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 const BENCH_NS: &str = "bench";
@@ -461,7 +458,7 @@ fn start_proxy(
             std::fs::create_dir_all(dir.join("cni/bin"))?;
             let mut cmd = host.command(&opts.agent.to_string_lossy(), &[]);
             cmd.args(["--node-name", "node-1"])
-                .args(["--operator", &state.plan_url()])
+                .args(["--operator", &format!("https://{}", state.plan_addrs().first().context("no operator replica")?)])
                 .arg("--operator-ca-file")
                 .arg(state.ca_cert())
                 .arg("--plan-token-file")
@@ -697,21 +694,44 @@ async fn side_by_side(
     let proxies: Vec<Proxy> = proxies.iter().map(|p| Proxy::parse(p)).collect::<Result<_>>()?;
     ensure!(scales.windows(2).all(|w| w[0] < w[1]), "scales must increase: {scales:?}");
     let c = TestCluster::start(
-        TestOptions::default().runtime(NodeRuntime::Runner).nodes(1).weft(true).cni(CniMode::Reference),
+        TestOptions::default().nodes(1).weft(true),
     )
     .await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());
     let agent = agent.unwrap_or_else(|| {
         let release = repo_root().join("target/release/weft-agent");
-        if release.is_file() { release } else { c.state().weft_bin_dir.join("weft-agent") }
+        if release.is_file() { release } else { repo_root().join("target/debug/weft-agent") }
     });
     ensure!(agent.is_file(), "{} is missing: cargo build --release -p weft-agent", agent.display());
     eprintln!("measuring {}", agent.display());
     let legacy_bin = if legacy { Some(legacy_bin_dir(&c.state().dir)?) } else { None };
     let opts = Opts { agent, legacy_bin };
     // node-1's own agent would program its namespace and compete for the CPU: the benchmark runs
-    // its own agent for node-1 in a fresh namespace instead.
-    c.stop_process("agent-node-1").await?;
+    // its own agent for node-1 in a fresh namespace instead, so the DaemonSet leaves node-1.
+    c.kubectl(&[
+        "-n",
+        "weft-system",
+        "patch",
+        "daemonset",
+        "weft-agent",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"nodeSelector":{"weft.io/benchmark-runs-its-own-agent":"true"}}}}}"#,
+    ])
+    .await?;
+    c.kubectl(&[
+        "-n",
+        "weft-system",
+        "wait",
+        "--for=delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=weft-agent",
+        "--timeout=60s",
+    ])
+    .await?;
+    let node1 = c.nodes().first().cloned().context("the cluster has no node")?;
+    c.write_plan_token(&node1).await?;
     // Only the proxy is measured: no ingress controller for the benchmark's agent (its nginx
     // would not start in the fresh namespace and every plan would be NACKed).
     c.patch_network_config(serde_json::json!({"ingress":{"enabled":false}})).await?;
@@ -815,7 +835,7 @@ fn print_table(
 
 async fn latency(changes: usize) -> Result<()> {
     let c = TestCluster::start(
-        TestOptions::default().runtime(NodeRuntime::Runner).nodes(3).weft(true).cni(CniMode::Weft),
+        TestOptions::default().nodes(3).weft(true),
     )
     .await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
-use weft_e2e::cluster::{NodeRuntime, TestCluster, TestOptions, repo_root, tools_bin_dir, wait_for};
+use weft_e2e::cluster::{TestCluster, TestOptions, repo_root, tools_bin_dir, wait_for};
 
 /// What `--suite network` leaves out, and why (docs/CONFORMANCE.md says the same per test):
 /// - `[Disruptive]`: restarts or partitions nodes and the control plane, which this cluster's
@@ -275,7 +275,6 @@ async fn run_mode(args: &Args, mode: Mode, bin: &Path, out_dir: &Path, command: 
     let c = TestCluster::start(
         TestOptions::default()
             .nodes(args.nodes)
-            .runtime(NodeRuntime::Kubelet)
             .weft(true)
             .observability(false)
             .weft_dev(&weft_bin),

@@ -1,39 +1,30 @@
 //! `weft-dev`: the local cluster for people and scripts, like kind.
 //!
 //! ```text
-//! weft-dev up [--nodes 3] [--name dev] [--no-weft]              control plane, Weft, nodes, samples
+//! weft-dev up [--nodes 3] [--name dev] [--no-weft]              control plane, nodes, Weft, samples
 //! weft-dev down [--name dev | --all]                             stop and remove everything
 //! weft-dev status                                               clusters, processes, nodes
 //! weft-dev node add                                             one more node
-//! weft-dev pod run --node node-1 --name p [--label k=v]… [--namespace ns] [--image i] [-- cmd…]
-//! weft-dev pod exec p [--namespace ns] -- cmd…
-//! weft-dev pod delete p [--namespace ns]
-//! weft-dev kubelet …                                            the pod runner (run on each node)
 //! ```
+//!
+//! Pods are the kubelet's: `kubectl run`, `kubectl exec`, `kubectl delete`.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
-use kube::api::{DeleteParams, PostParams};
-use weft_e2e::cluster::{
-    self, Cluster, CniMode, NodeRuntime, PodOptions, UpOptions, client_for, dev_kubeconfig, repo_root,
-    wait_for,
-};
+use weft_e2e::cluster::{self, Cluster, UpOptions, dev_kubeconfig, repo_root};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "weft-dev",
     version,
-    about = "A local Kubernetes (real control plane, nodes and pods as network namespaces) for developing and testing Weft"
+    about = "A local Kubernetes (real control plane, real nodes: kubelet + containerd in network namespaces) for developing and testing Weft"
 )]
 struct Cli {
-    /// The cluster to act on (status, node, pod).
+    /// The cluster to act on (status, node).
     #[arg(long, global = true, default_value = "dev", env = "WEFT_DEV_CLUSTER")]
     cluster: String,
     #[command(subcommand)]
@@ -42,22 +33,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Bring up the control plane, CRDs, Weft (config/, weft-operator, one weft-agent per node),
-    /// the nodes and sample workloads; prints how to use kubectl against it.
+    /// Bring up the control plane, CRDs, the nodes (kubelet + containerd), Weft installed from
+    /// config/ (the weft-operator Deployment, the weft-agent DaemonSet) and sample workloads;
+    /// prints how to use kubectl against it.
     Up {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: u8,
-        /// Which CNI gives pods their network: Weft's own (`weft`, needs Weft) or the reference
-        /// bridge + host-local plugins (`reference`, for comparison and for `--no-weft`).
-        #[arg(long, value_enum, default_value_t = CniMode::Weft)]
-        cni: CniMode,
-        /// What runs the pods: the project's pod runner, or the real kubelet with containerd
-        /// (then Weft is installed from config/ as pods, images from `make images`, and the CNI
-        /// is Weft's, or the reference plugins with --no-weft).
-        #[arg(long, value_enum, default_value_t = NodeRuntime::Runner)]
-        runtime: NodeRuntime,
-        /// Run without Weft: no config/, no weft-operator, no weft-agents.
+        /// Run without Weft (pods on the reference bridge + host-local plugins).
         #[arg(long)]
         no_weft: bool,
         /// Cluster name (defaults to --cluster).
@@ -81,11 +64,6 @@ enum Cmd {
     /// Nodes.
     #[command(subcommand)]
     Node(NodeCmd),
-    /// Pods (`kubectl exec` needs a real kubelet; `pod exec` runs inside the pod's namespaces).
-    #[command(subcommand)]
-    Pod(PodCmd),
-    /// The pod runner that plays kubelet on a node (started by `up` inside the node's namespace).
-    Kubelet(weft_e2e::kubelet::KubeletArgs),
     /// Tear down the cluster in DIR once process PID exits (started for test clusters).
     #[command(hide = true)]
     Reap {
@@ -118,54 +96,6 @@ enum NodeCmd {
     Add,
 }
 
-#[derive(Debug, Subcommand)]
-enum PodCmd {
-    /// Create a Pod (and wait for it to run).
-    Run {
-        /// The node to run on (spec.nodeName); the scheduler picks one when omitted.
-        #[arg(long)]
-        node: Option<String>,
-        #[arg(long)]
-        name: String,
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-        #[arg(long, default_value = "nicolaka/netshoot")]
-        image: String,
-        /// A TCP containerPort to declare.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Do not wait for the pod to run.
-        #[arg(long)]
-        no_wait: bool,
-        /// The container's command.
-        #[arg(last = true)]
-        command: Vec<String>,
-    },
-    /// Run a command inside a pod's namespaces.
-    Exec {
-        pod: String,
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-    /// Delete a pod and wait for it to be gone.
-    Delete {
-        pod: String,
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-    },
-}
-
-fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?}: labels are key=value")),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -183,11 +113,8 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Cmd::Up { nodes, cni, runtime, no_weft, name, no_samples } => {
-            if runtime == NodeRuntime::Runner {
-                cni.check_available(!no_weft)?;
-            }
-            up(name.unwrap_or(cli.cluster), nodes, cni, runtime, !no_weft, !no_samples).await?;
+        Cmd::Up { nodes, no_weft, name, no_samples } => {
+            up(name.unwrap_or(cli.cluster), nodes, !no_weft, !no_samples).await?;
         }
         Cmd::Down { name, all } => {
             let name = name.unwrap_or(cli.cluster);
@@ -205,8 +132,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
             .await??;
         }
-        Cmd::Pod(cmd) => return pod(&cli.cluster, cmd).await,
-        Cmd::Kubelet(args) => weft_e2e::kubelet::run(args).await?,
         Cmd::Reap { dir, pid } => tokio::task::spawn_blocking(move || cluster::reap(&dir, pid)).await??,
         Cmd::EgressProxy { socket } => cluster::egress::serve(&socket).await?,
         Cmd::Leftovers { wait, all } => {
@@ -230,14 +155,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(
-    name: String,
-    nodes: u8,
-    cni: CniMode,
-    runtime: NodeRuntime,
-    weft: bool,
-    samples: bool,
-) -> Result<()> {
+async fn up(name: String, nodes: u8, weft: bool, samples: bool) -> Result<()> {
     let dir = cluster::weft_dir().join(&name);
     if let Ok(existing) = Cluster::open_dir(&dir) {
         if existing.processes().iter().all(|(_, alive)| *alive) {
@@ -248,7 +166,7 @@ async fn up(
         eprintln!("cluster {name} is partly down; removing it before starting again");
         tokio::task::spawn_blocking(move || cluster::teardown_dir(&dir)).await??;
     }
-    let opts = UpOptions { name: name.clone(), nodes, cni, runtime, weft, ..UpOptions::default() };
+    let opts = UpOptions { name: name.clone(), nodes, weft, ..UpOptions::default() };
     let c = tokio::task::spawn_blocking(move || Cluster::up(&opts)).await??;
     std::fs::copy(c.kubeconfig(), dev_kubeconfig())
         .with_context(|| format!("writing {}", dev_kubeconfig().display()))?;
@@ -279,8 +197,7 @@ async fn up(
             c.kubectl(&["wait", "--for=condition=Ready", "--timeout=90s", "networkconfig/default"])?;
         if !waited.status.success() {
             eprintln!(
-                "warning: Weft has not converged yet (see {}): {}",
-                c.state().logs_dir().join("weft-operator.log").display(),
+                "warning: Weft has not converged yet (see `kubectl -n weft-system logs deployment/weft-operator`): {}",
                 String::from_utf8_lossy(&waited.stderr).trim()
             );
         }
@@ -311,15 +228,16 @@ fn print_weft(s: &cluster::ClusterState) {
         println!("weft: not running (brought up with --no-weft)");
         return;
     }
+    let replicas: Vec<String> = s.plan_addrs().iter().map(|a| format!("https://{a}")).collect();
+    let metrics: Vec<String> = s.operator_metrics_addrs().iter().map(|a| format!("http://{a}/metrics")).collect();
     println!(
-        "weft: weft-operator serves plans on {} (metrics http://{}/metrics, log {})",
-        s.plan_url(),
-        s.operator_metrics_addr(),
-        s.logs_dir().join("weft-operator.log").display()
+        "weft: weft-operator Deployment (kubectl -n weft-system get deploy,pods): the Lease holder of {} serves plans (metrics {})",
+        replicas.join(", "),
+        metrics.join(", ")
     );
     for n in &s.nodes {
         println!(
-            "weft: agent-{} in netns {} (metrics http://{}:{}/metrics), writes what it programs to {}/*.txt",
+            "weft: weft-agent on {} (netns {}, metrics http://{}:{}/metrics) writes what it programs to {}/*.txt",
             n.name,
             n.netns,
             n.ip,
@@ -327,13 +245,8 @@ fn print_weft(s: &cluster::ClusterState) {
             n.agent_state_dir.join("programmed").display()
         );
     }
-    if s.cni == CniMode::Weft {
-        println!("weft: pods use weft-cni; agents program the routes between nodes and pod egress NAT");
-    } else {
-        println!("weft: pods use the reference plugins; agents only record their CNI and routes programming");
-    }
     println!(
-        "weft: agents program Services (nftables table ip weft-proxy unless NetworkConfig says iptables), a CoreDNS per node behind kube-dns {} and nginx for Ingresses of class weft",
+        "weft: pods use weft-cni; agents program the routes between nodes, pod egress NAT, Services (nftables table ip weft-proxy unless NetworkConfig says iptables), a CoreDNS per node behind kube-dns {} and nginx for Ingresses of class weft",
         cluster::CLUSTER_DNS
     );
 }
@@ -435,89 +348,4 @@ fn status(name: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-async fn pod(cluster_name: &str, cmd: PodCmd) -> Result<ExitCode> {
-    let c = Cluster::open(cluster_name)?;
-    let client = client_for(&c.kubeconfig()).await?;
-    match cmd {
-        PodCmd::Run { node, name, labels, namespace, image, port, no_wait, command } => {
-            let opts = PodOptions {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                node,
-                image,
-                command,
-                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
-                port,
-            };
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-            pods.create(&PostParams::default(), &opts.to_pod())
-                .await
-                .with_context(|| format!("creating pod {namespace}/{name}"))?;
-            println!("pod/{name} created");
-            if !no_wait {
-                let pod =
-                    wait_for(&format!("pod {namespace}/{name} to run"), Duration::from_secs(90), || {
-                        let pods = pods.clone();
-                        let name = name.clone();
-                        async move {
-                            let p = pods.get(&name).await?;
-                            let running = p
-                                .status
-                                .as_ref()
-                                .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some());
-                            Ok(running.then_some(p))
-                        }
-                    })
-                    .await?;
-                let node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
-                let ip = pod.status.and_then(|s| s.pod_ip).unwrap_or_default();
-                println!("pod/{name} is running on {node} with IP {ip}");
-            }
-        }
-        PodCmd::Exec { pod, namespace, command } => {
-            let p: Pod = Api::namespaced(client, &namespace)
-                .get(&pod)
-                .await
-                .with_context(|| format!("getting pod {namespace}/{pod}"))?;
-            let node_name = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .context("the pod is not scheduled to a node yet")?;
-            // The runner's naming rule gives the pod's network namespace; run with the caller's
-            // stdio so that interactive commands work.
-            let uid = p.metadata.uid.clone().context("the pod has no UID")?;
-            let spec = p.spec.unwrap_or_default();
-            let hostname = if spec.host_network.unwrap_or(false) {
-                node_name.clone()
-            } else {
-                spec.hostname.clone().unwrap_or_else(|| pod.clone())
-            };
-            let netns = weft_e2e::kubelet::pod_netns_name(&uid);
-            if !Path::new("/run/netns").join(&netns).exists() {
-                bail!("pod {namespace}/{pod} on {node_name} has no network namespace {netns} (yet)");
-            }
-            let status = weft_e2e::kubelet::pod_exec_command(&netns, &hostname, &command)
-                .status()
-                .with_context(|| format!("running {command:?} in pod {namespace}/{pod}"))?;
-            let code = status.code().unwrap_or(1);
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
-        }
-        PodCmd::Delete { pod, namespace } => {
-            let pods: Api<Pod> = Api::namespaced(client, &namespace);
-            pods.delete(&pod, &DeleteParams::default())
-                .await
-                .with_context(|| format!("deleting pod {namespace}/{pod}"))?;
-            wait_for(&format!("pod {namespace}/{pod} to be gone"), Duration::from_secs(90), || {
-                let pods = pods.clone();
-                let pod = pod.clone();
-                async move { Ok(pods.get_opt(&pod).await?.is_none().then_some(())) }
-            })
-            .await?;
-            println!("pod/{pod} deleted");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use super::egress;
 use super::pki::{Pki, write_kubeconfig};
 use super::process::{Launch, ProcRecord, log_tail};
-use super::state::{CLUSTER_DOMAIN, ClusterState, NodeRuntime, SERVICE_CIDR};
+use super::state::{CLUSTER_DOMAIN, ClusterState, SERVICE_CIDR};
 
 /// The server URL of the API server on loopback.
 pub fn loopback_server(state: &ClusterState) -> String {
@@ -70,11 +70,9 @@ pub fn start_apiserver(state: &ClusterState, pki: &Pki) -> Result<Vec<(ProcRecor
     let ca = pki.ca();
     let mut apiserver =
         Launch::new("kube-apiserver", bin.join("kube-apiserver"), logs.join("kube-apiserver.log"));
-    if state.runtime == NodeRuntime::Kubelet {
-        // Pods are only reachable from the nodes: see egress.rs.
-        apiserver = apiserver
-            .arg(format!("--egress-selector-config-file={}", egress::write_config(state)?.display()));
-    }
+    // Pods are only reachable from the nodes: see egress.rs.
+    apiserver =
+        apiserver.arg(format!("--egress-selector-config-file={}", egress::write_config(state)?.display()));
     started.push(
         apiserver
             .arg(format!("--etcd-servers={client_url}"))

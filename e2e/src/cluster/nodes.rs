@@ -14,7 +14,7 @@ use super::net;
 use super::pki::{Pki, write_kubeconfig};
 use super::process::{Launch, ProcRecord};
 use super::state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeRuntime, NodeState, POD_CIDR,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, POD_CIDR,
     ZONES,
 };
 
@@ -26,11 +26,8 @@ pub fn plan(state: &ClusterState) -> Result<NodeState> {
     };
     let name = format!("node-{index}");
     let dir = state.dir.join("nodes").join(&name);
-    // Real nodes keep these at their standard paths, bound from the node's directory.
-    let node_path = |standard: &str, runner: &str| match state.runtime {
-        NodeRuntime::Kubelet => dir.join("host").join(standard.trim_start_matches('/')),
-        NodeRuntime::Runner => dir.join(runner),
-    };
+    // The node's own standard paths, bound from its directory (see realnode.rs).
+    let node_path = |standard: &str| dir.join("host").join(standard.trim_start_matches('/'));
     Ok(NodeState {
         ip: node_ip(state, index),
         netns: format!("{}{name}", state.netns_prefix()),
@@ -38,10 +35,10 @@ pub fn plan(state: &ClusterState) -> Result<NodeState> {
         zone: ZONES[usize::from(index - 1) % ZONES.len()].to_string(),
         pod_cidr: format!("10.244.{index}.0/24"),
         kubeconfig: dir.join("kubeconfig"),
-        cni_conf_dir: node_path("/etc/cni/net.d", "cni/net.d"),
-        cni_bin_dir: node_path("/opt/cni/bin", "cni/bin"),
-        kubelet_state_dir: node_path("/var/lib/kubelet", "kubelet"),
-        agent_state_dir: node_path("/var/lib/weft", "agent"),
+        cni_conf_dir: node_path("/etc/cni/net.d"),
+        cni_bin_dir: node_path("/opt/cni/bin"),
+        kubelet_state_dir: node_path("/var/lib/kubelet"),
+        agent_state_dir: node_path("/var/lib/weft"),
         dir,
         index,
         name,
@@ -65,11 +62,6 @@ pub fn create(state: &ClusterState, node: &NodeState, pki: &Pki) -> Result<()> {
         Some("system:nodes"),
     )?;
     write_kubeconfig(&node.kubeconfig, &state.name, &bridge_server(state), &pki.ca().cert, &ident)?;
-    // CoreDNS's read-only identity (config/rbac/dns.yaml binds the user weft-dns), one for the
-    // cluster, issued with its first node.
-    let dns = pki.pair("weft-dns");
-    let dns = if dns.cert.is_file() { dns } else { pki.client("weft-dns", "weft-dns", None)? };
-    write_kubeconfig(&dns_kubeconfig(node), &state.name, &bridge_server(state), &pki.ca().cert, &dns)?;
     net::create_node_netns(&node.netns, &node.veth, &state.bridge, node.ip, 24, state.bridge_ip)?;
     if state.cni == CniMode::Reference {
         write_reference_conflist(node)?;
@@ -144,128 +136,12 @@ fn path_env(state: &ClusterState) -> std::ffi::OsString {
     p
 }
 
-/// Starts the node's pod runner inside its namespace.
-pub fn start_kubelet(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
-    let dev = state.weft_bin_dir.join("weft-dev");
-    if !dev.is_file() {
-        bail!("{} is missing; build it with `cargo build -p weft-e2e`", dev.display());
-    }
-    Launch::new(
-        format!("kubelet-{}", node.name),
-        dev,
-        state.logs_dir().join(format!("kubelet-{}.log", node.name)),
-    )
-    .netns(&node.netns)
-    .arg("kubelet")
-    .args(["--node-name", &node.name])
-    .args(["--node-ip", &node.ip.to_string()])
-    .args(["--zone", &node.zone])
-    .arg("--kubeconfig")
-    .arg(&node.kubeconfig)
-    .arg("--cni-conf-dir")
-    .arg(&node.cni_conf_dir)
-    .args(["--cni-bin-dir", &node.cni_path()])
-    .arg("--state-dir")
-    .arg(&node.kubelet_state_dir)
-    .args(["--cluster-dns", &CLUSTER_DNS.to_string()])
-    .args(["--cluster-domain", CLUSTER_DOMAIN])
-    .env("WEFT_CLUSTER", &state.name)
-    .env("WEFT_NODE_NETNS", &node.netns)
-    .env("PATH", path_env(state))
-    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-    .spawn()
-}
-
-/// The kubeconfig the node's CoreDNS (run by its agent) reads the cluster with.
-pub fn dns_kubeconfig(node: &NodeState) -> PathBuf {
-    node.dir.join("dns-kubeconfig")
-}
-
-/// The token the node's agent presents on its plan stream (see `Cluster::write_plan_token`).
+/// The token an agent a benchmark runs itself presents on its plan stream (see
+/// `Cluster::write_plan_token`).
 pub fn plan_token(node: &NodeState) -> PathBuf {
     node.dir.join("plan-token")
 }
 
-/// Starts `weft-agent` inside the node's namespace, connected to the operator's plan server.
-pub fn start_agent(state: &ClusterState, node: &NodeState) -> Result<(ProcRecord, Child)> {
-    let agent = state.weft_bin_dir.join("weft-agent");
-    if !agent.is_file() {
-        bail!("{} is missing; build it with `cargo build --workspace --bins`", agent.display());
-    }
-    Launch::new(
-        format!("agent-{}", node.name),
-        agent,
-        state.logs_dir().join(format!("agent-{}.log", node.name)),
-    )
-    .netns(&node.netns)
-    .args(["--node-name", &node.name])
-    .args(["--operator", &state.plan_url()])
-    .arg("--operator-ca-file")
-    .arg(state.ca_cert())
-    .arg("--plan-token-file")
-    .arg(plan_token(node))
-    .arg("--state-dir")
-    .arg(&node.agent_state_dir)
-    .args(["--metrics-listen", &format!("{}:{AGENT_METRICS_PORT}", node.ip)])
-    // Every node serves cluster DNS (CoreDNS from the tools dir, found through PATH).
-    .arg("--dns-kubeconfig")
-    .arg(dns_kubeconfig(node))
-    // With the reference plugins serving the node, the agent only records its CNI programming.
-    .args(if state.cni == CniMode::Reference { &["--no-cni-install"][..] } else { &[] })
-    .env("KUBECONFIG", &node.kubeconfig)
-    .env("WEFT_CNI_CONF_DIR", &node.cni_conf_dir)
-    .env("WEFT_CNI_BIN_DIR", &node.cni_bin_dir)
-    .env("PATH", path_env(state))
-    .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-    .envs(otel_env(state, "weft-agent", Some(&node.name)))
-    .spawn()
-}
-
-/// The `OTEL_*` variables pointing a Weft process at the cluster's collector (none without one).
-fn otel_env(state: &ClusterState, service: &str, node: Option<&str>) -> Vec<(String, String)> {
-    state.observability.as_ref().map(|o| o.otel_env(service, node)).unwrap_or_default()
-}
-
-/// Starts `weft-operator` in the root namespace: plans on the bridge address (where the agents
-/// connect), metrics on the cluster's loopback operator port.
-pub fn start_operator(state: &ClusterState) -> Result<(ProcRecord, Child)> {
-    operator_launch(
-        state,
-        "weft-operator",
-        state.plan_addr().into(),
-        state.operator_metrics_addr().into(),
-        state.logs_dir().join("weft-operator.log"),
-    )?
-    .spawn()
-}
-
-/// A `weft-operator` in the root namespace with the admin kubeconfig (more arguments may follow).
-pub fn operator_launch(
-    state: &ClusterState,
-    name: &str,
-    plan: SocketAddr,
-    metrics: SocketAddr,
-    log: PathBuf,
-) -> Result<Launch> {
-    let op = state.weft_bin_dir.join("weft-operator");
-    if !op.is_file() {
-        bail!("{} is missing; build it with `cargo build --workspace --bins`", op.display());
-    }
-    let tls = Pki { dir: state.pki_dir() }.plan();
-    Ok(Launch::new(name, op, log)
-        .args(["--plan-listen", &plan.to_string()])
-        .arg("--plan-tls-cert")
-        .arg(tls.cert)
-        .arg("--plan-tls-key")
-        .arg(tls.key)
-        .args(["--metrics-listen", &metrics.to_string()])
-        .env("KUBECONFIG", state.admin_kubeconfig())
-        .env("PATH", path_env(state))
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-        .envs(otel_env(state, "weft-operator", None)))
-}
-
-/// Whether a path is an existing directory with at least one `*.yaml`/`*.yml` file.
 /// The YAML files directly in `dir`, sorted.
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;

@@ -13,31 +13,17 @@ use serde::{Deserialize, Serialize};
 
 use super::process::ProcRecord;
 
-/// Which CNI the nodes use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+/// Which CNI the nodes use: Weft's when Weft is installed, the reference plugins otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CniMode {
     /// The reference `bridge` + `host-local` + `portmap` plugins, with static routes between the
-    /// nodes' pod /24s; Weft's operator and agents run alongside.
+    /// nodes' pod /24s (a cluster without Weft).
     #[default]
     Reference,
     /// Weft's own `weft-cni` plugin: each node's agent installs the conflist and the plugin into
-    /// the node's CNI directories and programs the routes between nodes. Needs Weft running.
+    /// the node's CNI directories and programs the routes between nodes.
     Weft,
-}
-
-impl CniMode {
-    /// Fails for a combination that cannot work, with what to use instead.
-    pub fn check_available(self, weft: bool) -> Result<()> {
-        match self {
-            CniMode::Reference => Ok(()),
-            CniMode::Weft if !weft => bail!(
-                "--cni weft needs Weft running (its agents install weft-cni and program the routes); \
-                 drop --no-weft, or use --cni reference"
-            ),
-            CniMode::Weft => Ok(()),
-        }
-    }
 }
 
 impl std::fmt::Display for CniMode {
@@ -45,28 +31,6 @@ impl std::fmt::Display for CniMode {
         f.write_str(match self {
             CniMode::Reference => "reference",
             CniMode::Weft => "weft",
-        })
-    }
-}
-
-/// What runs a node's pods.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeRuntime {
-    /// The project's own pod runner (`weft-dev kubelet`) with built-in stand-ins for a fixed
-    /// list of images; Weft runs as processes beside it.
-    #[default]
-    Runner,
-    /// The real kubelet with containerd 2.x + runc, pulling images from the cluster's registry;
-    /// Weft is installed from `config/` as a user installs it (Deployment + DaemonSet).
-    Kubelet,
-}
-
-impl std::fmt::Display for NodeRuntime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            NodeRuntime::Runner => "runner",
-            NodeRuntime::Kubelet => "kubelet",
         })
     }
 }
@@ -81,15 +45,16 @@ pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The pod network; node `n` gets `10.244.n.0/24` in reference mode.
 pub const POD_CIDR: &str = "10.244.0.0/16";
-/// Port of the operator's plan server on the bridge address.
+/// Port of an operator replica's plan server on its node address (as
+/// `config/operator/deployment.yaml`).
 pub const PLAN_PORT: u16 = 7700;
 /// Port of each agent's metrics endpoint on its node address (as `config/agent/daemonset.yaml`).
 pub const AGENT_METRICS_PORT: u16 = 7702;
-/// Port of an operator replica's metrics endpoint on its node address, on real nodes (as
+/// Port of an operator replica's metrics endpoint on its node address (as
 /// `config/operator/deployment.yaml`).
 pub const OPERATOR_METRICS_PORT: u16 = 7701;
-/// How many nodes (node-1, node-2) are control-plane nodes running the operator's replicas on
-/// real nodes (the Deployment's 2 replicas, one per node).
+/// How many nodes (node-1, node-2) are control-plane nodes running the operator's replicas (the
+/// Deployment's 2 replicas, one per node).
 pub const OPERATOR_NODES: u8 = 2;
 /// Zones handed to nodes round robin.
 pub const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
@@ -153,21 +118,16 @@ pub struct NodeState {
     pub kubeconfig: PathBuf,
     /// CNI configuration directory.
     pub cni_conf_dir: PathBuf,
-    /// The node's own CNI bin directory (weft-cni goes here); the runner searches it and then
-    /// the reference plugins' directory.
+    /// The node's own CNI bin directory (weft-cni goes here; containerd also searches the
+    /// reference plugins' directory).
     pub cni_bin_dir: PathBuf,
-    /// The pod runner's state directory.
+    /// The kubelet's state directory.
     pub kubelet_state_dir: PathBuf,
     /// The agent's state directory.
     pub agent_state_dir: PathBuf,
 }
 
 impl NodeState {
-    /// The colon-separated CNI plugin search path given to the pod runner.
-    pub fn cni_path(&self) -> String {
-        format!("{}:{}", self.cni_bin_dir.display(), super::REFERENCE_CNI_BIN_DIR)
-    }
-
     /// What the node's agent recorded for one of its programmers (`cni`, `ipam`, `routes`,
     /// `proxy`, `dns`): `<agent state dir>/programmed/<programmer>.txt`.
     pub fn programmed_file(&self, programmer: &str) -> PathBuf {
@@ -182,18 +142,15 @@ pub struct ClusterState {
     /// Machine-wide index: underlay `172.18.<idx>.0/24`, ports `20000 + 10·idx …`.
     pub idx: u8,
     pub cni: CniMode,
-    /// What runs the nodes' pods. Missing in older state files: the runner.
-    #[serde(default)]
-    pub runtime: NodeRuntime,
-    /// Whether Weft runs: `config/` applied, `weft-operator` in the root namespace, one
-    /// `weft-agent` per node (independent of the CNI). Missing in older state files: true.
+    /// Whether Weft is installed (`config/`: the operator Deployment, the agent DaemonSet).
+    /// Missing in older state files: true.
     #[serde(default = "default_true")]
     pub weft: bool,
     /// `.weft/<name>`.
     pub dir: PathBuf,
     /// Where kube-apiserver, etcd, kubectl… live (install.sh's output).
     pub tools_bin_dir: PathBuf,
-    /// Where weft-dev, weft-operator and weft-agent live (`target/debug`).
+    /// Where weft-dev lives (`target/debug`): it runs the cluster's helpers.
     pub weft_bin_dir: PathBuf,
     pub bridge: String,
     pub bridge_ip: Ipv4Addr,
@@ -263,26 +220,12 @@ impl ClusterState {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// The operator's plan endpoint, which the agents connect to.
-    pub fn plan_addr(&self) -> std::net::SocketAddrV4 {
-        std::net::SocketAddrV4::new(self.bridge_ip, PLAN_PORT)
-    }
-
-    /// Where every operator replica serves plan streams: the process's bridge address, or on
-    /// real nodes each control-plane node's address (in the order of
-    /// [`ClusterState::operator_metrics_addrs`]).
+    /// Where every operator replica serves plan streams: each control-plane node's address (in
+    /// the order of [`ClusterState::operator_metrics_addrs`]). Only the leader answers.
     pub fn plan_addrs(&self) -> Vec<std::net::SocketAddrV4> {
-        match self.runtime {
-            NodeRuntime::Runner => vec![self.plan_addr()],
-            NodeRuntime::Kubelet => (1..=OPERATOR_NODES)
-                .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), PLAN_PORT))
-                .collect(),
-        }
-    }
-
-    /// The plan endpoint as agents are given it: TLS, with a certificate of the cluster's CA.
-    pub fn plan_url(&self) -> String {
-        format!("https://{}", self.plan_addr())
+        (1..=OPERATOR_NODES)
+            .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), PLAN_PORT))
+            .collect()
     }
 
     /// The cluster CA's certificate (it signed the API server's and the plan service's).
@@ -290,20 +233,12 @@ impl ClusterState {
         self.pki_dir().join("ca.crt")
     }
 
-    /// The operator's `/metrics`, `/healthz` and `/readyz` (loopback).
-    pub fn operator_metrics_addr(&self) -> std::net::SocketAddrV4 {
-        std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.ports.operator_metrics)
-    }
-
-    /// Where every operator replica serves `/metrics`: the process's loopback port, or on real
-    /// nodes each control-plane node's address.
+    /// Where every operator replica serves `/metrics`, `/healthz` and `/readyz`: each
+    /// control-plane node's address.
     pub fn operator_metrics_addrs(&self) -> Vec<std::net::SocketAddrV4> {
-        match self.runtime {
-            NodeRuntime::Runner => vec![self.operator_metrics_addr()],
-            NodeRuntime::Kubelet => (1..=OPERATOR_NODES)
-                .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), OPERATOR_METRICS_PORT))
-                .collect(),
-        }
+        (1..=OPERATOR_NODES)
+            .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), OPERATOR_METRICS_PORT))
+            .collect()
     }
 }
 

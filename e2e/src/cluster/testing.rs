@@ -17,7 +17,7 @@ use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
 use super::{
-    Cluster, ClusterState, CniMode, NodeRuntime, NodeState, ProcRecord, Stopped, UpOptions, weft_dir,
+    Cluster, ClusterState, NodeState, ProcRecord, UpOptions, weft_dir,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -36,15 +36,12 @@ fn unique_cluster_name() -> String {
 pub struct TestOptions {
     /// Nodes to start with (default 2).
     pub nodes: u8,
-    pub cni: CniMode,
-    /// What runs the pods (default real nodes: kubelet + containerd).
-    pub runtime: NodeRuntime,
-    /// Run Weft — its configuration, `weft-operator` and one `weft-agent` per node (default
-    /// false: tests of the cluster itself do without).
+    /// Install Weft from `config/` (the operator Deployment, the agent DaemonSet; pods on
+    /// weft-cni). Default false: tests of the cluster itself do without, on the reference CNI.
     pub weft: bool,
     /// `kubectl apply -f crds/` (default true).
     pub apply_crds: bool,
-    /// Where `weft-dev` (and the Weft binaries) are; tests pass
+    /// Where `weft-dev` is (it runs the cluster's helpers); tests pass
     /// `env!("CARGO_BIN_EXE_weft-dev")`'s directory. Default: next to the test binary.
     pub weft_bin_dir: Option<PathBuf>,
     /// With Weft: an OpenTelemetry Collector and Prometheus watching it (default true).
@@ -55,8 +52,6 @@ impl Default for TestOptions {
     fn default() -> Self {
         TestOptions {
             nodes: 2,
-            cni: CniMode::Reference,
-            runtime: NodeRuntime::Kubelet,
             weft: false,
             apply_crds: true,
             weft_bin_dir: None,
@@ -71,18 +66,7 @@ impl TestOptions {
         self
     }
 
-    pub fn cni(mut self, cni: CniMode) -> Self {
-        self.cni = cni;
-        self
-    }
-
-    /// Real nodes (kubelet + containerd) with Weft installed from `config/` as pods.
-    pub fn runtime(mut self, runtime: NodeRuntime) -> Self {
-        self.runtime = runtime;
-        self
-    }
-
-    /// Run Weft's operator and agents (and apply `config/`).
+    /// Install Weft from `config/`.
     pub fn weft(mut self, yes: bool) -> Self {
         self.weft = yes;
         self
@@ -317,28 +301,12 @@ impl TestCluster {
         pod.status.and_then(|s| s.pod_ip).with_context(|| format!("pod {namespace}/{name} has no IP"))
     }
 
-    /// Runs `cmd` inside the pod (its network namespace, resolv.conf…): `kubectl exec` on real
-    /// nodes, the runner of the pod's node otherwise; returns the output whatever the exit status.
+    /// Runs `cmd` inside the pod (`kubectl exec`: its namespaces, resolv.conf…); returns the
+    /// output whatever the exit status.
     pub async fn exec_in_pod(&self, namespace: &str, pod: &str, cmd: &[&str]) -> Result<Output> {
-        let state = self.state();
-        if state.runtime == NodeRuntime::Kubelet {
-            let mut args = vec!["-n", namespace, "exec", pod, "--"];
-            args.extend_from_slice(cmd);
-            return self.kubectl_output(&args, None).await;
-        }
-        let p: Pod = Api::namespaced(self.client(), namespace)
-            .get(pod)
-            .await
-            .with_context(|| format!("getting pod {namespace}/{pod}"))?;
-        let node_name = p
-            .spec
-            .and_then(|s| s.node_name)
-            .with_context(|| format!("pod {namespace}/{pod} is not scheduled"))?;
-        let node = state
-            .node(&node_name)
-            .with_context(|| format!("node {node_name} is not part of this cluster"))?;
-        let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
-        crate::kubelet::exec_in_pod(&node.kubelet_state_dir, namespace, pod, &cmd).await
+        let mut args = vec!["-n", namespace, "exec", pod, "--"];
+        args.extend_from_slice(cmd);
+        self.kubectl_output(&args, None).await
     }
 
     /// Like [`TestCluster::exec_in_pod`] but the command must succeed; returns stdout.
@@ -375,69 +343,32 @@ impl TestCluster {
         Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
 
-    /// Stops a process of the cluster by its recorded name (`weft-operator`, `agent-node-1`,
-    /// `kubelet-node-2`, …; `weft-dev status` lists them): SIGTERM, 10 s to exit, then SIGKILL.
-    /// The cluster forgets it, so a deliberately stopped process is not reported as a failure.
-    pub async fn stop_process(&self, name: &str) -> Result<Stopped> {
+    /// Writes a Node-bound plan token for an agent of `node` that a benchmark runs itself; see
+    /// [`Cluster::write_plan_token`].
+    pub async fn write_plan_token(&self, node: &NodeState) -> Result<PathBuf> {
         let inner = self.inner.clone();
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut c = lock(&inner.cluster);
-            let res = c.stop_process(&name, Duration::from_secs(10));
-            *lock(&inner.state) = c.state().clone();
-            res
-        })
-        .await?
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || lock(&inner.cluster).write_plan_token(&node)).await?
     }
 
-    /// Sends `signal` to the cluster's process `name` alone (`agent-node-1`, …) and waits up to
-    /// 10 s for it to exit; see [`Cluster::kill_process`]. Returns whether it exited (and was
-    /// forgotten).
-    /// On real nodes `agent-<node>` is the agent container's process, which the kubelet then
-    /// restarts by itself.
-    pub async fn kill_process(&self, name: &str, signal: rustix::process::Signal) -> Result<bool> {
-        if self.state().runtime == NodeRuntime::Kubelet {
-            return self.kill_agent_container(name, signal).await;
-        }
-        let inner = self.inner.clone();
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut c = lock(&inner.cluster);
-            let res = c.kill_process(&name, signal, Duration::from_secs(10));
-            *lock(&inner.state) = c.state().clone();
-            res
-        })
-        .await?
-    }
-
-    /// The running agent of `node`: its recorded process, or on real nodes its container's.
+    /// The running agent of `node`: its container's process.
     pub fn agent_process(&self, node: &str) -> Result<ProcRecord> {
         let state = self.state();
-        let found = match state.runtime {
-            NodeRuntime::Kubelet => {
-                let n = state.node(node).with_context(|| format!("no node {node} in this cluster"))?;
-                super::realnode::agent_process(&state, n)
-            }
-            NodeRuntime::Runner => {
-                state.processes.iter().find(|p| p.name == format!("agent-{node}") && p.is_alive()).cloned()
-            }
-        };
-        found.with_context(|| format!("no agent runs on {node}"))
+        let n = state.node(node).with_context(|| format!("no node {node} in this cluster"))?;
+        super::realnode::agent_process(&state, n).with_context(|| format!("no agent runs on {node}"))
     }
 
-    /// Sends `signal` to the agent container's process named by `agent-<node>` and waits up to
-    /// 10 s for it to exit.
-    async fn kill_agent_container(&self, name: &str, signal: rustix::process::Signal) -> Result<bool> {
-        let node = name
-            .strip_prefix("agent-")
-            .with_context(|| format!("on real nodes only agents are killed this way, not {name}"))?;
+    /// Sends `signal` to the agent container's process on `node`, as a crash would, and waits
+    /// up to 10 s for it to exit; returns whether it did. The kubelet restarts the container
+    /// ([`TestCluster::wait_agent_restarted`]).
+    pub async fn kill_agent(&self, node: &str, signal: rustix::process::Signal) -> Result<bool> {
         let record = self.agent_process(node)?;
         let pid = i32::try_from(record.pid)
             .ok()
             .and_then(rustix::process::Pid::from_raw)
-            .with_context(|| format!("{name} has no valid pid ({})", record.pid))?;
+            .with_context(|| format!("the agent of {node} has no valid pid ({})", record.pid))?;
         rustix::process::kill_process(pid, signal)
-            .with_context(|| format!("sending {signal:?} to {name} (pid {})", record.pid))?;
+            .with_context(|| format!("sending {signal:?} to the agent of {node} (pid {})", record.pid))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while record.is_alive() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -445,65 +376,22 @@ impl TestCluster {
         Ok(!record.is_alive())
     }
 
-    /// Starts node `node`'s agent again after [`TestCluster::kill_process`] or
-    /// [`TestCluster::stop_process`]; see [`Cluster::restart_agent`]. Does not wait for it to
-    /// apply its plan.
-    /// On real nodes the kubelet restarts the container: this waits (60 s) for the new process.
-    pub async fn restart_agent(&self, node: &str) -> Result<ProcRecord> {
+    /// Waits (60 s) for the kubelet to have restarted the agent container of `node` after
+    /// [`TestCluster::kill_agent`]; its new process. Does not wait for it to apply its plan.
+    pub async fn wait_agent_restarted(&self, node: &str) -> Result<ProcRecord> {
         let state = self.state();
-        if state.runtime == NodeRuntime::Kubelet {
-            let node =
-                state.node(node).cloned().with_context(|| format!("no node {node} in this cluster"))?;
-            return wait_for(
-                &format!("the kubelet to restart agent-{}", node.name),
-                Duration::from_secs(60),
-                || {
-                    let (state, node) = (state.clone(), node.clone());
-                    async move { Ok(super::realnode::agent_process(&state, &node)) }
-                },
-            )
-            .await;
-        }
-        let inner = self.inner.clone();
-        let node = node.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut c = lock(&inner.cluster);
-            let res = c.restart_agent(&node);
-            *lock(&inner.state) = c.state().clone();
-            res
+        let node = state.node(node).cloned().with_context(|| format!("no node {node} in this cluster"))?;
+        wait_for(&format!("the kubelet to restart the agent of {}", node.name), Duration::from_secs(60), || {
+            let (state, node) = (state.clone(), node.clone());
+            async move { Ok(super::realnode::agent_process(&state, &node)) }
         })
-        .await?
-    }
-
-    /// Starts the cluster's operator again after [`TestCluster::kill_process`] or
-    /// [`TestCluster::stop_process`] (see [`Cluster::restart_operator`]), with `env` added to
-    /// its environment. Does not wait for it.
-    pub async fn restart_operator(
-        &self,
-        kubeconfig: Option<&Path>,
-        env: &[(&str, &str)],
-    ) -> Result<ProcRecord> {
-        let inner = self.inner.clone();
-        let kubeconfig = kubeconfig.map(Path::to_path_buf);
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        tokio::task::spawn_blocking(move || {
-            let mut c = lock(&inner.cluster);
-            let res = c.restart_operator(kubeconfig.as_deref(), &env);
-            *lock(&inner.state) = c.state().clone();
-            res
-        })
-        .await?
+        .await
     }
 
     /// Runs the operator with `env` added to its environment (settings, by the variables its flags
-    /// read): a restart of the process, or on real nodes `kubectl set env` on its Deployment,
-    /// waiting (120 s) until a replica with those settings is ready and holds the leader Lease.
+    /// read): `kubectl set env` on its Deployment, waiting (120 s) until a replica with those
+    /// settings is ready and holds the leader Lease.
     pub async fn set_operator_env(&self, env: &[(&str, &str)]) -> Result<()> {
-        if self.state().runtime == NodeRuntime::Runner {
-            self.stop_process("weft-operator").await?;
-            self.restart_operator(None, env).await?;
-            return Ok(());
-        }
         let mut args = vec!["-n".to_string(), "weft-system".into(), "set".into(), "env".into()];
         args.push("deployment/weft-operator".into());
         args.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
@@ -530,14 +418,14 @@ impl TestCluster {
         .await
     }
 
-    /// The `/metrics` text of the cluster's operator (OpenMetrics); on real nodes, of the replica
-    /// holding the leader Lease (the one writing status).
+    /// The `/metrics` text of the operator replica holding the leader Lease (the one serving
+    /// plans and writing status; OpenMetrics).
     pub async fn operator_metrics(&self) -> Result<String> {
         metrics_text(self.operator_leader_metrics_addr().await?.into()).await
     }
 
-    /// The operator Deployment's running replicas on real nodes: pod name and where it serves
-    /// `/metrics` (its node's address).
+    /// The operator Deployment's running replicas: pod name and where it serves `/metrics` (its
+    /// node's address).
     pub async fn operator_replicas(&self) -> Result<Vec<(String, std::net::SocketAddrV4)>> {
         let state = self.state();
         let pods: Api<Pod> = Api::namespaced(self.client(), "weft-system");
@@ -558,12 +446,9 @@ impl TestCluster {
         Ok(out)
     }
 
-    /// Where the operator (on real nodes, the leader replica) serves `/metrics`.
+    /// Where the operator's leader replica (the Lease holder) serves `/metrics`.
     pub async fn operator_leader_metrics_addr(&self) -> Result<std::net::SocketAddrV4> {
         let state = self.state();
-        if state.runtime == NodeRuntime::Runner {
-            return Ok(state.operator_metrics_addr());
-        }
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.client(), "weft-system");
         let lease = leases.get("weft-operator").await.context("reading the operator's Lease")?;
@@ -644,8 +529,6 @@ async fn start_inner(opts: TestOptions, owned: bool) -> Result<Inner> {
         dir: Some(weft_dir().join("tests").join(&name)),
         name,
         nodes: opts.nodes,
-        cni: opts.cni,
-        runtime: opts.runtime,
         weft: opts.weft,
         tools_bin_dir: None,
         weft_bin_dir: opts.weft_bin_dir,

@@ -19,13 +19,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{
-    CniMode, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, whoami_remote_ip,
-};
+use weft_e2e::cluster::{OutsideHost, PodOptions, Steps, TestCluster, TestOptions, whoami_remote_ip};
 
 /// The cluster both backends' tests share (one per test binary).
 pub fn options() -> TestOptions {
-    TestOptions::default().nodes(4).weft(true).cni(CniMode::Weft).weft_dev(env!("CARGO_BIN_EXE_weft-dev"))
+    TestOptions::default().nodes(4).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev"))
 }
 
 /// The including test binary's shared cluster, with NetworkConfig `default` set to proxy `mode`
