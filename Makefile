@@ -52,7 +52,7 @@ conformance-subset: tools build images
 	target/debug/weft-conformance --suite conformance --modes nftables,iptables
 
 up: tools build images
-	$(DEV) up --runtime kubelet
+	$(DEV) up
 
 down:
 	$(DEV) down
@@ -70,17 +70,17 @@ bench-chaos:
 	$(CARGO) bench -p weft-agent --bench ipam_chaos
 
 # Needs the Go-built tools (make tools): a 2-node local cluster of its own.
-bench-net: tools build
+bench-net: tools build images
 	target/debug/weft-bench-net 3 5
 
 # Needs the Go-built tools (CoreDNS among them): a 3-node local cluster of its own.
-bench-dns: tools build
+bench-dns: tools build images
 	target/debug/weft-bench-dns --nodes 3 --changes 20 --services 30
 
 # Needs the Go-built tools (kube-proxy among them): weft-agent (release build; iptables and
 # nftables backends) vs kube-proxy iptables/nftables on one local control plane, then the
 # programming latency on a 3-node cluster.
-bench-proxy: tools build
+bench-proxy: tools build images
 	$(CARGO) build --release -p weft-agent --bin weft-agent
 	target/debug/weft-bench-proxy side-by-side --scales 1000,5000,10000 --changes 20 --nftables-changes 5 --iptables legacy
 	target/debug/weft-bench-proxy latency --changes 40
@@ -93,6 +93,6 @@ bench-pods: tools build images
 # Needs the Go-built tools and nginx/wrk (make tools): a 2-node local cluster of its own; route
 # change → serving latency, then wrk straight to a pod vs through the ingress, first with every
 # process on every CPU, then with one CPU per node (a cluster each).
-bench-ingress: tools build
+bench-ingress: tools build images
 	target/debug/weft-bench-ingress --changes 40 --rounds 5 --seconds 10 --path /
 	target/debug/weft-bench-ingress --changes 0 --rounds 5 --seconds 10 --path / --pin

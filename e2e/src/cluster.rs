@@ -42,8 +42,8 @@ pub use outside::OutsideHost;
 pub use process::ProcRecord;
 pub use realnode::{CNI_TIMING_DIR, PAUSE_IMAGE, host_path, node_cgroups};
 pub use state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP,
-    NodeState, OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
+    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, KUBERNETES_SERVICE_IP, NodeState,
+    OPERATOR_METRICS_PORT, OPERATOR_NODES, PLAN_PORT, POD_CIDR, Ports, SERVICE_CIDR,
 };
 pub use testing::{
     Fatal, PodOptions, Steps, TestCluster, TestNamespace, TestOptions, client_for, http_get, metric_value,
@@ -103,7 +103,7 @@ pub fn tools_bin_dir() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
-/// Where `weft-dev`, `weft-operator` and `weft-agent` are: `$WEFT_BIN_DIR`, else the directory
+/// Where `weft-dev` is (it runs the cluster's helpers): `$WEFT_BIN_DIR`, else the directory
 /// of the running `weft-dev`, else `target/debug` next to the running test binary, else
 /// `<repo>/target/debug`.
 pub fn default_weft_bin_dir() -> PathBuf {
@@ -529,7 +529,7 @@ impl Cluster {
                     })
                     .collect();
                 bail!(
-                    "nodes not Ready after {timeout:?}:\n  {}\n(the pod runners log to {}/kubelet-<node>.log)",
+                    "nodes not Ready after {timeout:?}:\n  {}\n(the kubelets log to {}/kubelet-<node>.log)",
                     detail.join("\n  "),
                     self.state.logs_dir().display()
                 );
@@ -918,21 +918,8 @@ fn link_index(link: &str) -> Option<u8> {
         .and_then(|i| i.parse::<u8>().ok())
 }
 
-/// Pod network namespaces (the runner's `wp-*`) that belong to none of the node namespaces in
-/// `nodes` (by veth peer or, for hostNetwork pods, by being one of them).
-fn orphan_pod_namespaces(nodes: &[String]) -> Vec<String> {
-    let inodes: BTreeSet<u64> = nodes.iter().filter_map(|n| process::netns_inode(n)).collect();
-    net::list_netns()
-        .into_iter()
-        .filter(|n| n.starts_with("wp-"))
-        .filter(|n| {
-            !process::netns_inode(n).is_some_and(|i| inodes.contains(&i)) && !net::links_into(n, nodes)
-        })
-        .collect()
-}
-
-/// What is left of local clusters on this machine: registry entries, `weft-*` and orphaned `wp-*`
-/// network namespaces, `wbr*`/`wv*` links. `only_tests` ignores clusters brought up by
+/// What is left of local clusters on this machine: registry entries, `weft-*` network namespaces,
+/// `wbr*`/`wv*` links. `only_tests` ignores clusters brought up by
 /// `weft-dev up` (everything not named `e2e-…`) and what belongs to them.
 pub fn leftovers(only_tests: bool) -> Vec<String> {
     let counts = |name: &str| !only_tests || testing::is_test_name(name);
@@ -954,9 +941,6 @@ pub fn leftovers(only_tests: bool) -> Vec<String> {
         if ns.starts_with("weft-") && !kept_ns.contains(ns) {
             out.push(format!("network namespace {ns}"));
         }
-    }
-    for ns in orphan_pod_namespaces(&kept_ns) {
-        out.push(format!("pod network namespace {ns}"));
     }
     for link in net::list_links() {
         if link_index(&link).is_some_and(|i| !kept.iter().any(|(k, _)| *k == i)) {
@@ -993,7 +977,7 @@ fn host_rules() -> Vec<String> {
     out
 }
 
-/// Tears down every known cluster, then removes any remaining `weft-*` and `wp-*` namespaces,
+/// Tears down every known cluster, then removes any remaining `weft-*` namespaces,
 /// `wbr*`/`wv*` links and registry entries.
 pub fn down_all() -> Result<()> {
     let mut errors = Vec::new();
@@ -1002,7 +986,7 @@ pub fn down_all() -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     }
-    for ns in net::list_netns().into_iter().filter(|n| n.starts_with("weft-") || n.starts_with("wp-")) {
+    for ns in net::list_netns().into_iter().filter(|n| n.starts_with("weft-")) {
         if let Some(ino) = process::netns_inode(&ns) {
             let pids = process::pids_in_netns(&[ino].into_iter().collect());
             process::terminate(&pids, Duration::from_secs(2), &mut Vec::new());

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use rustix::process::Signal;
-use weft_e2e::cluster::{AGENT_METRICS_PORT, PodOptions, TestCluster, TestOptions, http_get, whoami_remote_ip};
+use weft_e2e::cluster::{
+    AGENT_METRICS_PORT, PodOptions, TestCluster, TestOptions, http_get, whoami_remote_ip,
+};
 
 fn pod_ip(pod: &Pod) -> Result<Ipv4Addr> {
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -71,10 +73,7 @@ async fn a_sigkilled_agent_comes_back_with_every_pod_keeping_its_address() -> Re
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(2).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     step("cluster up (weft-cni)");

@@ -20,7 +20,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
-use weft_e2e::cluster::{AGENT_METRICS_PORT, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value, metrics_text};
+use weft_e2e::cluster::{
+    AGENT_METRICS_PORT, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value,
+    metrics_text,
+};
 
 /// Runs CoreDNS on an outside host with `corefile`.
 fn outside_coredns(c: &TestCluster, host: &mut OutsideHost, name: &str, corefile: &str) -> Result<()> {
@@ -81,10 +84,7 @@ async fn expect_lines(
 async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<()> {
     let s = Steps::new("dns");
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(2).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     s.step("cluster up");
@@ -300,10 +300,7 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
     // the restarted agent runs exactly one again.
     let node2 = nodes.iter().find(|n| n.name == "node-2").context("no node-2")?;
     ensure!(coredns_running(node2).len() == 1, "node-2 runs one CoreDNS");
-    ensure!(
-        c.kill_agent("node-2", rustix::process::Signal::KILL).await?,
-        "agent-node-2 did not exit"
-    );
+    ensure!(c.kill_agent("node-2", rustix::process::Signal::KILL).await?, "agent-node-2 did not exit");
     c.wait_for("node-2's CoreDNS to stop with its agent", Duration::from_secs(10), || {
         let left = coredns_running(node2);
         async move { Ok(left.is_empty().then_some(())) }

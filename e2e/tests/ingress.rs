@@ -26,13 +26,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use weft_e2e::cluster::{OutsideHost, PodOptions, Steps, TestCluster, TestOptions};
 
 async fn cluster() -> Result<TestCluster> {
-    TestCluster::shared(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
-    )
-    .await
+    TestCluster::shared(TestOptions::default().nodes(2).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")))
+        .await
 }
 
 const WAIT: Duration = Duration::from_secs(90);

@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
-use weft_e2e::cluster::{AGENT_METRICS_PORT, OutsideHost, PodOptions, TestCluster, TestOptions, metric_value, metrics_text};
+use weft_e2e::cluster::{
+    AGENT_METRICS_PORT, OutsideHost, PodOptions, TestCluster, TestOptions, metric_value, metrics_text,
+};
 
 /// The pod that answered GET http://web.example.test/ on `ip`, if one did.
 async fn answered_by(outside: &OutsideHost, ip: std::net::Ipv4Addr) -> Result<Option<String>> {
@@ -24,10 +26,7 @@ async fn answered_by(outside: &OutsideHost, ip: std::net::Ipv4Addr) -> Result<Op
 #[tokio::test]
 async fn a_new_endpoint_gets_traffic_without_an_nginx_reload() -> Result<()> {
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(1)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(1).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     let ns_guard = c.namespace("ing-eps").await?;

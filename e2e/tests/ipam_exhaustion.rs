@@ -11,10 +11,7 @@ use weft_e2e::cluster::{PodOptions, TestCluster, TestOptions, wait_for};
 #[tokio::test]
 async fn a_pod_that_finds_no_address_gets_an_event_saying_why() -> Result<()> {
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(1)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(1).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     // No more blocks from the default pool; a 4-address pool only for the next node.

@@ -65,10 +65,7 @@ async fn a_deleted_nodes_block_goes_to_another_node_only_once_the_node_is_gone_f
     let steps = Steps::new("ipam_node_deletion");
     let step = |s: &str| steps.step(s);
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(1)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(1).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     // The operator under test with a short grace (the default is 300 s).

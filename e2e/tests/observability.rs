@@ -122,10 +122,7 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(2).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     let obs = c.observability()?;
@@ -319,11 +316,9 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
         async move { Ok(agents_connected(&c).await?.filter(|v| *v == 2.0)) }
     })
     .await?;
-    ensure!(
-        c.kill_agent("node-2", rustix::process::Signal::KILL).await?,
-        "agent-node-2 did not exit"
-    );
-    step("agent-node-2 killed");
+    // An agent that keeps crashing: the kubelet leaves it down for its back-off.
+    c.crash_loop_agent("node-2", 4).await?;
+    step("agent of node-2 in CrashLoopBackOff");
     c.wait_for("agents connected to drop to 1", Duration::from_secs(30), || {
         let c = c.clone();
         async move { Ok(agents_connected(&c).await?.filter(|v| *v == 1.0)) }
@@ -391,7 +386,7 @@ async fn a_change_is_one_trace_dashboard_queries_answer_and_a_dead_agent_shows()
     );
     step(&format!("status: CONVERGED 1/2, node-2: {message}"));
 
-    // Back: the restarted agent catches up, the lag returns to 0.
+    // Back: the agent the kubelet restarts after its back-off catches up, the lag returns to 0.
     c.wait_agent_restarted("node-2").await?;
     c.wait_for("node-2 to converge again", Duration::from_secs(60), || {
         let c = c.clone();

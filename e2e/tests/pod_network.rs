@@ -31,10 +31,7 @@ async fn pods_reach_each_other_without_nat_leave_masqueraded_and_give_their_addr
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1?}] {what}", t0.elapsed());
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
+        TestOptions::default().nodes(2).weft(true).weft_dev(env!("CARGO_BIN_EXE_weft-dev")),
     )
     .await?;
     step("cluster up (weft-cni)");

@@ -103,6 +103,10 @@ struct Swap {
 
 const SWAP_PORT: u16 = 5300;
 
+/// Where the agent DaemonSet's CoreDNS finds its kubeconfig (`--dns-kubeconfig`, inside the
+/// agent's container).
+const DAEMONSET_DNS_KUBECONFIG: &str = "/etc/weft/dns/kubeconfig";
+
 impl Swap {
     fn write(&self, upstream: &str) -> Result<()> {
         std::fs::write(&self.corefile, self.template.replace("UPSTREAM", upstream))?;
@@ -186,6 +190,28 @@ async fn reload_versus_restart(
         .replace(":9154", ":19154")
         .replace(":9155", ":19155");
     let dir = c.state().dir.join("bench-dns");
+    // The swap CoreDNS runs beside the agent's, outside its container: the same Corefile with a
+    // kubeconfig of the same weft-dns identity on this machine's paths.
+    std::fs::create_dir_all(&dir)?;
+    let secret: k8s_openapi::api::core::v1::Secret =
+        kube::Api::namespaced(c.client(), "weft-system").get("weft-dns-token").await?;
+    let token = secret.data.and_then(|d| d.get("token").cloned()).context("weft-dns-token has no token")?;
+    std::fs::write(dir.join("token"), token.0)?;
+    let state = c.state();
+    let kubeconfig = dir.join("dns-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: cluster\n  cluster:\n    server: https://{}:{}\n    certificate-authority: {}\n\
+             users:\n- name: weft-dns\n  user:\n    tokenFile: {}\ncontexts:\n- name: weft-dns\n  context:\n    cluster: cluster\n    user: weft-dns\n\
+             current-context: weft-dns\n",
+            state.bridge_ip,
+            state.ports.apiserver,
+            state.ca_cert().display(),
+            dir.join("token").display()
+        ),
+    )?;
+    let template = template.replace(DAEMONSET_DNS_KUBECONFIG, &kubeconfig.to_string_lossy());
     let mut swap = Swap {
         netns: node.netns.clone(),
         node_ip: node.ip,
@@ -252,10 +278,7 @@ fn outside_coredns(c: &TestCluster, host: &mut OutsideHost, name: &str, answer: 
 async fn main() -> Result<()> {
     let args = Args::parse();
     let me = std::env::current_exe()?;
-    let c = TestCluster::start(
-        TestOptions::default().nodes(args.nodes).weft(true).weft_dev(&me),
-    )
-    .await?;
+    let c = TestCluster::start(TestOptions::default().nodes(args.nodes).weft(true).weft_dev(&me)).await?;
     let servers: Vec<Ipv4Addr> = c.nodes().iter().map(|n| n.ip).collect();
     let mut hosts = [OutsideHost::start(&c, 1)?, OutsideHost::start(&c, 2)?];
     let answers = ["192.0.2.1", "192.0.2.2"];

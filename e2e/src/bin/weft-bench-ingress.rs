@@ -147,13 +147,7 @@ fn requests_per_second(out: &str) -> Result<f64> {
 async fn main() -> Result<()> {
     let a = args()?;
     let weft_dev = std::env::current_exe()?.with_file_name("weft-dev");
-    let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(true)
-            .weft_dev(weft_dev),
-    )
-    .await?;
+    let c = TestCluster::start(TestOptions::default().nodes(2).weft(true).weft_dev(weft_dev)).await?;
     let ns_guard = c.namespace("bench-ingress").await?;
     let ns = ns_guard.name();
     let nodes = c.nodes();

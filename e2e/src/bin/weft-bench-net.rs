@@ -95,10 +95,7 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|a| a.parse()).transpose().context("rounds")?.unwrap_or(3);
     let seconds: u32 = args.next().map(|a| a.parse()).transpose().context("seconds")?.unwrap_or(5);
-    let c = TestCluster::start(
-        TestOptions::default().nodes(2).weft(true),
-    )
-    .await?;
+    let c = TestCluster::start(TestOptions::default().nodes(2).weft(true)).await?;
     eprintln!("cluster {} up", c.name());
     let nodes = c.nodes();
     let (n1, n2) = match nodes.as_slice() {

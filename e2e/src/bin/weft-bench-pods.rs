@@ -190,11 +190,7 @@ struct Figures {
 async fn measure(cni: Cni, args: &Args) -> Result<Figures> {
     let weft_bin = std::env::current_exe().context("where weft-bench-pods is")?;
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(2)
-            .weft(cni == Cni::Weft)
-            .observability(false)
-            .weft_dev(&weft_bin),
+        TestOptions::default().nodes(2).weft(cni == Cni::Weft).observability(false).weft_dev(&weft_bin),
     )
     .await?;
     eprintln!("[bench-pods] cluster {} up ({})", c.name(), cni.name());

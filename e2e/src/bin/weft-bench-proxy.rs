@@ -41,7 +41,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::{NetworkConfig, ProxyMode};
-use weft_e2e::cluster::{AGENT_METRICS_PORT, OutsideHost, PodOptions, TestCluster, TestOptions, http_get, repo_root};
+use weft_e2e::cluster::{
+    AGENT_METRICS_PORT, OutsideHost, PodOptions, TestCluster, TestOptions, http_get, repo_root,
+};
 
 const TRIGGER: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 const BENCH_NS: &str = "bench";
@@ -458,7 +460,10 @@ fn start_proxy(
             std::fs::create_dir_all(dir.join("cni/bin"))?;
             let mut cmd = host.command(&opts.agent.to_string_lossy(), &[]);
             cmd.args(["--node-name", "node-1"])
-                .args(["--operator", &format!("https://{}", state.plan_addrs().first().context("no operator replica")?)])
+                .args([
+                    "--operator",
+                    &format!("https://{}", state.plan_addrs().first().context("no operator replica")?),
+                ])
                 .arg("--operator-ca-file")
                 .arg(state.ca_cert())
                 .arg("--plan-token-file")
@@ -693,10 +698,7 @@ async fn side_by_side(
 ) -> Result<()> {
     let proxies: Vec<Proxy> = proxies.iter().map(|p| Proxy::parse(p)).collect::<Result<_>>()?;
     ensure!(scales.windows(2).all(|w| w[0] < w[1]), "scales must increase: {scales:?}");
-    let c = TestCluster::start(
-        TestOptions::default().nodes(1).weft(true),
-    )
-    .await?;
+    let c = TestCluster::start(TestOptions::default().nodes(1).weft(true)).await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());
     let agent = agent.unwrap_or_else(|| {
         let release = repo_root().join("target/release/weft-agent");
@@ -834,10 +836,7 @@ fn print_table(
 // Network programming latency on the local cluster
 
 async fn latency(changes: usize) -> Result<()> {
-    let c = TestCluster::start(
-        TestOptions::default().nodes(3).weft(true),
-    )
-    .await?;
+    let c = TestCluster::start(TestOptions::default().nodes(3).weft(true)).await?;
     eprintln!("cluster {} up (logs in {})", c.name(), c.state().logs_dir().display());
     let ns_guard = c.namespace("latency").await?;
     let ns = ns_guard.name();

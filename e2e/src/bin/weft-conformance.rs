@@ -273,11 +273,7 @@ fn node_in_mode(netns: &str, mode: Mode) -> bool {
 async fn run_mode(args: &Args, mode: Mode, bin: &Path, out_dir: &Path, command: &str) -> Result<Vec<Case>> {
     let weft_bin = std::env::current_exe().context("where weft-conformance is")?;
     let c = TestCluster::start(
-        TestOptions::default()
-            .nodes(args.nodes)
-            .weft(true)
-            .observability(false)
-            .weft_dev(&weft_bin),
+        TestOptions::default().nodes(args.nodes).weft(true).observability(false).weft_dev(&weft_bin),
     )
     .await?;
     eprintln!("[conformance] cluster {} up; proxy mode {}", c.name(), mode.name());

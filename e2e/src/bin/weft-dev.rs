@@ -229,7 +229,8 @@ fn print_weft(s: &cluster::ClusterState) {
         return;
     }
     let replicas: Vec<String> = s.plan_addrs().iter().map(|a| format!("https://{a}")).collect();
-    let metrics: Vec<String> = s.operator_metrics_addrs().iter().map(|a| format!("http://{a}/metrics")).collect();
+    let metrics: Vec<String> =
+        s.operator_metrics_addrs().iter().map(|a| format!("http://{a}/metrics")).collect();
     println!(
         "weft: weft-operator Deployment (kubectl -n weft-system get deploy,pods): the Lease holder of {} serves plans (metrics {})",
         replicas.join(", "),

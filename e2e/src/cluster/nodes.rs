@@ -1,22 +1,16 @@
-//! Nodes: a network namespace on the cluster's bridge, its directories and identity, the
-//! reference CNI configuration and routes (reference mode), and the node-side processes — the
-//! pod runner (`weft-dev kubelet`) and, when Weft runs, `weft-agent` — and the operator.
+//! Nodes: a network namespace on the cluster's bridge, its directories and identity, and the
+//! reference CNI configuration and routes (without Weft). What runs on a node is `realnode.rs`.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 
 use anyhow::{Context as _, Result, bail};
 
 use super::controlplane::bridge_server;
 use super::net;
 use super::pki::{Pki, write_kubeconfig};
-use super::process::{Launch, ProcRecord};
-use super::state::{
-    AGENT_METRICS_PORT, CLUSTER_DNS, CLUSTER_DOMAIN, ClusterState, CniMode, NodeState, POD_CIDR,
-    ZONES,
-};
+use super::state::{ClusterState, CniMode, NodeState, POD_CIDR, ZONES};
 
 /// The next node of the cluster (not created yet).
 pub fn plan(state: &ClusterState) -> Result<NodeState> {
@@ -125,15 +119,6 @@ fn write_reference_conflist(node: &NodeState) -> Result<()> {
     fs::write(&tmp, serde_json::to_string_pretty(&conf)?)?;
     fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-fn path_env(state: &ClusterState) -> std::ffi::OsString {
-    let mut p = std::ffi::OsString::from(&state.tools_bin_dir);
-    p.push(":");
-    p.push(&state.weft_bin_dir);
-    p.push(":");
-    p.push(std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
-    p
 }
 
 /// The token an agent a benchmark runs itself presents on its plan stream (see

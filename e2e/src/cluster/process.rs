@@ -83,12 +83,6 @@ impl Launch {
         self
     }
 
-    /// Adds every `(name, value)` of `vars` to the environment.
-    pub fn envs(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Launch {
-        self.env.extend(vars.into_iter().map(|(k, v)| (k, v.into())));
-        self
-    }
-
     pub fn netns(mut self, ns: impl Into<String>) -> Launch {
         self.netns = Some(ns.into());
         self

@@ -210,8 +210,7 @@ impl ClusterState {
         self.tools_bin_dir.join("kubectl")
     }
 
-    /// Prefix of every network namespace this cluster owns (nodes, and pods when the runner
-    /// names them after their node's namespace).
+    /// Prefix of every network namespace this cluster owns (its nodes').
     pub fn netns_prefix(&self) -> String {
         netns_prefix(&self.name)
     }

@@ -16,9 +16,7 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::io::AsyncWriteExt as _;
 
-use super::{
-    Cluster, ClusterState, NodeState, ProcRecord, UpOptions, weft_dir,
-};
+use super::{Cluster, ClusterState, NodeState, ProcRecord, UpOptions, weft_dir};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -50,13 +48,7 @@ pub struct TestOptions {
 
 impl Default for TestOptions {
     fn default() -> Self {
-        TestOptions {
-            nodes: 2,
-            weft: false,
-            apply_crds: true,
-            weft_bin_dir: None,
-            observability: true,
-        }
+        TestOptions { nodes: 2, weft: false, apply_crds: true, weft_bin_dir: None, observability: true }
     }
 }
 
@@ -282,7 +274,7 @@ impl TestCluster {
     }
 
     /// Waits for a pod to be Running, Ready and have an IP; fails early when it failed or its
-    /// image is unknown to the runner.
+    /// image cannot be pulled or the container not created.
     pub async fn wait_pod_running(&self, namespace: &str, name: &str, timeout: Duration) -> Result<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
         wait_for(&format!("pod {namespace}/{name} to run"), timeout, || {
@@ -376,15 +368,36 @@ impl TestCluster {
         Ok(!record.is_alive())
     }
 
-    /// Waits (60 s) for the kubelet to have restarted the agent container of `node` after
-    /// [`TestCluster::kill_agent`]; its new process. Does not wait for it to apply its plan.
+    /// Crashes the agent of `node` `crashes` times, each time once the kubelet has restarted it,
+    /// and returns after the last: the container is then in CrashLoopBackOff, down for the
+    /// kubelet's back-off (10 s doubled per crash: 40 s after the fourth), as an agent that
+    /// keeps crashing is.
+    pub async fn crash_loop_agent(&self, node: &str, crashes: u32) -> Result<()> {
+        for crash in 1..=crashes {
+            if crash > 1 {
+                self.wait_agent_restarted(node).await?;
+            }
+            if !self.kill_agent(node, rustix::process::Signal::KILL).await? {
+                bail!("the agent of {node} did not exit on SIGKILL (crash {crash})");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (up to the kubelet's 5 min back-off cap) for the kubelet to have restarted the
+    /// agent container of `node` after [`TestCluster::kill_agent`]; its new process. Does not
+    /// wait for it to apply its plan.
     pub async fn wait_agent_restarted(&self, node: &str) -> Result<ProcRecord> {
         let state = self.state();
         let node = state.node(node).cloned().with_context(|| format!("no node {node} in this cluster"))?;
-        wait_for(&format!("the kubelet to restart the agent of {}", node.name), Duration::from_secs(60), || {
-            let (state, node) = (state.clone(), node.clone());
-            async move { Ok(super::realnode::agent_process(&state, &node)) }
-        })
+        wait_for(
+            &format!("the kubelet to restart the agent of {}", node.name),
+            Duration::from_secs(310),
+            || {
+                let (state, node) = (state.clone(), node.clone());
+                async move { Ok(super::realnode::agent_process(&state, &node)) }
+            },
+        )
         .await
     }
 
