@@ -856,8 +856,8 @@ fn with_otel_env(dir: &Path, obs: &Observability) -> Result<String> {
     Ok(out)
 }
 
-/// The kubeconfig each node's CoreDNS reads the API with: the weft-dns token the agent
-/// DaemonSet mounts (config/rbac/dns.yaml), as in config/bootstrap.yaml.
+/// The kubeconfig each node's CoreDNS reads the API with: the short-lived token the agent
+/// DaemonSet projects for it (config/rbac/dns.yaml), as in config/bootstrap.yaml.
 fn dns_token_kubeconfig(server: &str) -> String {
     format!(
         "apiVersion: v1
