@@ -309,9 +309,7 @@ impl Cluster {
         for _ in 0..opts.nodes {
             self.add_node()?;
         }
-        if self.state.weft {
-            self.label_operator_nodes(Duration::from_secs(60))?;
-        }
+        self.label_nodes(Duration::from_secs(60))?;
         if opts.wait_nodes_ready && opts.nodes > 0 {
             self.wait_nodes_ready(Duration::from_secs(120))?;
         }
@@ -636,23 +634,23 @@ impl Cluster {
         Ok(())
     }
 
-    /// Labels node-1 and node-2 as control-plane nodes once they have registered: the operator
-    /// Deployment runs its replicas there, as on a cluster whose control plane has kubelets.
-    fn label_operator_nodes(&mut self, timeout: Duration) -> Result<()> {
+    /// Gives every node, once it has registered, the roles an admin gives it (labels no kubelet
+    /// may set on itself): node-1 and node-2 are control-plane nodes, where the operator
+    /// Deployment runs its replicas, as on a cluster whose control plane has kubelets; every
+    /// node serves ingress (the default NetworkConfig's `ingress.nodeSelector`). Idempotent.
+    pub fn label_nodes(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let names: Vec<String> =
-            self.state.nodes.iter().filter(|n| n.index <= OPERATOR_NODES).map(|n| n.name.clone()).collect();
-        for name in names {
+        let nodes: Vec<(String, u8)> = self.state.nodes.iter().map(|n| (n.name.clone(), n.index)).collect();
+        for (name, index) in nodes {
+            let mut labels = vec!["node-role.kubernetes.io/ingress="];
+            if index <= OPERATOR_NODES {
+                labels.push("node-role.kubernetes.io/control-plane=");
+            }
             loop {
                 self.check_processes()?;
-                let labelled = self.kubectl_ok(&[
-                    "label",
-                    "--overwrite",
-                    "node",
-                    &name,
-                    "node-role.kubernetes.io/control-plane=",
-                ]);
-                match labelled {
+                let mut args = vec!["label", "--overwrite", "node", &name];
+                args.extend(labels.iter().copied());
+                match self.kubectl_ok(&args) {
                     Ok(_) => break,
                     Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(300)),
                     Err(e) => return Err(e.context(format!("node {name} did not register"))),
@@ -858,8 +856,8 @@ fn with_otel_env(dir: &Path, obs: &Observability) -> Result<String> {
     Ok(out)
 }
 
-/// The kubeconfig each node's CoreDNS reads the API with: the weft-dns token the agent
-/// DaemonSet mounts (config/rbac/dns.yaml), as in config/bootstrap.yaml.
+/// The kubeconfig each node's CoreDNS reads the API with: the short-lived token the agent
+/// DaemonSet projects for it (config/rbac/dns.yaml), as in config/bootstrap.yaml.
 fn dns_token_kubeconfig(server: &str) -> String {
     format!(
         "apiVersion: v1

@@ -120,6 +120,20 @@ async fn weft_runs_as_pods_and_the_seed_lab_answers_through_kubectl_exec() -> Re
         ])
         .await?;
     assert_eq!(deploy.trim(), "2", "two operator replicas");
+    // Every token Weft's pods hold is projected and short-lived: no legacy token Secret.
+    let tokens = c
+        .kubectl(&[
+            "-n",
+            "weft-system",
+            "get",
+            "secrets",
+            "--field-selector",
+            "type=kubernetes.io/service-account-token",
+            "-o",
+            "name",
+        ])
+        .await?;
+    assert!(tokens.trim().is_empty(), "long-lived ServiceAccount tokens in weft-system: {tokens}");
     let images = c
         .kubectl(&[
             "-n",

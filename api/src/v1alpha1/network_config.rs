@@ -368,9 +368,10 @@ pub struct IngressSettings {
     /// Run the ingress controller on the selected nodes.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
-    /// Labels a node must have to serve ingress (and receive TLS Secrets). Empty: every node.
+    /// Labels a node must have to serve ingress (and receive TLS Secrets), e.g. node-role.kubernetes.io/ingress: "". Only labels a kubelet cannot set on its own Node (NodeRestriction): keys under node-role.kubernetes.io/ or node-restriction.kubernetes.io/, so a compromised node cannot make itself an ingress node. Empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 16))]
+    #[x_kube(validation = Rule::new("self.all(k, k.startsWith('node-role.kubernetes.io/') || k.startsWith('node-restriction.kubernetes.io/'))").message("ingress.nodeSelector keys must be labels a kubelet cannot set on its own Node: node-role.kubernetes.io/... or node-restriction.kubernetes.io/... (a node that could label itself would receive every TLS key)"))]
     pub node_selector: BTreeMap<String, String>,
     /// Name of the IngressClass Weft serves; Ingresses naming another class are ignored.
     #[schemars(length(min = 1, max = 253))]

@@ -191,12 +191,10 @@ async fn reload_versus_restart(
         .replace(":9155", ":19155");
     let dir = c.state().dir.join("bench-dns");
     // The swap CoreDNS runs beside the agent's, outside its container: the same Corefile with a
-    // kubeconfig of the same weft-dns identity on this machine's paths.
+    // kubeconfig of the same identity (the agent's ServiceAccount) on this machine's paths.
     std::fs::create_dir_all(&dir)?;
-    let secret: k8s_openapi::api::core::v1::Secret =
-        kube::Api::namespaced(c.client(), "weft-system").get("weft-dns-token").await?;
-    let token = secret.data.and_then(|d| d.get("token").cloned()).context("weft-dns-token has no token")?;
-    std::fs::write(dir.join("token"), token.0)?;
+    let token = c.kubectl(&["create", "token", "weft-agent", "-n", "weft-system"]).await?;
+    std::fs::write(dir.join("token"), token.trim())?;
     let state = c.state();
     let kubeconfig = dir.join("dns-kubeconfig");
     std::fs::write(

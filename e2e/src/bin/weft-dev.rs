@@ -126,6 +126,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let mut c = Cluster::open(&name)?;
                 let node = c.add_node()?;
+                c.label_nodes(Duration::from_secs(60))?;
                 c.wait_nodes_ready(Duration::from_secs(90))?;
                 println!("node {} is Ready ({}, {}, netns {})", node.name, node.ip, node.zone, node.netns);
                 Ok(())
