@@ -190,7 +190,9 @@ impl TestCluster {
         tokio::task::spawn_blocking(move || {
             let mut c = lock(&inner.cluster);
             let node = c.add_node()?;
-            let res = c.label_nodes(Duration::from_secs(60)).and_then(|()| c.wait_nodes_ready(Duration::from_secs(90)));
+            let res = c
+                .label_nodes(Duration::from_secs(60))
+                .and_then(|()| c.wait_nodes_ready(Duration::from_secs(90)));
             *lock(&inner.state) = c.state().clone();
             res.map(|()| node)
         })
