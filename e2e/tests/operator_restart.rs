@@ -259,17 +259,7 @@ async fn an_operator_restarted_behind_slow_lists_changes_nothing_on_the_nodes() 
     c.apply_yaml(&config_map).await?;
     let deployment = ["-n", "weft-system", "deployment/weft-operator"];
     c.kubectl(&[&["scale"][..], &deployment[..], &["--replicas=0"][..]].concat()).await?;
-    c.kubectl(&[
-        "-n",
-        "weft-system",
-        "wait",
-        "--for=delete",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=weft-operator",
-        "--timeout=60s",
-    ])
-    .await?;
+    c.wait_pods_gone("weft-system", "app.kubernetes.io/name=weft-operator").await?;
     c.kubectl(&[&["patch"][..], &deployment[..], &["--type=json", "-p", &patch][..]].concat()).await?;
     c.kubectl(&[&["scale"][..], &deployment[..], &["--replicas=2"][..]].concat()).await?;
     step(&format!("operator scaled to 0, then to 2 replicas behind the slow-list proxy at {proxy_addr}"));

@@ -721,17 +721,7 @@ async fn side_by_side(
         r#"{"spec":{"template":{"spec":{"nodeSelector":{"weft.io/benchmark-runs-its-own-agent":"true"}}}}}"#,
     ])
     .await?;
-    c.kubectl(&[
-        "-n",
-        "weft-system",
-        "wait",
-        "--for=delete",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=weft-agent",
-        "--timeout=60s",
-    ])
-    .await?;
+    c.wait_pods_gone("weft-system", "app.kubernetes.io/name=weft-agent").await?;
     let node1 = c.nodes().first().cloned().context("the cluster has no node")?;
     c.write_plan_token(&node1).await?;
     // Only the proxy is measured: no ingress controller for the benchmark's agent (its nginx

@@ -266,6 +266,13 @@ impl TestCluster {
         Ok(ns)
     }
 
+    /// Waits (60 s) until no pod of `namespace` matches the label `selector` any more.
+    pub async fn wait_pods_gone(&self, namespace: &str, selector: &str) -> Result<()> {
+        self.kubectl(&["-n", namespace, "wait", "--for=delete", "pod", "-l", selector, "--timeout=60s"])
+            .await
+            .map(drop)
+    }
+
     /// Creates a Pod and waits until it runs with an IP and is Ready.
     pub async fn run_pod(&self, opts: PodOptions) -> Result<Pod> {
         let pods: Api<Pod> = Api::namespaced(self.client(), &opts.namespace);
