@@ -257,6 +257,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     ("networkconfigs.weft.io", "spec.dns.stubDomains[].domain", "", "domain must be a lower-case DNS name"),
     ("networkconfigs.weft.io", "spec.dns.stubDomains[].servers[]", "", "must be an IP address, IP:port"),
     ("networkconfigs.weft.io", "spec.ingress", "self.httpPort != self.httpsPort", "must differ"),
+    (
+        "networkconfigs.weft.io",
+        "spec.ingress.nodeSelector",
+        "self.all(k, k.startsWith('node-role.kubernetes.io/') || k.startsWith('node-restriction.kubernetes.io/'))",
+        "labels a kubelet cannot set on its own Node",
+    ),
     ("networkconfigs.weft.io", "spec.ingress.className", "", "className must be a lower-case DNS name"),
     ("networkconfigs.weft.io", "spec.ingress.defaultBackend", "", "namespace/service:port"),
     (
