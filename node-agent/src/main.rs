@@ -26,9 +26,13 @@ struct Args {
         env = "WEFT_OPERATOR",
         value_delimiter = ',',
         required = true,
-        default_value = "http://weft-operator.weft-system.svc:7700"
+        default_value = "https://weft-operator.weft-system.svc:7700"
     )]
     operator: Vec<String>,
+    /// Send the plan token to `http://` operator addresses too, in the clear (a test setup);
+    /// without it the agent refuses to start with a token and a plain-text address.
+    #[arg(long, env = "WEFT_INSECURE_PLAINTEXT_TOKEN")]
+    insecure_plaintext_token: bool,
     /// The ServiceAccount token proving this node's identity to the operator (audience
     /// `weft-operator`, bound to the agent's Pod or Node; re-read at every connection).
     #[arg(long, env = "WEFT_PLAN_TOKEN_FILE")]
@@ -103,6 +107,8 @@ async fn main() -> anyhow::Result<()> {
         telemetry::serve_admin(admin, AdminState::new(Arc::new(registry), readiness.clone())),
     );
 
+    check_token_transport(&args.operator, args.plan_token_file.is_some(), args.insecure_plaintext_token)
+        .map_err(anyhow::Error::msg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let config = AgentConfig {
         node_name: args.node_name,
@@ -150,9 +156,33 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a plan token that would cross the network in the clear: with a token, every operator
+/// address must be `https://` unless the admin said `--insecure-plaintext-token`.
+fn check_token_transport(operators: &[String], token: bool, insecure: bool) -> Result<(), String> {
+    let plain: Vec<&str> = operators.iter().map(String::as_str).filter(|o| !o.starts_with("https://")).collect();
+    if token && !insecure && !plain.is_empty() {
+        return Err(format!(
+            "refusing to send the plan token in the clear to {}: use https:// addresses (with --operator-ca-file), or --insecure-plaintext-token for a test setup",
+            plain.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    #[test]
+    fn a_token_goes_only_over_tls_unless_the_admin_says_otherwise() {
+        let tls = ["https://10.0.0.1:7700".to_string(), "https://10.0.0.2:7700".to_string()];
+        let mixed = ["https://10.0.0.1:7700".to_string(), "http://10.0.0.2:7700".to_string()];
+        assert_eq!(super::check_token_transport(&tls, true, false), Ok(()));
+        let refused = super::check_token_transport(&mixed, true, false).expect_err("a plain-text address");
+        assert!(refused.contains("http://10.0.0.2:7700") && refused.contains("--insecure-plaintext-token"), "{refused}");
+        assert_eq!(super::check_token_transport(&mixed, true, true), Ok(()), "said so explicitly");
+        assert_eq!(super::check_token_transport(&mixed, false, false), Ok(()), "no token to leak");
+    }
 
     /// The DaemonSet (config/agent/daemonset.yaml) passes only flags the agent knows.
     #[test]

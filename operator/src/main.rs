@@ -40,6 +40,10 @@ struct Args {
     /// PEM private key of --plan-tls-cert.
     #[arg(long, env = "WEFT_PLAN_TLS_KEY", requires = "plan_tls_cert")]
     plan_tls_key: Option<PathBuf>,
+    /// Serve plan streams without TLS, agents' tokens and TLS keys in the clear (a test setup);
+    /// without it the operator refuses to start with no --plan-tls-cert.
+    #[arg(long, env = "WEFT_PLAN_INSECURE", conflicts_with = "plan_tls_cert")]
+    plan_insecure: bool,
     /// Seconds a deleted Node's IPBlocks are kept for it before they may go to other nodes (a node
     /// that re-registers under its name meanwhile keeps them; its agent may still be allocating).
     /// Even then a block is kept while a pod holds an address in it.
@@ -49,9 +53,20 @@ struct Args {
 
 const LEASE: &str = "weft-operator";
 
+/// Refuses to serve plans in the clear unless the admin said `--plan-insecure`.
+fn check_plan_transport(args: &Args) -> Result<(), &'static str> {
+    if args.plan_tls_cert.is_none() && !args.plan_insecure {
+        return Err(
+            "plan streams carry agents' tokens and ingress nodes' TLS keys: give --plan-tls-cert and --plan-tls-key, or --plan-insecure to serve them in the clear (a test setup)",
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    check_plan_transport(&args).map_err(anyhow::Error::msg)?;
     let _telemetry = telemetry::init("weft-operator")?;
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
 
@@ -154,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         info!(cert = %cert.display(), "plan streams over TLS");
     } else {
         warn!(
-            "plan streams are NOT encrypted (no --plan-tls-cert/--plan-tls-key): agents' tokens and their plans, TLS keys included, cross the network in the clear"
+            "plan streams are NOT encrypted (--plan-insecure): agents' tokens and their plans, TLS keys included, cross the network in the clear"
         );
     }
     let listener = tokio::net::TcpListener::bind(args.plan_listen)
@@ -206,5 +221,21 @@ mod tests {
         let parsed = super::Args::try_parse_from(std::iter::once("weft-operator".to_string()).chain(args));
         let parsed = parsed.unwrap_or_else(|e| panic!("config/operator/deployment.yaml: {e}"));
         assert!(parsed.plan_tls_cert.is_some() && parsed.plan_tls_key.is_some());
+        assert_eq!(super::check_plan_transport(&parsed), Ok(()));
+    }
+
+    #[test]
+    fn plans_are_served_in_the_clear_only_when_the_admin_says_so() {
+        let parse = |extra: &[&str]| {
+            super::Args::try_parse_from(["weft-operator"].iter().chain(extra)).expect("flags")
+        };
+        let refused = super::check_plan_transport(&parse(&[])).expect_err("no TLS, no --plan-insecure");
+        assert!(refused.contains("--plan-tls-cert") && refused.contains("--plan-insecure"), "{refused}");
+        assert_eq!(super::check_plan_transport(&parse(&["--plan-insecure"])), Ok(()));
+        assert!(
+            super::Args::try_parse_from(["weft-operator", "--plan-insecure", "--plan-tls-cert", "c", "--plan-tls-key", "k"])
+                .is_err(),
+            "TLS and --plan-insecure contradict each other"
+        );
     }
 }
