@@ -159,7 +159,8 @@ async fn main() -> anyhow::Result<()> {
 /// Refuses a plan token that would cross the network in the clear: with a token, every operator
 /// address must be `https://` unless the admin said `--insecure-plaintext-token`.
 fn check_token_transport(operators: &[String], token: bool, insecure: bool) -> Result<(), String> {
-    let plain: Vec<&str> = operators.iter().map(String::as_str).filter(|o| !o.starts_with("https://")).collect();
+    let plain: Vec<&str> =
+        operators.iter().map(String::as_str).filter(|o| !o.starts_with("https://")).collect();
     if token && !insecure && !plain.is_empty() {
         return Err(format!(
             "refusing to send the plan token in the clear to {}: use https:// addresses (with --operator-ca-file), or --insecure-plaintext-token for a test setup",
@@ -179,7 +180,10 @@ mod tests {
         let mixed = ["https://10.0.0.1:7700".to_string(), "http://10.0.0.2:7700".to_string()];
         assert_eq!(super::check_token_transport(&tls, true, false), Ok(()));
         let refused = super::check_token_transport(&mixed, true, false).expect_err("a plain-text address");
-        assert!(refused.contains("http://10.0.0.2:7700") && refused.contains("--insecure-plaintext-token"), "{refused}");
+        assert!(
+            refused.contains("http://10.0.0.2:7700") && refused.contains("--insecure-plaintext-token"),
+            "{refused}"
+        );
         assert_eq!(super::check_token_transport(&mixed, true, true), Ok(()), "said so explicitly");
         assert_eq!(super::check_token_transport(&mixed, false, false), Ok(()), "no token to leak");
     }

@@ -233,8 +233,15 @@ mod tests {
         assert!(refused.contains("--plan-tls-cert") && refused.contains("--plan-insecure"), "{refused}");
         assert_eq!(super::check_plan_transport(&parse(&["--plan-insecure"])), Ok(()));
         assert!(
-            super::Args::try_parse_from(["weft-operator", "--plan-insecure", "--plan-tls-cert", "c", "--plan-tls-key", "k"])
-                .is_err(),
+            super::Args::try_parse_from([
+                "weft-operator",
+                "--plan-insecure",
+                "--plan-tls-cert",
+                "c",
+                "--plan-tls-key",
+                "k"
+            ])
+            .is_err(),
             "TLS and --plan-insecure contradict each other"
         );
     }
