@@ -19,6 +19,9 @@ struct NodeScope {
     mix: u64,
 }
 
+/// The longest NACK text kept from an agent (status and Events carry it).
+pub const MAX_NACK_BYTES: usize = 1024;
+
 /// What an agent last told us about its node.
 #[derive(Debug, Clone, Default)]
 pub struct AgentReport {
@@ -340,7 +343,14 @@ impl PlanStore {
         report.last_seen = Some(Instant::now());
     }
 
-    pub fn nack(&self, node: &str, version: u64, error: String) {
+    /// Records a NACK. Its text goes into NetworkConfig status and an Event, so an agent's error
+    /// is kept to [`MAX_NACK_BYTES`] (cut at a character boundary, marked).
+    pub fn nack(&self, node: &str, version: u64, mut error: String) {
+        if error.len() > MAX_NACK_BYTES {
+            let cut = (0..=MAX_NACK_BYTES).rev().find(|&i| error.is_char_boundary(i)).unwrap_or(0);
+            error.truncate(cut);
+            error.push_str(" … (truncated)");
+        }
         let mut inner = self.inner();
         let report = inner.reports.entry(node.to_string()).or_default();
         report.nack = Some((version, error));
@@ -461,6 +471,20 @@ mod tests {
         assert_eq!(last.node_ip, "172.18.0.99");
         assert_eq!(Some(message.version), store.node_version("n1"));
         assert!(store.next_message(&conn).is_none());
+    }
+
+    #[test]
+    fn a_nack_text_is_kept_to_its_bound_and_says_it_was_cut() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1")], HashMap::new());
+        store.nack("n1", 1, "é".repeat(5000));
+        let report = store.convergence().into_iter().find(|c| c.node == "n1").expect("n1").report;
+        let (_, text) = report.nack.expect("the NACK");
+        assert!(text.len() <= MAX_NACK_BYTES + " … (truncated)".len(), "{} bytes", text.len());
+        assert!(text.ends_with("(truncated)") && text.starts_with("éé"), "{text}");
+        store.nack("n1", 2, "nginx -t: bad".into());
+        let report = store.convergence().into_iter().find(|c| c.node == "n1").expect("n1").report;
+        assert_eq!(report.nack, Some((2, "nginx -t: bad".to_string())), "a short text is kept whole");
     }
 
     #[test]
