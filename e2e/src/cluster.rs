@@ -205,7 +205,6 @@ impl Cluster {
         };
         controlplane::check_tools(&tools)?;
         realnode::check_available(&tools)?;
-        let cni = if opts.weft { CniMode::Weft } else { CniMode::Reference };
         let weft_bin = opts.weft_bin_dir.clone().unwrap_or_else(default_weft_bin_dir);
         // A fresh directory, apart from earlier logs.
         if dir.exists() {
@@ -224,7 +223,6 @@ impl Cluster {
         let state = ClusterState {
             name: opts.name.clone(),
             idx,
-            cni,
             weft: opts.weft,
             dir: dir.clone(),
             tools_bin_dir: tools,
@@ -442,6 +440,15 @@ impl Cluster {
         if node.index == 1 {
             self.start_egress_proxy(&node)?;
         }
+        Ok(node)
+    }
+
+    /// Adds a node ([`Cluster::add_node`]), gives it its roles once it registered
+    /// ([`Cluster::label_nodes`]) and waits for every node to be Ready.
+    pub fn add_ready_node(&mut self) -> Result<NodeState> {
+        let node = self.add_node()?;
+        self.label_nodes(Duration::from_secs(60))?;
+        self.wait_nodes_ready(Duration::from_secs(90))?;
         Ok(node)
     }
 
@@ -859,6 +866,16 @@ fn with_otel_env(dir: &Path, obs: &Observability) -> Result<String> {
 /// The kubeconfig each node's CoreDNS reads the API with: the short-lived token the agent
 /// DaemonSet projects for it (config/rbac/dns.yaml), as in config/bootstrap.yaml.
 fn dns_token_kubeconfig(server: &str) -> String {
+    dns_kubeconfig(
+        server,
+        Path::new("/var/run/secrets/weft-dns/ca.crt"),
+        Path::new("/var/run/secrets/weft-dns/token"),
+    )
+}
+
+/// A kubeconfig for CoreDNS's kubernetes plugin: `server`, trusting `ca`, with the token in
+/// `token_file` (client-go re-reads it, so a rotated token is picked up).
+pub fn dns_kubeconfig(server: &str, ca: &Path, token_file: &Path) -> String {
     format!(
         "apiVersion: v1
 kind: Config
@@ -866,18 +883,20 @@ clusters:
 - name: cluster
   cluster:
     server: {server}
-    certificate-authority: /var/run/secrets/weft-dns/ca.crt
+    certificate-authority: {ca}
 users:
 - name: weft-dns
   user:
-    tokenFile: /var/run/secrets/weft-dns/token
+    tokenFile: {token}
 contexts:
 - name: weft-dns
   context:
     cluster: cluster
     user: weft-dns
 current-context: weft-dns
-"
+",
+        ca = ca.display(),
+        token = token_file.display()
     )
 }
 

@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use weft_e2e::cluster::{
-    AGENT_METRICS_PORT, NodeState, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value,
-    metrics_text,
+    AGENT_METRICS_PORT, OutsideHost, PodOptions, Steps, TestCluster, TestOptions, metric_value, metrics_text,
 };
 
 /// Runs CoreDNS on an outside host with `corefile`.
@@ -299,37 +298,17 @@ async fn pods_resolve_services_pods_and_outside_names_on_every_node() -> Result<
     // An agent killed outright takes its CoreDNS along (nothing is left running on the node);
     // the restarted agent runs exactly one again.
     let node2 = nodes.iter().find(|n| n.name == "node-2").context("no node-2")?;
-    ensure!(coredns_running(node2).len() == 1, "node-2 runs one CoreDNS");
+    ensure!(c.node_processes("node-2", "coredns")?.len() == 1, "node-2 runs one CoreDNS");
     ensure!(c.kill_agent("node-2", rustix::process::Signal::KILL).await?, "agent-node-2 did not exit");
     c.wait_for("node-2's CoreDNS to stop with its agent", Duration::from_secs(10), || {
-        let left = coredns_running(node2);
-        async move { Ok(left.is_empty().then_some(())) }
+        let left = c.node_processes("node-2", "coredns");
+        async move { Ok(left?.is_empty().then_some(())) }
     })
     .await?;
     c.wait_agent_restarted("node-2").await?;
     expect_answer(&c, &ns, "client", &[&format!("@{}", node2.ip), &fqdn], &[&cluster_ip]).await?;
-    let running = coredns_running(node2);
+    let running = c.node_processes("node-2", "coredns")?;
     ensure!(running.len() == 1, "node-2 runs CoreDNS {running:?} after its agent restarted");
     s.step("a killed agent leaves no CoreDNS behind; its successor serves again");
     Ok(())
-}
-
-/// Pids of the CoreDNS processes running in `node`'s network namespace (the agent's, which
-/// runs in the node's host network).
-fn coredns_running(node: &NodeState) -> Vec<u32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(netns) = std::fs::metadata(format!("/run/netns/{}", node.netns)) else { return Vec::new() };
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
-            let in_node = std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.ino() == netns.ino() && m.dev() == netns.dev());
-            comm.trim() == "coredns" && in_node && !zombie
-        })
-        .collect()
 }

@@ -14,17 +14,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use tokio_stream::StreamExt as _;
 use weft_api::plan::{self as pb, plan_service_client::PlanServiceClient};
-use weft_e2e::cluster::{Steps, TestCluster, TestOptions, metric_value, metrics_text};
+use weft_e2e::cluster::{PLAN_PORT, Steps, TestCluster, TestOptions, metric_value, metrics_text};
 
 /// The operator replica the test talks to, the leader (only it serves plan streams): its plan
 /// service and its metrics.
 async fn replica(c: &TestCluster) -> Result<(SocketAddrV4, SocketAddrV4)> {
-    let state = c.state();
     let metrics = c.operator_leader_metrics_addr().await?;
-    let index =
-        state.operator_metrics_addrs().iter().position(|a| *a == metrics).context("the leader's address")?;
-    let plan = state.plan_addrs().get(index).copied().context("the leader's plan address")?;
-    Ok((plan, metrics))
+    Ok((SocketAddrV4::new(*metrics.ip(), PLAN_PORT), metrics))
 }
 
 /// A client of the replica's plan service over TLS, trusting the cluster's CA.

@@ -101,21 +101,6 @@ async fn wait_policy(
     .await
 }
 
-async fn lease_holder(c: &TestCluster) -> Result<String> {
-    let out = c
-        .kubectl(&[
-            "get",
-            "lease",
-            "weft-operator",
-            "-n",
-            "weft-system",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ])
-        .await?;
-    Ok(out.trim().to_string())
-}
-
 #[tokio::test]
 async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> Result<()> {
     let t0 = Instant::now();
@@ -187,7 +172,7 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
 
     // The Deployment's second replica serves but writes no status while the leader holds the
     // Lease.
-    let holder = lease_holder(&c).await?;
+    let holder = c.operator_leader().await?;
     let leader_metrics = c.operator_metrics().await?;
     ensure!(metric_value(&leader_metrics, "weft_leader") == Some(1.0), "{holder} leads");
     let (follower, follower_addr) = c
@@ -209,7 +194,7 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
     let b = follower_metrics().await?;
     ensure!(metric_value(&b, "weft_leader") == Some(0.0), "{follower} does not lead:\n{b}");
     ensure!(metric_value(&b, "weft_status_writes_total") == Some(0.0), "{follower} wrote no status:\n{b}");
-    ensure!(lease_holder(&c).await? == holder, "the Lease stays with {holder}");
+    ensure!(c.operator_leader().await? == holder, "the Lease stays with {holder}");
     step(&format!("{follower} follows and writes nothing; {holder} wrote third's status"));
 
     // The leader's pod is deleted: a live replica (the follower, or the Deployment's replacement
@@ -218,7 +203,7 @@ async fn weft_converges_programs_services_reports_conflicts_and_fails_over() -> 
     step(&format!("{holder} deleted"));
     let leader = c
         .wait_for("another replica to lead and write status", Duration::from_secs(60), || async {
-            let now = lease_holder(&c).await?;
+            let now = c.operator_leader().await?;
             let replicas = c.operator_replicas().await?;
             let Some((_, addr)) = replicas.iter().find(|(pod, _)| *pod == now && *pod != holder) else {
                 bail!("Lease holder {now:?}; running replicas {replicas:?}")

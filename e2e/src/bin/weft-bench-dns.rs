@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use weft_api::v1alpha1::NetworkConfig;
-use weft_e2e::cluster::{OutsideHost, TestCluster, TestOptions};
+use weft_e2e::cluster::{OutsideHost, TestCluster, TestOptions, dns_kubeconfig};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -197,18 +197,8 @@ async fn reload_versus_restart(
     std::fs::write(dir.join("token"), token.trim())?;
     let state = c.state();
     let kubeconfig = dir.join("dns-kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: cluster\n  cluster:\n    server: https://{}:{}\n    certificate-authority: {}\n\
-             users:\n- name: weft-dns\n  user:\n    tokenFile: {}\ncontexts:\n- name: weft-dns\n  context:\n    cluster: cluster\n    user: weft-dns\n\
-             current-context: weft-dns\n",
-            state.bridge_ip,
-            state.ports.apiserver,
-            state.ca_cert().display(),
-            dir.join("token").display()
-        ),
-    )?;
+    let server = format!("https://{}:{}", state.bridge_ip, state.ports.apiserver);
+    std::fs::write(&kubeconfig, dns_kubeconfig(&server, &state.ca_cert(), &dir.join("token")))?;
     let template = template.replace(DAEMONSET_DNS_KUBECONFIG, &kubeconfig.to_string_lossy());
     let mut swap = Swap {
         netns: node.netns.clone(),

@@ -125,9 +125,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let name = cli.cluster;
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let mut c = Cluster::open(&name)?;
-                let node = c.add_node()?;
-                c.label_nodes(Duration::from_secs(60))?;
-                c.wait_nodes_ready(Duration::from_secs(90))?;
+                let node = c.add_ready_node()?;
                 println!("node {} is Ready ({}, {}, netns {})", node.name, node.ip, node.zone, node.netns);
                 Ok(())
             })
@@ -264,7 +262,7 @@ fn print_summary(c: &Cluster) {
         s.ports.apiserver,
         s.subnet(),
         s.bridge,
-        s.cni,
+        s.cni(),
         if s.weft { "on" } else { "off" }
     );
     print_weft(s);
@@ -322,7 +320,7 @@ fn status(name: &str) -> Result<()> {
             s.subnet(),
             s.bridge,
             s.ports.apiserver,
-            s.cni,
+            s.cni(),
             if s.weft { "on" } else { "off" }
         );
         for (p, alive) in c.processes() {

@@ -57,7 +57,7 @@ pub fn create(state: &ClusterState, node: &NodeState, pki: &Pki) -> Result<()> {
     )?;
     write_kubeconfig(&node.kubeconfig, &state.name, &bridge_server(state), &pki.ca().cert, &ident)?;
     net::create_node_netns(&node.netns, &node.veth, &state.bridge, node.ip, 24, state.bridge_ip)?;
-    if state.cni == CniMode::Reference {
+    if state.cni() == CniMode::Reference {
         write_reference_conflist(node)?;
         // Pods reach addresses outside the pod network (the API server on the bridge address)
         // from the node's address; pod-to-pod traffic keeps its source.

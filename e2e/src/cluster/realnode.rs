@@ -222,23 +222,33 @@ fn cgroup_pids(state: &ClusterState, node: &NodeState) -> Vec<u32> {
     pids
 }
 
-/// The running `weft-agent` of the node (its DaemonSet pod's container), found under the node's
-/// cgroup by its program name: what a test kills to crash the agent as a real node would see it.
-pub fn agent_process(state: &ClusterState, node: &NodeState) -> Option<ProcRecord> {
-    cgroup_pids(state, node).into_iter().find_map(|pid| {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        if comm.trim() != "weft-agent" {
-            return None;
-        }
-        let stat = process::proc_stat(pid)?;
-        Some(ProcRecord {
-            name: format!("agent-{}", node.name),
-            pid,
-            start_time: stat.start_time,
-            log: host_path(node, "/var/log/pods"),
-            netns: Some(node.netns.clone()),
+/// The live processes named `comm` under the node's cgroup (its containers' too): the agent,
+/// the CoreDNS it runs, … as a test looks for them on a real node.
+pub fn node_processes(state: &ClusterState, node: &NodeState, comm: &str) -> Vec<ProcRecord> {
+    cgroup_pids(state, node)
+        .into_iter()
+        .filter_map(|pid| {
+            let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            if name.trim() != comm {
+                return None;
+            }
+            let stat = process::proc_stat(pid)?;
+            let record = ProcRecord {
+                name: format!("{comm}-{}", node.name),
+                pid,
+                start_time: stat.start_time,
+                log: host_path(node, "/var/log/pods"),
+                netns: Some(node.netns.clone()),
+            };
+            record.is_alive().then_some(record)
         })
-    })
+        .collect()
+}
+
+/// The running `weft-agent` of the node (its DaemonSet pod's container): what a test kills to
+/// crash the agent as a real node would see it.
+pub fn agent_process(state: &ClusterState, node: &NodeState) -> Option<ProcRecord> {
+    node_processes(state, node, "weft-agent").into_iter().next()
 }
 
 /// Stops everything still running under the node's cgroup (shims, containers: the recorded

@@ -67,7 +67,6 @@ pub struct Ports {
     pub etcd_peer: u16,
     pub controller_manager: u16,
     pub scheduler: u16,
-    pub operator_metrics: u16,
 }
 
 impl Ports {
@@ -90,7 +89,6 @@ impl Ports {
             etcd_peer: base + 2,
             controller_manager: base + 3,
             scheduler: base + 4,
-            operator_metrics: base + 5,
         }
     }
 }
@@ -141,7 +139,6 @@ pub struct ClusterState {
     pub name: String,
     /// Machine-wide index: underlay `172.18.<idx>.0/24`, ports `20000 + 10·idx …`.
     pub idx: u8,
-    pub cni: CniMode,
     /// Whether Weft is installed (`config/`: the operator Deployment, the agent DaemonSet).
     /// Missing in older state files: true.
     #[serde(default = "default_true")]
@@ -219,12 +216,10 @@ impl ClusterState {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// Where every operator replica serves plan streams: each control-plane node's address (in
-    /// the order of [`ClusterState::operator_metrics_addrs`]). Only the leader answers.
+    /// Where every operator replica serves plan streams (in the order of
+    /// [`ClusterState::operator_metrics_addrs`]). Only the leader answers.
     pub fn plan_addrs(&self) -> Vec<std::net::SocketAddrV4> {
-        (1..=OPERATOR_NODES)
-            .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), PLAN_PORT))
-            .collect()
+        self.operator_node_addrs(PLAN_PORT)
     }
 
     /// The cluster CA's certificate (it signed the API server's and the plan service's).
@@ -232,12 +227,21 @@ impl ClusterState {
         self.pki_dir().join("ca.crt")
     }
 
-    /// Where every operator replica serves `/metrics`, `/healthz` and `/readyz`: each
-    /// control-plane node's address.
+    /// Where every operator replica serves `/metrics`, `/healthz` and `/readyz`.
     pub fn operator_metrics_addrs(&self) -> Vec<std::net::SocketAddrV4> {
+        self.operator_node_addrs(OPERATOR_METRICS_PORT)
+    }
+
+    /// `port` on each control-plane node's address: where the operator's replicas listen.
+    fn operator_node_addrs(&self, port: u16) -> Vec<std::net::SocketAddrV4> {
         (1..=OPERATOR_NODES)
-            .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), OPERATOR_METRICS_PORT))
+            .map(|n| std::net::SocketAddrV4::new(super::nodes::node_ip(self, n), port))
             .collect()
+    }
+
+    /// The CNI the nodes use: Weft's when Weft is installed.
+    pub fn cni(&self) -> CniMode {
+        if self.weft { CniMode::Weft } else { CniMode::Reference }
     }
 }
 
@@ -338,7 +342,7 @@ pub fn claim_index(_lock: &RegistryLock, name: &str, dir: &Path) -> Result<u8> {
 
 /// Whether every loopback port of a block can be bound (something else may use them).
 fn ports_free(p: Ports) -> bool {
-    [p.apiserver, p.etcd_client, p.etcd_peer, p.controller_manager, p.scheduler, p.operator_metrics]
+    [p.apiserver, p.etcd_client, p.etcd_peer, p.controller_manager, p.scheduler]
         .into_iter()
         .chain([p.prometheus(), p.collector_metrics()])
         .all(|port| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)).is_ok())

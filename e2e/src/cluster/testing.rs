@@ -189,12 +189,9 @@ impl TestCluster {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut c = lock(&inner.cluster);
-            let node = c.add_node()?;
-            let res = c
-                .label_nodes(Duration::from_secs(60))
-                .and_then(|()| c.wait_nodes_ready(Duration::from_secs(90)));
+            let res = c.add_ready_node();
             *lock(&inner.state) = c.state().clone();
-            res.map(|()| node)
+            res
         })
         .await?
     }
@@ -352,6 +349,13 @@ impl TestCluster {
         tokio::task::spawn_blocking(move || lock(&inner.cluster).write_plan_token(&node)).await?
     }
 
+    /// The live processes named `comm` on `node` (under its cgroup, its containers' included).
+    pub fn node_processes(&self, node: &str, comm: &str) -> Result<Vec<ProcRecord>> {
+        let state = self.state();
+        let n = state.node(node).with_context(|| format!("no node {node} in this cluster"))?;
+        Ok(super::realnode::node_processes(&state, n, comm))
+    }
+
     /// The running agent of `node`: its container's process.
     pub fn agent_process(&self, node: &str) -> Result<ProcRecord> {
         let state = self.state();
@@ -419,15 +423,11 @@ impl TestCluster {
         args.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
         self.kubectl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
         let pods: Api<Pod> = Api::namespaced(self.client(), "weft-system");
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(self.client(), "weft-system");
         wait_for("an operator replica with the new settings to lead", Duration::from_secs(120), || {
-            let (pods, leases) = (pods.clone(), leases.clone());
+            let pods = pods.clone();
             async move {
-                let lease = leases.get_opt("weft-operator").await?;
-                let Some(holder) = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity) else {
-                    return Ok(None);
-                };
+                // No Lease, or no holder yet: keep waiting.
+                let Ok(holder) = self.operator_leader().await else { return Ok(None) };
                 let Some(pod) = pods.get_opt(&holder).await? else { return Ok(None) };
                 let has_env = pod.spec.iter().flat_map(|s| &s.containers).any(|c| {
                     env.iter().all(|(k, v)| {
@@ -470,20 +470,20 @@ impl TestCluster {
 
     /// Where the operator's leader replica (the Lease holder) serves `/metrics`.
     pub async fn operator_leader_metrics_addr(&self) -> Result<std::net::SocketAddrV4> {
-        let state = self.state();
+        let holder = self.operator_leader().await?;
+        let replicas = self.operator_replicas().await?;
+        replicas
+            .into_iter()
+            .find_map(|(pod, addr)| (pod == holder).then_some(addr))
+            .with_context(|| format!("the Lease holder {holder} is not a running replica"))
+    }
+
+    /// The pod holding the operator's leader Lease (`weft-system/weft-operator`).
+    pub async fn operator_leader(&self) -> Result<String> {
         let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(self.client(), "weft-system");
         let lease = leases.get("weft-operator").await.context("reading the operator's Lease")?;
-        let holder =
-            lease.spec.and_then(|s| s.holder_identity).context("the operator's Lease has no holder")?;
-        let pod: Pod = Api::namespaced(self.client(), "weft-system")
-            .get(&holder)
-            .await
-            .with_context(|| format!("the leader's pod {holder}"))?;
-        let node_name =
-            pod.spec.and_then(|s| s.node_name).with_context(|| format!("{holder} is not scheduled"))?;
-        let node = state.node(&node_name).with_context(|| format!("no node {node_name} in this cluster"))?;
-        Ok(std::net::SocketAddrV4::new(node.ip, super::OPERATOR_METRICS_PORT))
+        lease.spec.and_then(|s| s.holder_identity).context("the operator's Lease has no holder")
     }
 
     /// What the agent of `node` recorded for `programmer` (`proxy`, `routes`, `ipam`, `cni`,
