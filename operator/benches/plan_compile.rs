@@ -77,6 +77,9 @@ fn cluster(nodes: usize) -> Vec<Change> {
             key: ObjectKey::new(format!("ns-{}", (i / ENDPOINTS_PER_SERVICE) % 100), format!("pod-{i}")),
             uid: format!("00000000-0000-0000-0000-{i:012}"),
             node: format!("node-{}", i % nodes),
+            labels: Default::default(),
+            ip: None,
+            named_ports: Vec::new(),
         }));
     }
     changes

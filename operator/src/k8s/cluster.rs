@@ -43,6 +43,8 @@ pub enum Object {
     Ingress(Box<networking::Ingress>),
     IngressClass(Box<networking::IngressClass>),
     Secret(Box<core::Secret>),
+    Namespace(Box<core::Namespace>),
+    NetworkPolicy(Box<networking::NetworkPolicy>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,9 +60,11 @@ pub enum ObjectKind {
     Ingress,
     IngressClass,
     Secret,
+    Namespace,
+    NetworkPolicy,
 }
 
-const ALL_KINDS: usize = 11;
+const ALL_KINDS: usize = 13;
 
 impl Object {
     fn kind(&self) -> ObjectKind {
@@ -76,6 +80,8 @@ impl Object {
             Object::Ingress(_) => ObjectKind::Ingress,
             Object::IngressClass(_) => ObjectKind::IngressClass,
             Object::Secret(_) => ObjectKind::Secret,
+            Object::Namespace(_) => ObjectKind::Namespace,
+            Object::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
         }
     }
 
@@ -95,6 +101,8 @@ impl Object {
             Object::Ingress(o) => key_of(o.as_ref()),
             Object::IngressClass(o) => key_of(o.as_ref()),
             Object::Secret(o) => key_of(o.as_ref()),
+            Object::Namespace(o) => key_of(o.as_ref()),
+            Object::NetworkPolicy(o) => key_of(o.as_ref()),
         }
     }
 }
@@ -122,6 +130,8 @@ impl ObjectKind {
             ObjectKind::Ingress => "Ingress",
             ObjectKind::IngressClass => "IngressClass",
             ObjectKind::Secret => "Secret",
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -220,6 +230,22 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>, metrics:
         cfg(),
         |o| Object::IngressClass(Box::new(o)),
         ObjectKind::IngressClass,
+        tx,
+        metrics,
+    );
+    spawn_watch(
+        Api::<core::Namespace>::all(client.clone()),
+        cfg(),
+        |o| Object::Namespace(Box::new(o)),
+        ObjectKind::Namespace,
+        tx,
+        metrics,
+    );
+    spawn_watch(
+        Api::<networking::NetworkPolicy>::all(client.clone()),
+        cfg(),
+        |o| Object::NetworkPolicy(Box::new(o)),
+        ObjectKind::NetworkPolicy,
         tx,
         metrics,
     );
@@ -393,6 +419,10 @@ impl ClusterView {
                 Some(model) => self.compiler.apply(Change::Secret(model)),
                 None => self.compiler.apply(Change::SecretDeleted(key)),
             },
+            Object::Namespace(n) => self.compiler.apply(Change::Namespace(convert::namespace(&n))),
+            Object::NetworkPolicy(p) => {
+                self.compiler.apply(Change::NetworkPolicy(super::network_policy::network_policy(&p)))
+            }
         }
     }
 
@@ -447,6 +477,8 @@ impl ClusterView {
             }
             ObjectKind::IngressClass => self.compiler.apply(Change::IngressClassDeleted(key.name.clone())),
             ObjectKind::Secret => self.compiler.apply(Change::SecretDeleted(key.clone())),
+            ObjectKind::Namespace => self.compiler.apply(Change::NamespaceDeleted(key.name.clone())),
+            ObjectKind::NetworkPolicy => self.compiler.apply(Change::NetworkPolicyDeleted(key.clone())),
         }
     }
 

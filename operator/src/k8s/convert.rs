@@ -48,7 +48,7 @@ pub fn node(node: &core::Node) -> model::Node {
     }
 }
 
-fn protocol(p: Option<&str>) -> model::Protocol {
+pub fn protocol(p: Option<&str>) -> model::Protocol {
     match p {
         Some("UDP") => model::Protocol::Udp,
         Some("SCTP") => model::Protocol::Sctp,
@@ -194,11 +194,31 @@ pub fn pod(pod: &core::Pod) -> Option<model::Pod> {
     if !pod_holds_address(pod) {
         return None;
     }
+    let named_ports = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(model::NamedPort {
+                name: p.name.clone()?,
+                protocol: protocol(p.protocol.as_deref()),
+                port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect();
     Some(model::Pod {
         key: ObjectKey::new(pod.namespace().unwrap_or_default(), pod.name_any()),
         uid: pod.uid().unwrap_or_default(),
         node,
+        labels: pod.labels().clone(),
+        ip: pod_address(pod),
+        named_ports,
     })
+}
+
+pub fn namespace(ns: &core::Namespace) -> model::Namespace {
+    model::Namespace { name: ns.name_any(), labels: ns.labels().clone() }
 }
 
 /// The IPv4 address a running pod holds from Weft's IPAM: none for host-network or finished pods

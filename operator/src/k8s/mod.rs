@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod inputs;
 pub mod ipam;
 pub mod metrics;
+pub mod network_policy;
 pub mod policy;
 pub mod pools;
 pub mod status;

@@ -45,6 +45,8 @@ pub struct Compiler {
     pods_by_node: HashMap<String, BTreeSet<ObjectKey>>,
     /// Ingresses, their classes and Secrets: compiled for the ingress nodes only.
     ingress: super::ingress::IngressState,
+    /// NetworkPolicies and namespaces: compiled for the nodes whose pods they select.
+    policy: super::policy::PolicyState,
 
     // Emitted state, to send only what changed.
     emitted_global: HashMap<ResourceKey, u64>,
@@ -102,6 +104,10 @@ impl Compiler {
                     self.dirty_nodes.extend(self.nodes.keys().cloned());
                 }
             }
+            c @ (Change::Namespace(_)
+            | Change::NamespaceDeleted(_)
+            | Change::NetworkPolicy(_)
+            | Change::NetworkPolicyDeleted(_)) => self.policy.apply(c, &self.pods),
             Change::Network(settings) => {
                 if settings != self.settings {
                     self.settings = settings;
@@ -191,6 +197,7 @@ impl Compiler {
                     }
                     self.dirty_nodes.insert(old.node.clone());
                 }
+                self.policy.pod_changed(self.pods.get(&pod.key), Some(&pod));
                 self.pods_by_node.entry(pod.node.clone()).or_default().insert(pod.key.clone());
                 self.dirty_nodes.insert(pod.node.clone());
                 self.pods.insert(pod.key.clone(), pod);
@@ -200,6 +207,7 @@ impl Compiler {
                     if let Some(set) = self.pods_by_node.get_mut(&old.node) {
                         set.remove(&key);
                     }
+                    self.policy.pod_changed(Some(&old), None);
                     self.dirty_nodes.insert(old.node);
                 }
             }
@@ -236,14 +244,15 @@ impl Compiler {
             self.emit_global(&mut out, Kind::Network, NETWORK, Some(self.network_payload()));
             self.emit_global(&mut out, Kind::Dns, DNS, Some(self.dns_payload()));
         }
-        let nodes_changed = !self.dirty_nodes.is_empty();
-        for name in std::mem::take(&mut self.dirty_nodes) {
-            self.flush_node(&mut out, &name);
+        let dirty_nodes = std::mem::take(&mut self.dirty_nodes);
+        for name in &dirty_nodes {
+            self.flush_node(&mut out, name);
         }
         for key in std::mem::take(&mut self.dirty_services) {
             self.flush_service(&mut out, &key);
         }
-        self.ingress.flush(&mut out, &self.nodes, &self.services, nodes_changed);
+        self.ingress.flush(&mut out, &self.nodes, &self.services, !dirty_nodes.is_empty());
+        self.policy.flush(&mut out, &self.nodes, &self.pods, &self.pods_by_node, &dirty_nodes);
         out
     }
 

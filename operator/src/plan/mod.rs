@@ -3,9 +3,12 @@
 pub mod compile;
 pub mod ingress;
 pub mod model;
+pub mod policy;
 
 pub use compile::Compiler;
 pub use model::{Scope, Update};
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,18 @@ pub struct Pod {
     pub key: ObjectKey,
     pub uid: String,
     pub node: String,
+    pub labels: BTreeMap<String, String>,
+    /// The address in the pod's status; `None` until the kubelet reports it.
+    pub ip: Option<Ipv4Addr>,
+    /// The container ports that have a name (NetworkPolicy named ports).
+    pub named_ports: Vec<NamedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// A block of pod addresses owned by a node (an `IPBlock` object).
@@ -61,7 +73,7 @@ pub struct Pool {
     pub disabled: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     #[default]
     Tcp,
@@ -245,6 +257,139 @@ pub enum Change {
     IngressClassDeleted(String),
     Secret(TlsSecret),
     SecretDeleted(ObjectKey),
+    // NetworkPolicy (compiled by `super::policy`); pods are shared with the node plans.
+    Namespace(Namespace),
+    NamespaceDeleted(String),
+    NetworkPolicy(NetworkPolicy),
+    NetworkPolicyDeleted(ObjectKey),
+}
+
+// NetworkPolicy inputs (compiled by `super::policy`).
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A label selector's requirement on one key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+/// A Kubernetes label selector: every requirement holds. Empty selects everything. Kept in a
+/// canonical order, so two selectors that mean the same compare (and hash) equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LabelSelector {
+    requirements: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    pub fn new(mut requirements: Vec<Requirement>) -> Self {
+        for r in &mut requirements {
+            if let Requirement::In(_, values) | Requirement::NotIn(_, values) = r {
+                values.sort();
+                values.dedup();
+            }
+        }
+        requirements.sort();
+        requirements.dedup();
+        Self { requirements }
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| match r {
+            Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
+            Requirement::NotIn(k, values) => labels.get(k).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+        })
+    }
+}
+
+impl std::fmt::Display for LabelSelector {
+    /// As `kubectl get -l` takes it; `{}` for the empty selector.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.requirements.is_empty() {
+            return f.write_str("{}");
+        }
+        let parts: Vec<String> = self
+            .requirements
+            .iter()
+            .map(|r| match r {
+                Requirement::In(k, v) if v.len() == 1 => format!("{k}={}", v[0]),
+                Requirement::In(k, v) => format!("{k} in ({})", v.join(",")),
+                Requirement::NotIn(k, v) => format!("{k} notin ({})", v.join(",")),
+                Requirement::Exists(k) => k.clone(),
+                Requirement::DoesNotExist(k) => format!("!{k}"),
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Which namespaces a pod peer's pods may be in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceScope {
+    /// The policy's own namespace (no namespaceSelector).
+    Own(String),
+    /// Namespaces whose labels match.
+    Selected(LabelSelector),
+}
+
+/// Pods picked by a peer: one address set per distinct selector, shared by every rule naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerSelector {
+    pub namespaces: NamespaceScope,
+    pub pods: LabelSelector,
+}
+
+impl PeerSelector {
+    /// Every pod of every namespace (egress named ports to any peer resolve against it).
+    pub fn all_pods() -> Self {
+        Self {
+            namespaces: NamespaceScope::Selected(LabelSelector::default()),
+            pods: LabelSelector::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyPeer {
+    Pods(PeerSelector),
+    IpBlock { cidr: Ipv4Net, except: Vec<Ipv4Net> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPort {
+    pub protocol: Protocol,
+    /// `None`: every port of the protocol.
+    pub port: Option<PortRef>,
+    pub end_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// `from`/`to` empty: every peer. Otherwise only `peers` (which may then be empty: a rule
+    /// whose only peers are IPv6 blocks matches nothing here).
+    pub any_peer: bool,
+    pub peers: Vec<PolicyPeer>,
+    /// Empty: every port.
+    pub ports: Vec<PolicyPort>,
+}
+
+/// A `networking.k8s.io/v1` NetworkPolicy. `None` rules: the policy does not isolate that
+/// direction (policyTypes leaves it out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPolicy {
+    pub key: ObjectKey,
+    pub pod_selector: LabelSelector,
+    pub ingress: Option<Vec<PolicyRule>>,
+    pub egress: Option<Vec<PolicyRule>>,
 }
 
 // Ingress inputs (compiled by `super::ingress`).
