@@ -108,9 +108,17 @@ pub async fn run(
         proxy: crate::proxy::ProxyCache::with_runner(config.proxy_runner.clone()),
         dns: crate::dns::DnsHandle::new(&config.state_dir, config.dns.clone(), metrics.clone()),
         ingress: crate::ingress::IngressHandle::new(&config.state_dir, config.ingress.clone()),
+        // Only where the pod network is Weft's: its pods' traffic passes the forward hook.
+        policy: crate::policy::PolicyHandle::new(
+            config.proxy_runner.clone(),
+            metrics.clone(),
+            config.cni.install,
+        ),
         records,
     };
-    let server = crate::cni::CniServer::bind(&target.socket())?.with_metrics(&metrics);
+    let server = crate::cni::CniServer::bind(&target.socket())?
+        .with_metrics(&metrics)
+        .with_policy(target.policy.clone());
     // Without its CNI socket the node cannot start pods: the agent must not carry on without it.
     let mut critical = weft_api::tasks::Critical::new();
     let _stop_cni = AbortOnDrop(critical.spawn("CNI socket", server.run(target.ipam.clone())));

@@ -16,6 +16,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod plan_state;
 pub mod plugin;
+pub mod policy;
 pub mod programmers;
 pub mod proxy;
 pub mod retry;

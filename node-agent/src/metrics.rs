@@ -50,6 +50,14 @@ pub struct AgentMetrics {
     pub ingress_apply_errors: Counter,
     pub ingress_reloads: Counter,
     pub ingress_rejected: Gauge,
+    /// NetworkPolicy (see [`crate::policy`]): policies and isolated pods on the node, sync
+    /// durations, how long new pods waited for their policies, pods quarantined.
+    pub policy_policies: Gauge,
+    pub policy_isolated_pods: Gauge,
+    pub policy_quarantined_pods: Gauge,
+    pub policy_sync_duration: Histogram,
+    pub policy_sync_errors: Counter,
+    pub policy_admission_wait: Histogram,
 }
 
 impl Default for AgentMetrics {
@@ -84,6 +92,12 @@ impl Default for AgentMetrics {
             ingress_apply_errors: Counter::default(),
             ingress_reloads: Counter::default(),
             ingress_rejected: Gauge::default(),
+            policy_policies: Gauge::default(),
+            policy_isolated_pods: Gauge::default(),
+            policy_quarantined_pods: Gauge::default(),
+            policy_sync_duration: Histogram::new(weft_api::telemetry::duration_buckets()),
+            policy_sync_errors: Counter::default(),
+            policy_admission_wait: Histogram::new(weft_api::telemetry::duration_buckets()),
         }
     }
 }
@@ -205,6 +219,36 @@ impl AgentMetrics {
             "agent_ingress_rejected",
             "Ingresses in the plan the agent left out of the nginx configuration (invalid)",
             m.ingress_rejected.clone(),
+        );
+        registry.register(
+            "agent_policy_policies",
+            "NetworkPolicies enforced on this node (those selecting one of its pods)",
+            m.policy_policies.clone(),
+        );
+        registry.register(
+            "agent_policy_isolated_pods",
+            "Pods of this node isolated by a NetworkPolicy (ingress, egress or both)",
+            m.policy_isolated_pods.clone(),
+        );
+        registry.register(
+            "agent_policy_quarantined_pods",
+            "Pods of this node the plan does not know yet: all their traffic is dropped until it does",
+            m.policy_quarantined_pods.clone(),
+        );
+        registry.register(
+            "agent_policy_sync_duration_seconds",
+            "Policy sync: from its start to the end of the nft transaction",
+            m.policy_sync_duration.clone(),
+        );
+        registry.register(
+            "agent_policy_sync_errors",
+            "Policy syncs that failed (the ruleset is left as it was)",
+            m.policy_sync_errors.clone(),
+        );
+        registry.register(
+            "agent_policy_admission_wait_seconds",
+            "CNI ADD: time from the address being allocated to the pod's policies being enforced",
+            m.policy_admission_wait.clone(),
         );
         m
     }

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::protocol::{ErrorKind, GATEWAY, MAX_REQUEST_BYTES, Request, Response};
 use crate::ipam::{AttachmentKey, IpamError, IpamHandle, PodRef};
+use crate::policy::PolicyHandle;
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +37,7 @@ pub struct CniServer {
     listener: UnixListener,
     path: PathBuf,
     metrics: Option<AllocationMetrics>,
+    policy: Option<PolicyHandle>,
 }
 
 /// What the server records about address requests: allocation latency (Prometheus, and OTLP
@@ -76,7 +78,7 @@ impl CniServer {
             UnixListener::bind(&path).map_err(|source| ServeError::Bind { path: path.clone(), source })?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|source| ServeError::Bind { path: path.clone(), source })?;
-        Ok(Self { listener, path, metrics: None })
+        Ok(Self { listener, path, metrics: None, policy: None })
     }
 
     /// Records every ADD's allocation latency and refusals in the agent's metrics.
@@ -92,6 +94,13 @@ impl CniServer {
             exhausted: metrics.ipam_exhausted.clone(),
             otlp,
         });
+        self
+    }
+
+    /// An ADD returns only once the pod's NetworkPolicies are enforced (see [`crate::policy`]).
+    #[must_use]
+    pub fn with_policy(mut self, policy: PolicyHandle) -> Self {
+        self.policy = Some(policy);
         self
     }
 
@@ -114,8 +123,9 @@ impl CniServer {
             };
             let ipam = ipam.clone();
             let metrics = self.metrics.clone();
+            let policy = self.policy.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle_connection(stream, ipam, metrics).await {
+                if let Err(e) = handle_connection(stream, ipam, policy, metrics).await {
                     debug!(error = %e, "CNI connection ended with an error");
                 }
             });
@@ -139,6 +149,7 @@ pub async fn serve(path: &Path, ipam: IpamHandle) -> Result<(), ServeError> {
 async fn handle_connection(
     stream: UnixStream,
     ipam: IpamHandle,
+    policy: Option<PolicyHandle>,
     metrics: Option<AllocationMetrics>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -154,8 +165,9 @@ async fn handle_connection(
             Err(e) => error(ErrorKind::BadRequest, format!("request does not parse: {e}")),
             Ok(request) => {
                 let timed = matches!(request, Request::Add { .. }).then(std::time::Instant::now);
-                let response =
-                    tokio::task::spawn_blocking(move || answer(&ipam, request)).await.unwrap_or_else(|e| {
+                let response = tokio::task::spawn_blocking(move || answer(&ipam, policy.as_ref(), request))
+                    .await
+                    .unwrap_or_else(|e| {
                         error(ErrorKind::Internal, format!("the request handler failed: {e}"))
                     });
                 if let (Some(started), Some(metrics)) = (timed, &metrics) {
@@ -184,8 +196,9 @@ fn ipam_error(e: IpamError) -> Response {
     error(kind, e.to_string())
 }
 
-/// Answers one request; blocking (the checkpoint is fsynced before an address is returned).
-pub fn answer(ipam: &IpamHandle, request: Request) -> Response {
+/// Answers one request; blocking (the checkpoint is fsynced before an address is returned, and
+/// with `policy` the pod's policies are enforced before it is).
+pub fn answer(ipam: &IpamHandle, policy: Option<&PolicyHandle>, request: Request) -> Response {
     let address = |ip| Response::Address { ip, prefix_len: 32, gateway: GATEWAY, mtu: ipam.mtu() };
     match request {
         Request::Add { container_id, ifname, netns, pod_namespace, pod_name, pod_uid } => {
@@ -194,6 +207,15 @@ pub fn answer(ipam: &IpamHandle, request: Request) -> Response {
             match ipam.allocate(&key, &pod) {
                 Ok(a) => {
                     info!(attachment = %key, %pod, netns, ip = %a.ip, "address allocated");
+                    // Fail closed: a pod whose policies cannot be enforced does not start (the
+                    // runtime's DEL gives the address back, the kubelet retries).
+                    if let Some(Err(e)) = policy.map(|p| p.admit(&pod, ipam)) {
+                        warn!(attachment = %key, %pod, error = %e, "the pod's network policies are not enforced");
+                        return error(
+                            ErrorKind::Internal,
+                            format!("the pod's network policies cannot be enforced: {e}"),
+                        );
+                    }
                     address(a.ip)
                 }
                 Err(e) => {

@@ -51,7 +51,7 @@ pub struct PodRef {
 }
 
 impl PodRef {
-    fn is_unknown(&self) -> bool {
+    pub fn is_unknown(&self) -> bool {
         self.uid.is_empty() && self.namespace.is_empty() && self.name.is_empty()
     }
 }

@@ -8,6 +8,7 @@
 //! other nodes' blocks and the masquerade chain (see [`crate::routes`]) when the node's pod
 //! network is Weft's (the same flag). `proxy` writes the service chains (see [`crate::proxy`]) whatever the
 //! node's CNI, and its periodic check ([`CHECKS`]) repairs them when they are flushed.
+//! `policy` enforces the NetworkPolicies selecting the node's pods (see [`crate::policy`]).
 //! `ingress` runs nginx on the nodes that serve ingress (see [`crate::ingress`]). `dns` runs the
 //! node's CoreDNS from the Corefile it renders (see [`crate::dns`]) when the agent has
 //! `--dns-kubeconfig`.
@@ -48,6 +49,8 @@ pub struct Target {
     pub dns: crate::dns::DnsHandle,
     /// The node's nginx (see [`crate::ingress`]).
     pub ingress: crate::ingress::IngressHandle,
+    /// NetworkPolicy enforcement (see [`crate::policy`]), shared with the CNI server.
+    pub policy: crate::policy::PolicyHandle,
     /// Writes the record files of what was applied.
     pub records: record::Recorder,
 }
@@ -78,6 +81,8 @@ pub enum ProgramError {
     Dns(#[from] crate::dns::DnsError),
     #[error(transparent)]
     Ingress(#[from] crate::ingress::IngressError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// What a programmer does to the node.
@@ -113,6 +118,12 @@ pub const PROGRAMMERS: &[Programmer] = &[
         kinds: &[Kind::Network, Kind::Service],
         act: act_proxy,
         record: record::proxy,
+    },
+    Programmer {
+        name: "policy",
+        kinds: &[Kind::Pods, Kind::NetworkPolicy, Kind::PolicySet, Kind::PolicyTargets],
+        act: act_policy,
+        record: record::policy,
     },
     Programmer {
         name: "dns",
@@ -243,6 +254,12 @@ fn proxy_plan(plan: &PlanState) -> Result<crate::proxy::ProxyPlan<'_>, ProgramEr
 /// The service proxy's rules (see [`crate::proxy`]): only the rules that changed are written.
 fn act_proxy(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
     target.proxy.sync(&proxy_plan(plan)?, &target.metrics)?;
+    Ok(())
+}
+
+/// NetworkPolicy enforcement (see [`crate::policy`]); CNI ADDs waiting for their pod wake up.
+fn act_policy(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
+    target.policy.sync(crate::policy::plan_from(plan.resources.values())?, &target.ipam)?;
     Ok(())
 }
 
@@ -402,6 +419,11 @@ mod tests {
             proxy: crate::proxy::ProxyCache::with_runner(crate::exec::Runner::recording()),
             dns: crate::dns::DnsHandle::new(dir, Default::default(), Default::default()),
             ingress: crate::ingress::IngressHandle::new(dir, Default::default()),
+            policy: crate::policy::PolicyHandle::new(
+                crate::exec::Runner::recording(),
+                Default::default(),
+                false,
+            ),
             records,
         };
         (target, versions)

@@ -252,3 +252,24 @@ pub(super) fn ingress(plan: &PlanState) -> Result<String, ProgramError> {
 pub(super) fn dns(plan: &PlanState) -> Result<String, ProgramError> {
     Ok(single::<pb::DnsSettings>("dns", plan, Kind::Dns)?.map(|d| format!("{d:#?}\n")).unwrap_or_default())
 }
+
+/// The policies the node enforces and which of its pods each isolates.
+pub(super) fn policy(plan: &PlanState) -> Result<String, ProgramError> {
+    let p = crate::policy::plan_from(plan.resources.values())?;
+    let mut out = String::new();
+    let _ = writeln!(out, "enforcing {}", p.enforcing);
+    for name in p.policies.keys() {
+        let _ = writeln!(out, "policy {name}");
+    }
+    for t in &p.targets {
+        let _ = writeln!(
+            out,
+            "pod {}/{} ingress [{}] egress [{}]",
+            t.namespace,
+            t.name,
+            t.ingress_policies.join(" "),
+            t.egress_policies.join(" ")
+        );
+    }
+    Ok(out)
+}

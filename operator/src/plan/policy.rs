@@ -10,7 +10,9 @@
 //! Incremental: a pod change re-checks that pod against each peer selector (O(selectors)) and
 //! recomputes its node's targets; a namespace label change re-checks that namespace's pods; a
 //! policy change recomputes the policy, the sets it introduces and the targets of the nodes with
-//! pods in its namespace. Sets and policies are encoded once and shared by every node holding
+//! pods in its namespace. While the cluster has any policy, every node holds its PolicyTargets
+//! (possibly empty), which tells its agent to hold each new pod until its policies are known.
+//! Sets and policies are encoded once and shared by every node holding
 //! them; a node receives only the resources whose version changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -55,6 +57,8 @@ pub struct PolicyState {
     dirty_policies: BTreeSet<ObjectKey>,
     dirty_nodes: BTreeSet<String>,
     dirty_namespaces: BTreeSet<String>,
+    /// Whether the cluster had a policy at the last flush.
+    enforcing: bool,
 }
 
 /// The set resource's name for a selector: stable across replicas and restarts.
@@ -265,9 +269,14 @@ impl PolicyState {
                 }
             }
         }
-        // Nodes whose pods a namespace-wide change concerns.
+        // Nodes whose pods a namespace-wide change concerns; every node when the cluster gains
+        // its first policy or loses its last.
         let mut dirty_nodes = std::mem::take(&mut self.dirty_nodes);
         dirty_nodes.extend(nodes_changed.iter().cloned());
+        if self.enforcing != !self.policies.is_empty() {
+            self.enforcing = !self.policies.is_empty();
+            dirty_nodes.extend(nodes.keys().cloned());
+        }
         for ns in std::mem::take(&mut self.dirty_namespaces) {
             for key in self.namespace_pods.get(&ns).into_iter().flatten() {
                 if let Some(pod) = pods.get(key) {
@@ -333,7 +342,9 @@ impl PolicyState {
                 ports: pod.named_ports.iter().map(named_port).collect(),
             });
         }
-        if targets.is_empty() {
+        // While the cluster has policies every node holds its targets, even none: the agent then
+        // knows to hold a new pod's ADD until the plan knows the pod (see the agent's policy).
+        if self.policies.is_empty() {
             self.node_targets.remove(name);
             return;
         }

@@ -108,9 +108,11 @@ fn a_policy_goes_only_to_the_nodes_whose_pods_it_selects_with_its_peers_resolved
     let set: pb::PolicySet = decode(&sets[0]);
     assert_eq!(set.addresses, vec![u32::from(Ipv4Addr::new(10, 244, 0, 2))], "{}", set.selector);
 
-    for kind in [Kind::PolicyTargets, Kind::NetworkPolicy, Kind::PolicySet] {
+    for kind in [Kind::NetworkPolicy, Kind::PolicySet] {
         assert!(of_kind(&store, "n2", kind).is_empty(), "n2 runs no selected pod: no {kind:?}");
     }
+    let targets: pb::PolicyTargets = decode(&of_kind(&store, "n2", Kind::PolicyTargets)[0]);
+    assert!(targets.pods.is_empty(), "n2's agent knows the cluster has policies, and none for its pods");
 }
 
 #[test]
