@@ -4,9 +4,10 @@
 //! the cluster) run under `ginkgo`. Writes the per-test results to `docs/conformance/` and exits
 //! non-zero when a test failed. Root; `make images` first.
 //!
-//! Usage: `weft-conformance [--suite conformance|network] [--modes nftables,iptables]`.
+//! Usage: `weft-conformance [--suite conformance|network|netpol] [--modes nftables,iptables]`.
 //! `conformance` is every `[sig-network]` test tagged `[Conformance]`; `network` is every
-//! `[sig-network]` test but those left out in [`NETWORK_SKIP`] (see docs/CONFORMANCE.md).
+//! `[sig-network]` test but those left out in [`NETWORK_SKIP`] (see docs/CONFORMANCE.md);
+//! `netpol` is the NetworkPolicy tests (`Netpol`, the truth-table suite, and `NetworkPolicy`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use weft_e2e::cluster::{TestCluster, TestOptions, repo_root, tools_bin_dir, wait
 /// - `[Feature:…]` and `[FeatureGate:…]` not enabled: features Weft does not claim, or alpha/beta
 ///   gates this control plane does not turn on;
 /// - `[Flaky]`: upstream's own verdict;
-/// - NetworkPolicy and Netpol: the NetworkPolicy issue, not enforced yet;
+/// - NetworkPolicy and Netpol: `--suite netpol` runs them;
 /// - `DNS configMap`: they look for the cluster DNS's pods (`k8s-app=kube-dns` in kube-system)
 ///   to edit their `coredns`/`kube-dns` ConfigMap and restart them; Weft's CoreDNS runs under each
 ///   node's agent and is configured through NetworkConfig `spec.dns` (upstreams, stubDomains),
@@ -39,13 +40,20 @@ enum Suite {
     Conformance,
     /// Every `[sig-network]` test that can run on one machine (see `NETWORK_SKIP`).
     Network,
+    /// The NetworkPolicy tests (see `NETPOL_SKIP`).
+    Netpol,
 }
+
+/// What `--suite netpol` leaves out: the SCTP variants (`[Feature:SCTPConnectivity]`: the
+/// machine's kernel has no SCTP module to load), and upstream's `[Flaky]` and `[Disruptive]`.
+const NETPOL_SKIP: &str = r"\[Feature:SCTPConnectivity\]|\[Disruptive\]|\[Flaky\]";
 
 impl Suite {
     fn name(self) -> &'static str {
         match self {
             Suite::Conformance => "sig-network-conformance",
             Suite::Network => "sig-network",
+            Suite::Netpol => "sig-network-netpol",
         }
     }
 
@@ -53,6 +61,7 @@ impl Suite {
         match self {
             Suite::Conformance => r"\[sig-network\].*\[Conformance\]",
             Suite::Network => r"\[sig-network\]",
+            Suite::Netpol => r"\[sig-network\] (Netpol|NetworkPolicy)",
         }
     }
 
@@ -60,6 +69,7 @@ impl Suite {
         match self {
             Suite::Conformance => None,
             Suite::Network => Some(NETWORK_SKIP),
+            Suite::Netpol => Some(NETPOL_SKIP),
         }
     }
 }
