@@ -116,6 +116,16 @@ pub async fn run(
         ),
         records,
     };
+    let saved = PlanState::load(&config.state_dir).unwrap_or_else(|e| {
+        // Start empty: the operator sends a snapshot, and nothing is programmed before it.
+        warn!(error = %e, "the saved plan is unreadable; asking the operator for a snapshot");
+        PlanState::default()
+    });
+    // ADDs that come before the saved plan is applied below are judged by it.
+    match crate::policy::plan_from(saved.resources.values()) {
+        Ok(policy) => target.policy.seed(policy),
+        Err(e) => warn!(error = %e, "the saved plan's policies do not decode; new pods wait for the operator's"),
+    }
     let server = crate::cni::CniServer::bind(&target.socket())?
         .with_metrics(&metrics)
         .with_policy(target.policy.clone());
@@ -123,11 +133,7 @@ pub async fn run(
     let mut critical = weft_api::tasks::Critical::new();
     let _stop_cni = AbortOnDrop(critical.spawn("CNI socket", server.run(target.ipam.clone())));
     let mut agent = Agent {
-        plan: Arc::new(PlanState::load(&config.state_dir).unwrap_or_else(|e| {
-            // Start empty: the operator sends a snapshot, and nothing is programmed before it.
-            warn!(error = %e, "the saved plan is unreadable; asking the operator for a snapshot");
-            PlanState::default()
-        })),
+        plan: Arc::new(saved),
         applied: false,
         config,
         metrics,

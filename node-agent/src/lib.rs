@@ -14,6 +14,7 @@ pub mod files;
 pub mod ingress;
 pub mod ipam;
 pub mod metrics;
+pub mod nft;
 pub mod plan_state;
 pub mod plugin;
 pub mod policy;

@@ -121,7 +121,7 @@ fn cidr(s: &str) -> pb::Cidr {
 
 struct Lab {
     node: Netns,
-    server: Netns,
+    _server: Netns,
     friend: Netns,
     stranger: Netns,
     policy: PolicyHandle,
@@ -145,7 +145,7 @@ impl Lab {
         let ipam = IpamHandle::open(state.path(), "n1").unwrap();
         ipam.set_blocks(vec!["10.244.50.0/26".parse().unwrap()]).unwrap();
         let policy = PolicyHandle::new(Runner::in_netns(node.name()), AgentMetrics::default(), true);
-        Self { node, server, friend, stranger, policy, ipam, _state: state }
+        Self { node, _server: server, friend, stranger, policy, ipam, _state: state }
     }
 
     fn sync(&self, plan: &PolicyPlan) {
@@ -400,4 +400,10 @@ fn an_incremental_sync_ends_where_a_full_one_would() {
     incremental.policy.invalidate();
     incremental.sync(&steps[3]);
     assert_eq!(incremental.table(), before, "the table was replaced in full");
+
+    // The periodic check finds a ruleset flushed behind the agent's back and writes it again.
+    assert!(!incremental.policy.check(&incremental.ipam).unwrap(), "intact: nothing to repair");
+    ok(incremental.node.exec("nft").args(["flush", "ruleset"]));
+    assert!(incremental.policy.check(&incremental.ipam).unwrap(), "repaired");
+    assert_eq!(incremental.table(), before);
 }

@@ -13,6 +13,8 @@ pub const TABLE: &str = "weft-policy";
 pub const INGRESS_PODS: &str = "ingress-pods";
 pub const EGRESS_PODS: &str = "egress-pods";
 pub const QUARANTINE: &str = "quarantine";
+/// The chains on the forward hook: what the periodic check looks for.
+pub const BASE_CHAINS: [&str; 2] = ["egress", "ingress"];
 
 /// The base chains and maps, written on a full sync only.
 fn base(out: &mut String) {
@@ -22,7 +24,7 @@ fn base(out: &mut String) {
     let _ = writeln!(out, "  map {EGRESS_PODS} {{ type ipv4_addr : verdict; }}");
     // Egress first: a packet between two pods of the node passes both.
     for (chain, priority, addr, map) in
-        [("egress", -1, "saddr", EGRESS_PODS), ("ingress", 1, "daddr", INGRESS_PODS)]
+        [(BASE_CHAINS[0], -1, "saddr", EGRESS_PODS), (BASE_CHAINS[1], 1, "daddr", INGRESS_PODS)]
     {
         let _ = writeln!(out, "  chain {chain} {{");
         let _ = writeln!(out, "    type filter hook forward priority {priority}; policy accept;");

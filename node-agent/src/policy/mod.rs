@@ -129,6 +129,12 @@ impl PolicyHandle {
         result
     }
 
+    /// The plan saved by an earlier run, before any is applied: CNI ADDs in the meantime are
+    /// judged by it (the kernel still holds what it enforced) instead of passing unwaited.
+    pub fn seed(&self, plan: PolicyPlan) {
+        self.lock().plan = plan;
+    }
+
     /// A CNI ADD allocated `pod`'s address: returns once its policies are enforced.
     pub fn admit(&self, pod: &PodRef, ipam: &IpamHandle) -> Result<(), PolicyError> {
         if !self.enforce {
@@ -149,6 +155,24 @@ impl PolicyHandle {
         self.sync_locked(&mut state, ipam)?;
         self.metrics.policy_admission_wait.observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Whether the table written is still there with its hooks (a `nft flush ruleset` or a
+    /// deleted table or base chain fails it); when not, it is replaced in full at once. Returns
+    /// whether it had to be.
+    pub fn check(&self, ipam: &IpamHandle) -> Result<bool, PolicyError> {
+        let mut state = self.lock();
+        if !self.enforce || !state.table || self.runner.is_recording() {
+            return Ok(false);
+        }
+        // A failure (no table at all) is a finding, not an error.
+        let listing = self.runner.output("nft", &["-j", "list", "chains", "ip"]).unwrap_or_default();
+        if crate::nft::chains_present(&listing, apply::TABLE, &apply::BASE_CHAINS) {
+            return Ok(false);
+        }
+        state.written = None;
+        self.sync_locked(&mut state, ipam)?;
+        Ok(true)
     }
 
     /// Forgets what was written: the next sync replaces the table.

@@ -268,7 +268,7 @@ fn act_policy(plan: &PlanState, target: &Target) -> Result<(), ProgramError> {
 type Check = fn(&PlanState, &Target) -> Result<bool, ProgramError>;
 
 /// The programmers that check their work between plans (see [`check_all`]).
-pub const CHECKS: &[(&str, Check)] = &[("proxy", check_proxy)];
+pub const CHECKS: &[(&str, Check)] = &[("proxy", check_proxy), ("policy", check_policy)];
 
 /// Runs every programmer's periodic check; returns the failures.
 pub fn check_all(plan: &PlanState, target: &Target) -> Vec<(String, ProgramError)> {
@@ -295,6 +295,11 @@ fn check_proxy(plan: &PlanState, target: &Target) -> Result<bool, ProgramError> 
     }
     target.proxy.sync(&proxy_plan(plan)?, &target.metrics)?;
     Ok(true)
+}
+
+/// The policy table flushed or deleted from outside is written again in full.
+fn check_policy(_plan: &PlanState, target: &Target) -> Result<bool, ProgramError> {
+    Ok(target.policy.check(&target.ipam)?)
 }
 
 /// Runs the node's CoreDNS with the Corefile rendered from the plan (see [`crate::dns`]); its

@@ -189,7 +189,7 @@ impl NftCache {
         }
         // A failure (no table at all) is a finding, not an error.
         let listing = runner.output("nft", &["-j", "list", "chains", "ip"]).unwrap_or_default();
-        let intact = shared_chains_present(&listing);
+        let intact = crate::nft::chains_present(&listing, TABLE, &SHARED_CHAINS);
         if !intact {
             self.synced = false;
         }
@@ -207,40 +207,6 @@ impl NftCache {
             tracing::debug!("nftables service proxy table removed");
         }
     }
-}
-
-/// `nft -j list chains` output, as far as the check reads it: the chains and their tables (the
-/// `metainfo` entry and every other field are ignored).
-#[derive(serde::Deserialize)]
-struct ChainListing {
-    nftables: Vec<ListedObject>,
-}
-
-#[derive(serde::Deserialize)]
-struct ListedObject {
-    chain: Option<ListedChain>,
-}
-
-#[derive(serde::Deserialize)]
-struct ListedChain {
-    table: String,
-    name: String,
-}
-
-/// Whether every shared chain is in Weft's table, read from `nft -j list chains ip`. Output that
-/// does not parse (no nft, no table) counts as missing chains.
-pub(super) fn shared_chains_present(listing_json: &str) -> bool {
-    let Ok(listing) = serde_json::from_str::<ChainListing>(listing_json) else {
-        return false;
-    };
-    let ours: HashSet<&str> = listing
-        .nftables
-        .iter()
-        .filter_map(|object| object.chain.as_ref())
-        .filter(|chain| chain.table == TABLE)
-        .map(|chain| chain.name.as_str())
-        .collect();
-    SHARED_CHAINS.iter().all(|chain| ours.contains(chain))
 }
 
 /// One `nft -f -` transaction: all of `input` or nothing.

@@ -192,13 +192,13 @@ fn the_check_finds_the_shared_chains_of_its_own_table_only() {
         format!(r#"{{"nftables":[{{"metainfo":{{"version":"1.0.6","json_schema_version":1}}}},{objects}]}}"#)
     };
     let ours = listing(chains(TABLE, &SHARED_CHAINS));
-    assert!(apply::shared_chains_present(&ours));
+    assert!(crate::nft::chains_present(&ours, TABLE, &SHARED_CHAINS));
     let elsewhere = listing(chains("other", &SHARED_CHAINS));
-    assert!(!apply::shared_chains_present(&elsewhere));
+    assert!(!crate::nft::chains_present(&elsewhere, TABLE, &SHARED_CHAINS));
     let one_missing = listing(chains(TABLE, &SHARED_CHAINS[1..]));
-    assert!(!apply::shared_chains_present(&one_missing));
-    assert!(!apply::shared_chains_present(""));
-    assert!(!apply::shared_chains_present("table ip weft-proxy {"));
+    assert!(!crate::nft::chains_present(&one_missing, TABLE, &SHARED_CHAINS));
+    assert!(!crate::nft::chains_present("", TABLE, &SHARED_CHAINS));
+    assert!(!crate::nft::chains_present("table ip weft-proxy {", TABLE, &SHARED_CHAINS));
 }
 
 /// A Service that does not render (an IPv6 allowed source, stored before admission refused
