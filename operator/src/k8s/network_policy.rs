@@ -104,3 +104,63 @@ fn port(p: &networking::NetworkPolicyPort) -> PolicyPort {
         end_port: p.end_port.and_then(|e| u16::try_from(e).ok()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::model::Protocol;
+
+    fn policy(spec: serde_json::Value) -> NetworkPolicy {
+        let object = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": spec,
+        });
+        network_policy(&serde_json::from_value(object).unwrap_or_default())
+    }
+
+    #[test]
+    fn without_policy_types_ingress_always_isolates_and_egress_only_with_rules() {
+        let p = policy(serde_json::json!({"podSelector": {}}));
+        assert_eq!((p.ingress, p.egress), (Some(vec![]), None), "deny all ingress");
+        let p = policy(serde_json::json!({"podSelector": {}, "egress": [{}]}));
+        assert!(p.ingress.is_some() && p.egress.as_ref().is_some_and(|e| e[0].any_peer));
+        let p = policy(serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"]}));
+        assert_eq!((p.ingress, p.egress), (None, Some(vec![])), "deny all egress, ingress open");
+    }
+
+    #[test]
+    fn peers_ports_and_selectors_keep_their_meaning() {
+        let p = policy(serde_json::json!({
+            "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]},
+            "ingress": [{
+                "from": [
+                    {"podSelector": {"matchLabels": {"role": "client"}}},
+                    {"namespaceSelector": {"matchLabels": {"team": "a"}}},
+                    {"ipBlock": {"cidr": "fd00::/64"}},
+                    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}
+                ],
+                "ports": [{"port": "http"}, {"protocol": "UDP", "port": 53, "endPort": 60}, {"protocol": "SCTP"}]
+            }, {"from": [{"ipBlock": {"cidr": "fd00::/64"}}]}]
+        }));
+        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(p.pod_selector.matches(&labels(&[("app", "web")])));
+        assert!(!p.pod_selector.matches(&labels(&[("app", "db")])));
+        let rules = p.ingress.unwrap_or_default();
+        let rule = &rules[0];
+        assert_eq!(rule.peers.len(), 3, "the IPv6 block matches no IPv4 traffic: left out");
+        match &rule.peers[0] {
+            PolicyPeer::Pods(s) => assert_eq!(s.namespaces, NamespaceScope::Own("shop".into())),
+            other => panic!("{other:?}"),
+        }
+        match &rule.peers[1] {
+            PolicyPeer::Pods(s) => assert!(matches!(s.namespaces, NamespaceScope::Selected(_)) && s.pods == LabelSelector::default()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rule.ports[0].port, Some(PortRef::Name("http".into())));
+        assert_eq!((rule.ports[1].protocol, rule.ports[1].end_port), (Protocol::Udp, Some(60)));
+        assert_eq!((rule.ports[2].protocol, rule.ports[2].port.clone()), (Protocol::Sctp, None));
+        assert!(!rules[1].any_peer && rules[1].peers.is_empty(), "a rule of IPv6 peers only admits nothing");
+    }
+}
