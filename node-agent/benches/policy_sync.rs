@@ -126,7 +126,7 @@ fn run() -> Result<String> {
     // A remote pod (the first of set 0) leaves the set and comes back, alternately.
     let remote = |i: usize| {
         let mut p = base.clone();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             p.sets.get_mut(&format!("s-{:016x}", 0)).map(|s| s.addresses.remove(0));
         }
         p
@@ -134,7 +134,7 @@ fn run() -> Result<String> {
     // A local pod (pod-0) joins policy 999, and leaves it.
     let local = |i: usize| {
         let mut p = base.clone();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             p.targets[0].ingress_policies.push(format!("ns-99/policy-{}", POLICIES - 1));
         }
         p

@@ -124,7 +124,9 @@ pub async fn run(
     // ADDs that come before the saved plan is applied below are judged by it.
     match crate::policy::plan_from(saved.resources.values()) {
         Ok(policy) => target.policy.seed(policy),
-        Err(e) => warn!(error = %e, "the saved plan's policies do not decode; new pods wait for the operator's"),
+        Err(e) => {
+            warn!(error = %e, "the saved plan's policies do not decode; new pods wait for the operator's")
+        }
     }
     let server = crate::cni::CniServer::bind(&target.socket())?
         .with_metrics(&metrics)

@@ -213,11 +213,14 @@ fn numeric_ports(rule: &pb::PolicyRule) -> Vec<Option<String>> {
         .collect()
 }
 
+/// The local pods a policy selects in one direction (true: ingress): address, named ports.
+type Selected<'a> = HashMap<(&'a str, bool), Vec<(Ipv4Addr, &'a [pb::NamedPort])>>;
+
 struct Renderer<'a> {
     plan: &'a PolicyPlan,
     out: Desired,
     /// Per policy: the local pods it selects (address, named ports), per direction.
-    selected: HashMap<(&'a str, bool), Vec<(Ipv4Addr, &'a [pb::NamedPort])>>,
+    selected: Selected<'a>,
 }
 
 impl<'a> Renderer<'a> {

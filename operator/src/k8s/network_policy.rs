@@ -144,7 +144,8 @@ mod tests {
                 "ports": [{"port": "http"}, {"protocol": "UDP", "port": 53, "endPort": 60}, {"protocol": "SCTP"}]
             }, {"from": [{"ipBlock": {"cidr": "fd00::/64"}}]}]
         }));
-        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert!(p.pod_selector.matches(&labels(&[("app", "web")])));
         assert!(!p.pod_selector.matches(&labels(&[("app", "db")])));
         let rules = p.ingress.unwrap_or_default();
@@ -155,7 +156,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match &rule.peers[1] {
-            PolicyPeer::Pods(s) => assert!(matches!(s.namespaces, NamespaceScope::Selected(_)) && s.pods == LabelSelector::default()),
+            PolicyPeer::Pods(s) => assert!(
+                matches!(s.namespaces, NamespaceScope::Selected(_)) && s.pods == LabelSelector::default()
+            ),
             other => panic!("{other:?}"),
         }
         assert_eq!(rule.ports[0].port, Some(PortRef::Name("http".into())));

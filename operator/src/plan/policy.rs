@@ -119,22 +119,16 @@ impl PolicyState {
     /// Records a change of a policy or namespace; pods come through [`Self::pod_changed`].
     pub fn apply(&mut self, change: Change, pods: &HashMap<ObjectKey, Pod>) {
         match change {
-            Change::Namespace(ns) => {
-                if self.namespaces.get(&ns.name) != Some(&ns.labels) {
-                    self.namespaces.insert(ns.name.clone(), ns.labels);
-                    self.namespace_relabeled(&ns.name, pods);
-                }
+            Change::Namespace(ns) if self.namespaces.get(&ns.name) != Some(&ns.labels) => {
+                self.namespaces.insert(ns.name.clone(), ns.labels);
+                self.namespace_relabeled(&ns.name, pods);
             }
-            Change::NamespaceDeleted(name) => {
-                if self.namespaces.remove(&name).is_some() {
-                    self.namespace_relabeled(&name, pods);
-                }
+            Change::NamespaceDeleted(name) if self.namespaces.remove(&name).is_some() => {
+                self.namespace_relabeled(&name, pods);
             }
-            Change::NetworkPolicy(policy) => {
-                if self.policies.get(&policy.key) != Some(&policy) {
-                    let old = self.policies.insert(policy.key.clone(), policy.clone());
-                    self.policy_changed(old.as_ref(), Some(&policy), pods);
-                }
+            Change::NetworkPolicy(policy) if self.policies.get(&policy.key) != Some(&policy) => {
+                let old = self.policies.insert(policy.key.clone(), policy.clone());
+                self.policy_changed(old.as_ref(), Some(&policy), pods);
             }
             Change::NetworkPolicyDeleted(key) => {
                 if let Some(old) = self.policies.remove(&key) {
@@ -273,7 +267,7 @@ impl PolicyState {
         // its first policy or loses its last.
         let mut dirty_nodes = std::mem::take(&mut self.dirty_nodes);
         dirty_nodes.extend(nodes_changed.iter().cloned());
-        if self.enforcing != !self.policies.is_empty() {
+        if self.enforcing == self.policies.is_empty() {
             self.enforcing = !self.policies.is_empty();
             dirty_nodes.extend(nodes.keys().cloned());
         }
