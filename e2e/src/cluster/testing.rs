@@ -495,6 +495,22 @@ impl TestCluster {
         tokio::fs::read_to_string(&path).await.with_context(|| format!("reading {}", path.display()))
     }
 
+    /// Sets NetworkConfig `default` to proxy `mode` (`iptables` or `nftables`) and waits (60 s)
+    /// until every agent's proxy record says that mode.
+    pub async fn use_proxy_mode(&self, mode: &str) -> Result<()> {
+        self.patch_network_config(serde_json::json!({"proxy": {"mode": mode}})).await?;
+        let record = format!("mode {mode}\n");
+        self.wait_for(&format!("every agent on the {mode} backend"), Duration::from_secs(60), || async {
+            for node in self.nodes() {
+                if !self.programmed(&node.name, "proxy").await?.starts_with(&record) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        })
+        .await
+    }
+
     /// The cluster's collector and Prometheus; an error when they do not run.
     pub fn observability(&self) -> Result<super::Observability> {
         self.state().observability.with_context(|| {

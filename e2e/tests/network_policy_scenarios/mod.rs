@@ -28,21 +28,7 @@ pub async fn cluster_in_mode(
     switched: &tokio::sync::OnceCell<()>,
 ) -> Result<TestCluster> {
     let c = TestCluster::shared(options()).await?;
-    switched
-        .get_or_try_init(|| async {
-            c.patch_network_config(serde_json::json!({"proxy": {"mode": mode}})).await?;
-            let record = format!("mode {mode}\n");
-            c.wait_for(&format!("every agent on the {mode} backend"), Duration::from_secs(60), || async {
-                for node in c.nodes() {
-                    if !c.programmed(&node.name, "proxy").await?.starts_with(&record) {
-                        return Ok(None);
-                    }
-                }
-                Ok(Some(()))
-            })
-            .await
-        })
-        .await?;
+    switched.get_or_try_init(|| c.use_proxy_mode(mode)).await?;
     Ok(c)
 }
 
