@@ -16,7 +16,7 @@ use weft_api::plan as pb;
 
 mod support;
 use support::netns::Netns;
-use support::{ok, require_root, run};
+use support::{Enter as _, ok, require_root, run};
 
 /// A connection that should succeed gets this long; one that should not is given up on after it
 /// (a dropped SYN never answers).
@@ -32,18 +32,6 @@ fn netns(tag: &str) -> Netns {
     let ns = Netns::new("wpol", tag).unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     ns
-}
-
-fn enter<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let file = std::fs::File::open(ns.path()).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
 }
 
 /// Routes `pod` from `node` as Weft does: `address/32` in the pod, the gateway 169.254.1.1 on its
@@ -66,7 +54,7 @@ fn attach(node: &Netns, pod: &Netns, host_if: &str, address: &str) {
 /// TCP echo servers on 80 and 8080 (the pod's `http` named port): each line comes back.
 fn serve(ns: &Netns) {
     for port in [80, 8080] {
-        let listener = enter(ns, || TcpListener::bind(("0.0.0.0", port)).unwrap());
+        let listener = ns.enter(|| TcpListener::bind(("0.0.0.0", port)).unwrap());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
@@ -87,7 +75,7 @@ fn serve(ns: &Netns) {
 /// A connection from inside `ns`, or why not.
 fn connect(ns: &Netns, to: &str, port: u16, timeout: Duration) -> Result<TcpStream, ErrorKind> {
     let addr = SocketAddr::new(to.parse().unwrap(), port);
-    enter(ns, || TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind()))
+    ns.enter(|| TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind()))
 }
 
 /// A line sent and echoed on an open connection.

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use weft_api::plan::{self as pb, Kind, Resource};
 
 mod support;
 use support::netns::Netns;
-use support::{ok, require_root, run};
+use support::{Enter as _, ok, require_root, run};
 
 const CLUSTER_IP: &str = "10.96.0.10";
 const EMPTY_IP: &str = "10.96.0.11";
@@ -34,25 +33,6 @@ fn netns(tag: &str) -> Netns {
     let ns = Netns::new("wpx", tag).unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     ns
-}
-
-trait Enter {
-    /// Runs `f` on a thread inside this namespace: sockets it creates live here.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T;
-}
-
-impl Enter for Netns {
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(self.path()).unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
 }
 
 /// A TCP server on 80 answering every connection with `<name> <client address>`, and UDP

@@ -5,6 +5,29 @@ use std::process::{Command, Output};
 
 pub mod netns;
 
+use netns::Netns;
+
+/// Runs code inside a namespace of the test (the datapath tests; the CNI tests do not).
+#[allow(dead_code)]
+pub trait Enter {
+    /// Runs `f` on a thread inside this namespace: sockets it creates live here.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T;
+}
+
+impl Enter for Netns {
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(self.path()).expect("the namespace's file");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("the thread inside the namespace")
+        })
+    }
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
