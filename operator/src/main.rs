@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -77,9 +78,12 @@ async fn main() -> anyhow::Result<()> {
     status_metrics.reconcile = reconcile_metrics.clone();
     let store = Arc::new(PlanStore::new());
     let (status_tx, mut status_rx) = watch::channel(inputs::StatusInputs::default());
-    ConvergenceCollector::register(&mut registry, store.clone());
+    // Mirrors the Lease (below) for the convergence metrics, which only the leader exports; a
+    // flag, not a receiver, so that the metrics do not hold the Lease at shutdown.
+    let leading = Arc::new(AtomicBool::new(false));
+    ConvergenceCollector::register(&mut registry, store.clone(), leading.clone());
     PoolCollector::register(&mut registry, store.clone(), status_rx.clone());
-    let _otlp_instruments = weft_operator::server::metrics::register_otlp(store.clone());
+    let _otlp_instruments = weft_operator::server::metrics::register_otlp(store.clone(), leading.clone());
     let readiness = Readiness::new(["cluster-synced", "plan-server"]);
     let admin = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
@@ -125,9 +129,12 @@ async fn main() -> anyhow::Result<()> {
     let mut leader_tasks = Vec::new();
     {
         let mut is_leader = is_leader.clone();
+        leading.store(*is_leader.borrow(), Ordering::Relaxed);
         leader_tasks.push(critical.spawn("leader election", async move {
             while is_leader.changed().await.is_ok() {
-                info!(identity = %identity, leader = *is_leader.borrow(), "leadership changed");
+                let now_leading = *is_leader.borrow();
+                leading.store(now_leading, Ordering::Relaxed);
+                info!(identity = %identity, leader = now_leading, "leadership changed");
             }
         }));
     }

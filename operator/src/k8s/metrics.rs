@@ -171,7 +171,7 @@ mod tests {
         let mut registry = weft_api::telemetry::new_registry();
         let metrics = ReconcileMetrics::register(&mut registry);
         PoolCollector::register(&mut registry, store.clone(), rx);
-        ConvergenceCollector::register(&mut registry, store);
+        ConvergenceCollector::register(&mut registry, store, Arc::new(true.into()));
         metrics.error("IPPool");
         let text = encode(&registry);
         for line in [

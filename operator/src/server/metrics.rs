@@ -3,6 +3,7 @@
 //! node is from its newest plan.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -94,20 +95,27 @@ type NodeValue = fn(&NodeConvergence, Instant) -> f64;
 /// Convergence read from the store at each scrape, so a node that leaves the plan leaves the
 /// metrics too: nodes in the plan and converged, and per node whether it is converged, connected,
 /// which plan generation it acknowledged and how long it has lagged behind its newest plan.
+///
+/// Only the leader exports it: a follower compiles the same plans but serves no agent, so its
+/// store would show every node as behind and lagging more each second.
 #[derive(Debug)]
 pub struct ConvergenceCollector {
     store: Arc<PlanStore>,
+    leading: Arc<AtomicBool>,
 }
 
 impl ConvergenceCollector {
     /// Registers the collector on `registry`.
-    pub fn register(registry: &mut Registry, store: Arc<PlanStore>) {
-        registry.register_collector(Box::new(Self { store }));
+    pub fn register(registry: &mut Registry, store: Arc<PlanStore>, leading: Arc<AtomicBool>) {
+        registry.register_collector(Box::new(Self { store, leading }));
     }
 }
 
 impl Collector for ConvergenceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if !self.leading.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let nodes = self.store.convergence();
         let now = Instant::now();
         let converged = nodes.iter().filter(|n| n.converged()).count();
@@ -157,24 +165,30 @@ impl Collector for ConvergenceCollector {
 
 /// The instruments the operator exports over OTLP (through the global meter provider that
 /// `weft_api::telemetry::init` installs when an OTLP endpoint is set; no-ops otherwise): the
-/// convergence an admin alerts on, read from the store at each export. Keep the returned handles
-/// alive for as long as they should be exported.
-pub fn register_otlp(store: Arc<PlanStore>) -> Vec<opentelemetry::metrics::ObservableGauge<f64>> {
+/// convergence an admin alerts on, read from the store at each export, by the leader only (as
+/// [`ConvergenceCollector`]). Keep the returned handles alive for as long as they should be
+/// exported.
+pub fn register_otlp(
+    store: Arc<PlanStore>,
+    leading: Arc<AtomicBool>,
+) -> Vec<opentelemetry::metrics::ObservableGauge<f64>> {
     let meter = opentelemetry::global::meter("weft-operator");
-    let nodes = store.clone();
-    let converged = store.clone();
     let connected = store.clone();
+    // The nodes as this replica reports them: none unless it leads.
+    let reported =
+        Arc::new(move || if leading.load(Ordering::Relaxed) { store.convergence() } else { Vec::new() });
+    let (nodes, converged, lagging) = (reported.clone(), reported.clone(), reported);
     vec![
         meter
             .f64_observable_gauge("weft.plan.nodes")
             .with_description("Nodes in the plan")
-            .with_callback(move |o| o.observe(nodes.convergence().len() as f64, &[]))
+            .with_callback(move |o| o.observe(nodes().len() as f64, &[]))
             .build(),
         meter
             .f64_observable_gauge("weft.plan.nodes.converged")
             .with_description("Nodes whose agent acknowledged their newest plan")
             .with_callback(move |o| {
-                o.observe(converged.convergence().iter().filter(|n| n.converged()).count() as f64, &[]);
+                o.observe(converged().iter().filter(|n| n.converged()).count() as f64, &[])
             })
             .build(),
         meter
@@ -188,7 +202,7 @@ pub fn register_otlp(store: Arc<PlanStore>) -> Vec<opentelemetry::metrics::Obser
             .with_unit("s")
             .with_callback(move |o| {
                 let now = Instant::now();
-                for node in store.convergence() {
+                for node in lagging() {
                     o.observe(
                         node.lag(now).as_secs_f64(),
                         &[opentelemetry::KeyValue::new("node", node.node)],
@@ -197,4 +211,41 @@ pub fn register_otlp(store: Arc<PlanStore>) -> Vec<opentelemetry::metrics::Obser
             })
             .build(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::plan::{Scope, Update};
+    use weft_api::plan::{self as pb, Kind, Resource, ResourceKey};
+
+    #[test]
+    fn only_the_leader_exports_convergence() {
+        let store = Arc::new(PlanStore::new());
+        let plan = pb::NodePlan { name: "n1".into(), ..Default::default() };
+        store.publish(
+            vec![Update {
+                scope: Scope::Node("n1".into()),
+                key: ResourceKey::new(Kind::Node, "node"),
+                resource: Some(Arc::new(Resource::encode(Kind::Node, "node", &plan))),
+            }],
+            HashMap::new(),
+        );
+        let leading = Arc::new(AtomicBool::new(false));
+        let mut registry = weft_api::telemetry::new_registry();
+        ConvergenceCollector::register(&mut registry, store, leading.clone());
+        let scrape = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+            text
+        };
+        let follower = scrape();
+        assert!(!follower.contains("weft_plan_node"), "a follower serves no agent:\n{follower}");
+        leading.store(true, Ordering::Relaxed);
+        let leader = scrape();
+        assert!(leader.contains("weft_plan_nodes 1"), "{leader}");
+        assert!(leader.contains("weft_plan_node_converged{node=\"n1\"} 0"), "{leader}");
+    }
 }

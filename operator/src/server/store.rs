@@ -88,7 +88,10 @@ impl Inner {
             self.nodes.keys().filter_map(|node| Some((node.clone(), self.version(node)?))).collect();
         for (node, version) in versions {
             let report = self.reports.entry(node).or_default();
-            if report.acked_version != version && report.stale_since.is_none() {
+            if report.acked_version == version {
+                // Back to what the agent holds (a change undone): the next change starts afresh.
+                report.stale_since = None;
+            } else if report.stale_since.is_none() {
                 report.stale_since = Some(now);
             }
         }
@@ -513,6 +516,24 @@ mod tests {
         store.ack("n1", newest.version);
         assert_eq!(lag(since + Duration::from_secs(5)), Duration::ZERO);
         assert_eq!(store.convergence()[0].report.acked_generation, 3);
+    }
+
+    #[test]
+    fn a_change_undone_stops_the_lag_clock_and_the_next_change_starts_it_afresh() {
+        let store = PlanStore::new();
+        store.publish(vec![node("n1"), peer("n2", "172.18.0.2")], HashMap::new());
+        let conn = store.connect(hello("n1"));
+        let (_, first) = store.next_message(&conn).expect("snapshot");
+        store.ack("n1", first.version);
+
+        store.publish(vec![peer("n2", "172.18.0.3")], HashMap::new());
+        let since = store.convergence()[0].report.stale_since.expect("the lag clock runs");
+        store.publish(vec![peer("n2", "172.18.0.2")], HashMap::new());
+        assert_eq!(store.convergence()[0].report.stale_since, None, "back to what the agent holds");
+        std::thread::sleep(Duration::from_millis(5));
+        store.publish(vec![peer("n2", "172.18.0.4")], HashMap::new());
+        let again = store.convergence()[0].report.stale_since.expect("the lag clock runs again");
+        assert!(again > since, "the lag counts from the new change, not the undone one");
     }
 
     #[test]
