@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 use weft_api::v1alpha1 as api;
 
+use super::cluster_network_policy::ClusterNetworkPolicy;
 use super::convert;
 use super::inputs::StatusInputs;
 use super::metrics::ReconcileMetrics;
@@ -45,6 +46,7 @@ pub enum Object {
     Secret(Box<core::Secret>),
     Namespace(Box<core::Namespace>),
     NetworkPolicy(Box<networking::NetworkPolicy>),
+    ClusterNetworkPolicy(Box<ClusterNetworkPolicy>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,9 +64,10 @@ pub enum ObjectKind {
     Secret,
     Namespace,
     NetworkPolicy,
+    ClusterNetworkPolicy,
 }
 
-const ALL_KINDS: usize = 13;
+const ALL_KINDS: usize = 14;
 
 impl Object {
     fn kind(&self) -> ObjectKind {
@@ -82,6 +85,7 @@ impl Object {
             Object::Secret(_) => ObjectKind::Secret,
             Object::Namespace(_) => ObjectKind::Namespace,
             Object::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
+            Object::ClusterNetworkPolicy(_) => ObjectKind::ClusterNetworkPolicy,
         }
     }
 
@@ -103,6 +107,7 @@ impl Object {
             Object::Secret(o) => key_of(o.as_ref()),
             Object::Namespace(o) => key_of(o.as_ref()),
             Object::NetworkPolicy(o) => key_of(o.as_ref()),
+            Object::ClusterNetworkPolicy(o) => key_of(o.as_ref()),
         }
     }
 }
@@ -132,6 +137,7 @@ impl ObjectKind {
             ObjectKind::Secret => "Secret",
             ObjectKind::Namespace => "Namespace",
             ObjectKind::NetworkPolicy => "NetworkPolicy",
+            ObjectKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 }
@@ -246,6 +252,14 @@ pub fn spawn_watchers(client: &Client, tx: &mpsc::Sender<ClusterEvent>, metrics:
         cfg(),
         |o| Object::NetworkPolicy(Box::new(o)),
         ObjectKind::NetworkPolicy,
+        tx,
+        metrics,
+    );
+    spawn_watch(
+        Api::<ClusterNetworkPolicy>::all(client.clone()),
+        cfg(),
+        |o| Object::ClusterNetworkPolicy(Box::new(o)),
+        ObjectKind::ClusterNetworkPolicy,
         tx,
         metrics,
     );
@@ -423,6 +437,9 @@ impl ClusterView {
             Object::NetworkPolicy(p) => {
                 self.compiler.apply(Change::NetworkPolicy(super::network_policy::network_policy(&p)))
             }
+            Object::ClusterNetworkPolicy(p) => self.compiler.apply(Change::ClusterNetworkPolicy(
+                super::cluster_network_policy::cluster_network_policy(&p),
+            )),
         }
     }
 
@@ -479,6 +496,9 @@ impl ClusterView {
             ObjectKind::Secret => self.compiler.apply(Change::SecretDeleted(key.clone())),
             ObjectKind::Namespace => self.compiler.apply(Change::NamespaceDeleted(key.name.clone())),
             ObjectKind::NetworkPolicy => self.compiler.apply(Change::NetworkPolicyDeleted(key.clone())),
+            ObjectKind::ClusterNetworkPolicy => {
+                self.compiler.apply(Change::ClusterNetworkPolicyDeleted(key.name.clone()))
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! `metrics`; `pools` holds the IPPool views that IPAM, status and metrics share.
 
 pub mod cluster;
+pub mod cluster_network_policy;
 pub mod convert;
 pub mod dns;
 pub mod ingress;

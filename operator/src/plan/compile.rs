@@ -107,7 +107,9 @@ impl Compiler {
             c @ (Change::Namespace(_)
             | Change::NamespaceDeleted(_)
             | Change::NetworkPolicy(_)
-            | Change::NetworkPolicyDeleted(_)) => self.policy.apply(c, &self.pods),
+            | Change::NetworkPolicyDeleted(_)
+            | Change::ClusterNetworkPolicy(_)
+            | Change::ClusterNetworkPolicyDeleted(_)) => self.policy.apply(c, &self.pods),
             Change::Network(settings) => {
                 if settings != self.settings {
                     self.settings = settings;

@@ -262,6 +262,8 @@ pub enum Change {
     NamespaceDeleted(String),
     NetworkPolicy(NetworkPolicy),
     NetworkPolicyDeleted(ObjectKey),
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
+    ClusterNetworkPolicyDeleted(String),
 }
 
 // NetworkPolicy inputs (compiled by `super::policy`).
@@ -390,6 +392,42 @@ pub struct NetworkPolicy {
     pub pod_selector: LabelSelector,
     pub ingress: Option<Vec<PolicyRule>>,
     pub egress: Option<Vec<PolicyRule>>,
+}
+
+/// A ClusterNetworkPolicy's tier: Admin is judged before NetworkPolicy, Baseline after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Admin,
+    Baseline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleAction {
+    Accept,
+    Deny,
+    /// Leave the decision to the next tier.
+    Pass,
+}
+
+/// One rule of a ClusterNetworkPolicy: its peers and ports as a NetworkPolicy rule's (never
+/// `any_peer`), and what happens to traffic that matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPolicyRule {
+    pub name: String,
+    pub action: RuleAction,
+    pub matches: PolicyRule,
+}
+
+/// A `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNetworkPolicy {
+    pub name: String,
+    pub tier: Tier,
+    pub priority: u32,
+    /// The pods it applies to (namespaces always `Selected`).
+    pub subject: PeerSelector,
+    pub ingress: Vec<ClusterPolicyRule>,
+    pub egress: Vec<ClusterPolicyRule>,
 }
 
 // Ingress inputs (compiled by `super::ingress`).

@@ -1,16 +1,20 @@
-//! NetworkPolicy compilation: each node receives the policies that select its pods, the address
-//! sets their peers resolve to, and which of its pods each policy isolates.
+//! NetworkPolicy and ClusterNetworkPolicy compilation: each node receives the policies that
+//! select its pods, the address sets their peers resolve to, and which of its pods each policy
+//! applies to.
 //!
 //! ```text
-//! PolicyTargets (per node)  pod → the policies isolating its ingress / egress, its named ports
-//! NetworkPolicy (shared)    rules: peers as set names and IP blocks, ports
-//! PolicySet (shared)        one per distinct peer selector: the selected pods' addresses
+//! PolicyTargets (per node)          pod → the policies isolating its ingress / egress, the
+//!                                   cluster policies whose subject it is, its named ports
+//! NetworkPolicy (shared)            rules: peers as set names and IP blocks, ports
+//! ClusterNetworkPolicy (shared)     tier, priority, rules with their actions
+//! PolicySet (shared)                one per distinct peer selector: the selected pods' addresses
 //! ```
 //!
 //! Incremental: a pod change re-checks that pod against each peer selector (O(selectors)) and
 //! recomputes its node's targets; a namespace label change re-checks that namespace's pods; a
 //! policy change recomputes the policy, the sets it introduces and the targets of the nodes with
-//! pods in its namespace. While the cluster has any policy, every node holds its PolicyTargets
+//! pods in its namespace; a cluster policy change (rare, and its subject spans namespaces)
+//! recomputes every node's targets. While the cluster has any policy, every node holds its PolicyTargets
 //! (possibly empty), which tells its agent to hold each new pod until its policies are known.
 //! Sets and policies are encoded once and shared by every node holding
 //! them; a node receives only the resources whose version changed.
@@ -22,8 +26,8 @@ use weft_api::plan::{self as pb, Kind, Resource, ResourceKey};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::model::{
-    Change, NamespaceScope, NetworkPolicy, Node, ObjectKey, PeerSelector, Pod, PolicyPeer, PolicyRule,
-    PortRef, Protocol, Scope, Update,
+    Change, ClusterNetworkPolicy, ClusterPolicyRule, NamespaceScope, NetworkPolicy, Node, ObjectKey,
+    PeerSelector, Pod, PolicyPeer, PolicyRule, PortRef, Protocol, RuleAction, Scope, Tier, Update,
 };
 
 /// The name of a node's PolicyTargets resource.
@@ -37,10 +41,19 @@ struct AddressSet {
     members: BTreeSet<ObjectKey>,
 }
 
+/// A node's PolicyTargets and the policies it names.
+#[derive(Debug)]
+struct NodeTargets {
+    resource: Arc<Resource>,
+    policies: BTreeSet<ObjectKey>,
+    cluster_policies: BTreeSet<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct PolicyState {
     namespaces: HashMap<String, BTreeMap<String, String>>,
     policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     sets: HashMap<PeerSelector, AddressSet>,
     /// Pods by namespace: the ones a namespace label or policy change concerns.
     namespace_pods: HashMap<String, BTreeSet<ObjectKey>>,
@@ -48,14 +61,17 @@ pub struct PolicyState {
     // Compiled, shared by the nodes that hold them.
     set_resources: HashMap<String, Arc<Resource>>,
     policy_resources: HashMap<ObjectKey, Arc<Resource>>,
-    /// Per node: the targets resource and the policies it names.
-    node_targets: HashMap<String, (Arc<Resource>, BTreeSet<ObjectKey>)>,
+    cluster_resources: HashMap<String, Arc<Resource>>,
+    node_targets: HashMap<String, NodeTargets>,
     /// What each node holds (key → version).
     emitted: HashMap<String, BTreeMap<ResourceKey, u64>>,
 
     dirty_sets: BTreeSet<PeerSelector>,
     dirty_policies: BTreeSet<ObjectKey>,
+    dirty_cluster_policies: BTreeSet<String>,
     dirty_nodes: BTreeSet<String>,
+    /// A cluster policy changed: every node's targets are recomputed.
+    all_nodes_dirty: bool,
     dirty_namespaces: BTreeSet<String>,
     /// Whether the cluster had a policy at the last flush.
     enforcing: bool,
@@ -83,6 +99,12 @@ fn selectors(policy: &NetworkPolicy) -> Vec<PeerSelector> {
         out.extend(rule_selectors(rule, true));
     }
     out
+}
+
+/// The peer selectors a cluster policy's rules name.
+fn cluster_selectors(policy: &ClusterNetworkPolicy) -> Vec<PeerSelector> {
+    let ingress = policy.ingress.iter().flat_map(|r| rule_selectors(&r.matches, false));
+    ingress.chain(policy.egress.iter().flat_map(|r| rule_selectors(&r.matches, true))).collect()
 }
 
 fn rule_selectors(rule: &PolicyRule, egress: bool) -> Vec<PeerSelector> {
@@ -116,6 +138,10 @@ impl PolicyState {
         in_scope && selector.pods.matches(&pod.labels)
     }
 
+    fn has_policies(&self) -> bool {
+        !self.policies.is_empty() || !self.cluster_policies.is_empty()
+    }
+
     /// Records a change of a policy or namespace; pods come through [`Self::pod_changed`].
     pub fn apply(&mut self, change: Change, pods: &HashMap<ObjectKey, Pod>) {
         match change {
@@ -133,6 +159,21 @@ impl PolicyState {
             Change::NetworkPolicyDeleted(key) => {
                 if let Some(old) = self.policies.remove(&key) {
                     self.policy_changed(Some(&old), None, pods);
+                }
+            }
+            Change::ClusterNetworkPolicy(policy)
+                if self.cluster_policies.get(&policy.name) != Some(&policy) =>
+            {
+                let old = self.cluster_policies.insert(policy.name.clone(), policy.clone());
+                self.track_sets(old.as_ref().map(cluster_selectors), cluster_selectors(&policy), pods);
+                self.dirty_cluster_policies.insert(policy.name);
+                self.all_nodes_dirty = true;
+            }
+            Change::ClusterNetworkPolicyDeleted(name) => {
+                if let Some(old) = self.cluster_policies.remove(&name) {
+                    self.track_sets(Some(cluster_selectors(&old)), Vec::new(), pods);
+                    self.dirty_cluster_policies.insert(name);
+                    self.all_nodes_dirty = true;
                 }
             }
             _ => {}
@@ -171,7 +212,22 @@ impl PolicyState {
         new: Option<&NetworkPolicy>,
         pods: &HashMap<ObjectKey, Pod>,
     ) {
-        for selector in new.map(selectors).unwrap_or_default() {
+        self.track_sets(old.map(selectors), new.map(selectors).unwrap_or_default(), pods);
+        if let Some(key) = old.or(new).map(|p| p.key.clone()) {
+            self.dirty_namespaces.insert(key.namespace.clone());
+            self.dirty_policies.insert(key);
+        }
+    }
+
+    /// Counts the sets a policy names now (`new`) instead of before (`old`): a new selector's set
+    /// is filled from the pods, one no rule names any more is dropped at the next flush.
+    fn track_sets(
+        &mut self,
+        old: Option<Vec<PeerSelector>>,
+        new: Vec<PeerSelector>,
+        pods: &HashMap<ObjectKey, Pod>,
+    ) {
+        for selector in new {
             if let Some(set) = self.sets.get_mut(&selector) {
                 set.refs += 1;
                 continue;
@@ -181,17 +237,13 @@ impl PolicyState {
             self.sets.insert(selector.clone(), AddressSet { name: set_name(&selector), refs: 1, members });
             self.dirty_sets.insert(selector);
         }
-        for selector in old.map(selectors).unwrap_or_default() {
+        for selector in old.unwrap_or_default() {
             if let Some(set) = self.sets.get_mut(&selector) {
                 set.refs -= 1;
                 if set.refs == 0 {
                     self.dirty_sets.insert(selector);
                 }
             }
-        }
-        if let Some(key) = old.or(new).map(|p| p.key.clone()) {
-            self.dirty_namespaces.insert(key.namespace.clone());
-            self.dirty_policies.insert(key);
         }
     }
 
@@ -263,12 +315,25 @@ impl PolicyState {
                 }
             }
         }
+        for name in std::mem::take(&mut self.dirty_cluster_policies) {
+            changed.insert(ResourceKey::new(Kind::ClusterNetworkPolicy, name.clone()));
+            match self.cluster_policies.get(&name) {
+                Some(policy) => {
+                    let payload = cluster_policy_payload(policy);
+                    let resource = Resource::encode(Kind::ClusterNetworkPolicy, name.clone(), &payload);
+                    self.cluster_resources.insert(name, Arc::new(resource));
+                }
+                None => {
+                    self.cluster_resources.remove(&name);
+                }
+            }
+        }
         // Nodes whose pods a namespace-wide change concerns; every node when the cluster gains
         // its first policy or loses its last.
         let mut dirty_nodes = std::mem::take(&mut self.dirty_nodes);
         dirty_nodes.extend(nodes_changed.iter().cloned());
-        if self.enforcing == self.policies.is_empty() {
-            self.enforcing = !self.policies.is_empty();
+        if self.enforcing != self.has_policies() || std::mem::take(&mut self.all_nodes_dirty) {
+            self.enforcing = self.has_policies();
             dirty_nodes.extend(nodes.keys().cloned());
         }
         for ns in std::mem::take(&mut self.dirty_namespaces) {
@@ -306,6 +371,7 @@ impl PolicyState {
             return;
         }
         let mut named = BTreeSet::new();
+        let mut cluster_named = BTreeSet::new();
         let mut targets = Vec::new();
         for pod in pods_by_node.get(name).into_iter().flatten().filter_map(|k| pods.get(k)) {
             let selecting = self
@@ -324,7 +390,17 @@ impl PolicyState {
                     egress.push(policy.key.to_string());
                 }
             }
-            if ingress.is_empty() && egress.is_empty() {
+            let (mut cluster_ingress, mut cluster_egress) = (Vec::new(), Vec::new());
+            for policy in self.cluster_policies.values().filter(|p| self.selects(&p.subject, pod)) {
+                cluster_named.insert(policy.name.clone());
+                if !policy.ingress.is_empty() {
+                    cluster_ingress.push(policy.name.clone());
+                }
+                if !policy.egress.is_empty() {
+                    cluster_egress.push(policy.name.clone());
+                }
+            }
+            if [&ingress, &egress, &cluster_ingress, &cluster_egress].iter().all(|l| l.is_empty()) {
                 continue;
             }
             targets.push(pb::PolicyTarget {
@@ -334,35 +410,50 @@ impl PolicyState {
                 ingress_policies: ingress,
                 egress_policies: egress,
                 ports: pod.named_ports.iter().map(named_port).collect(),
+                cluster_ingress_policies: cluster_ingress,
+                cluster_egress_policies: cluster_egress,
             });
         }
         // While the cluster has policies every node holds its targets, even none: the agent then
         // knows to hold a new pod's ADD until the plan knows the pod (see the agent's policy).
-        if self.policies.is_empty() {
+        if !self.has_policies() {
             self.node_targets.remove(name);
             return;
         }
         targets.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let resource = Resource::encode(Kind::PolicyTargets, TARGETS, &pb::PolicyTargets { pods: targets });
-        self.node_targets.insert(name.to_string(), (Arc::new(resource), named));
+        self.node_targets.insert(
+            name.to_string(),
+            NodeTargets { resource: Arc::new(resource), policies: named, cluster_policies: cluster_named },
+        );
     }
 
     /// Sends the node what its targets need and retracts what they no longer do.
     fn emit_node(&mut self, out: &mut Vec<Update>, name: &str) {
         let mut desired: BTreeMap<ResourceKey, Arc<Resource>> = BTreeMap::new();
-        if let Some((targets, policies)) = self.node_targets.get(name) {
-            desired.insert(targets.key(), targets.clone());
-            for key in policies {
+        if let Some(targets) = self.node_targets.get(name) {
+            desired.insert(targets.resource.key(), targets.resource.clone());
+            let mut named_sets = Vec::new();
+            for key in &targets.policies {
                 let (Some(resource), Some(policy)) = (self.policy_resources.get(key), self.policies.get(key))
                 else {
                     continue;
                 };
                 desired.insert(resource.key(), resource.clone());
-                for selector in selectors(policy) {
-                    if let Some(set) = self.sets.get(&selector).and_then(|s| self.set_resources.get(&s.name))
-                    {
-                        desired.insert(set.key(), set.clone());
-                    }
+                named_sets.extend(selectors(policy));
+            }
+            for name in &targets.cluster_policies {
+                let (Some(resource), Some(policy)) =
+                    (self.cluster_resources.get(name), self.cluster_policies.get(name))
+                else {
+                    continue;
+                };
+                desired.insert(resource.key(), resource.clone());
+                named_sets.extend(cluster_selectors(policy));
+            }
+            for selector in named_sets {
+                if let Some(set) = self.sets.get(&selector).and_then(|s| self.set_resources.get(&s.name)) {
+                    desired.insert(set.key(), set.clone());
                 }
             }
         }
@@ -425,6 +516,33 @@ fn policy_payload(policy: &NetworkPolicy) -> pb::NetworkPolicy {
         name: policy.key.name.clone(),
         isolates_ingress: policy.ingress.is_some(),
         isolates_egress: policy.egress.is_some(),
+        ingress: rules(&policy.ingress, false),
+        egress: rules(&policy.egress, true),
+    }
+}
+
+fn cluster_policy_payload(policy: &ClusterNetworkPolicy) -> pb::ClusterNetworkPolicy {
+    let rules = |rules: &[ClusterPolicyRule], egress: bool| -> Vec<pb::ClusterPolicyRule> {
+        rules
+            .iter()
+            .map(|r| pb::ClusterPolicyRule {
+                name: r.name.clone(),
+                action: match r.action {
+                    RuleAction::Accept => pb::PolicyAction::Accept,
+                    RuleAction::Deny => pb::PolicyAction::Deny,
+                    RuleAction::Pass => pb::PolicyAction::Pass,
+                } as i32,
+                r#match: Some(rule_payload(&r.matches, egress)),
+            })
+            .collect()
+    };
+    pb::ClusterNetworkPolicy {
+        name: policy.name.clone(),
+        tier: match policy.tier {
+            Tier::Admin => pb::PolicyTier::Admin,
+            Tier::Baseline => pb::PolicyTier::Baseline,
+        } as i32,
+        priority: policy.priority,
         ingress: rules(&policy.ingress, false),
         egress: rules(&policy.egress, true),
     }

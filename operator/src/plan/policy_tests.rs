@@ -1,4 +1,5 @@
-//! NetworkPolicy compilation: what each node receives, and incremental == full.
+//! NetworkPolicy and ClusterNetworkPolicy compilation: what each node receives, and
+//! incremental == full.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -56,6 +57,41 @@ fn allow_from(ns: &str, name: &str, target: &str, from: &str) -> NetworkPolicy {
             }],
         }]),
         egress: None,
+    }
+}
+
+fn team(value: &str) -> LabelSelector {
+    LabelSelector::new(vec![Requirement::In("team".into(), vec![value.into()])])
+}
+
+/// A cluster policy on pods `app=<target>` of namespaces `team=<team>`: `action` for ingress
+/// from every pod of namespaces `team=<from_team>`.
+fn cluster_policy(
+    name: &str,
+    tier: Tier,
+    target: &str,
+    team_of: &str,
+    from_team: &str,
+    action: RuleAction,
+) -> ClusterNetworkPolicy {
+    ClusterNetworkPolicy {
+        name: name.into(),
+        tier,
+        priority: 10,
+        subject: PeerSelector { namespaces: NamespaceScope::Selected(team(team_of)), pods: app(target) },
+        ingress: vec![ClusterPolicyRule {
+            name: "from-team".into(),
+            action,
+            matches: PolicyRule {
+                any_peer: false,
+                peers: vec![PolicyPeer::Pods(PeerSelector {
+                    namespaces: NamespaceScope::Selected(team(from_team)),
+                    pods: LabelSelector::default(),
+                })],
+                ports: vec![],
+            },
+        }],
+        egress: vec![],
     }
 }
 
@@ -240,7 +276,7 @@ fn arb_change() -> impl Strategy<Value = Change> {
             ns.clone(),
             prop::sample::select(vec!["x", "y"]),
             app_name.clone(),
-            app_name,
+            app_name.clone(),
             any::<bool>(),
             any::<bool>()
         )
@@ -262,7 +298,60 @@ fn arb_change() -> impl Strategy<Value = Change> {
             }),
         (ns, prop::sample::select(vec!["x", "y"]))
             .prop_map(|(ns, name)| Change::NetworkPolicyDeleted(ObjectKey::new(ns, name))),
+        (
+            prop::sample::select(vec!["c1", "c2"]),
+            any::<bool>(),
+            app_name,
+            prop::sample::select(vec!["a", "b"]),
+            prop::sample::select(vec!["a", "b"]),
+        )
+            .prop_map(|(name, admin, target, of, from)| {
+                let tier = if admin { Tier::Admin } else { Tier::Baseline };
+                Change::ClusterNetworkPolicy(cluster_policy(name, tier, target, of, from, RuleAction::Deny))
+            }),
+        prop::sample::select(vec!["c1", "c2"]).prop_map(|n| Change::ClusterNetworkPolicyDeleted(n.into())),
     ]
+}
+
+#[test]
+fn a_cluster_policy_goes_to_the_nodes_of_its_subjects_with_the_sets_its_rules_name() {
+    let mut changes = base();
+    changes.push(Change::ClusterNetworkPolicy(cluster_policy(
+        "deny-b",
+        Tier::Admin,
+        "web",
+        "a",
+        "b",
+        RuleAction::Pass,
+    )));
+    let store = store_of(changes.clone());
+    let holders: Vec<&str> = ["n1", "n2"]
+        .into_iter()
+        .filter(|n| !of_kind(&store, n, Kind::ClusterNetworkPolicy).is_empty())
+        .collect();
+    let targets: Vec<pb::PolicyTargets> =
+        ["n1", "n2"].iter().map(|n| decode(&of_kind(&store, n, Kind::PolicyTargets)[0])).collect();
+    let subjects: Vec<(String, Vec<String>)> = targets
+        .iter()
+        .flat_map(|t| &t.pods)
+        .filter(|p| !p.cluster_ingress_policies.is_empty())
+        .map(|p| (format!("{}/{}", p.namespace, p.name), p.cluster_ingress_policies.clone()))
+        .collect();
+    assert_eq!(holders, ["n1"], "only the node of shop/web-1 holds it");
+    assert_eq!(subjects.len(), 1, "web pods of team a namespaces are its subjects: {targets:?}");
+    assert!(subjects.iter().all(|(_, policies)| policies == &["deny-b".to_string()]));
+    for node in &holders {
+        let policy: pb::ClusterNetworkPolicy = decode(&of_kind(&store, node, Kind::ClusterNetworkPolicy)[0]);
+        assert_eq!(policy.tier, pb::PolicyTier::Admin as i32);
+        let rule = &policy.ingress[0];
+        assert_eq!(rule.action, pb::PolicyAction::Pass as i32);
+        let sets = &rule.r#match.as_ref().expect("match").peer_sets;
+        let held: Vec<String> = of_kind(&store, node, Kind::PolicySet).into_iter().map(|r| r.name).collect();
+        assert!(sets.iter().all(|s| held.contains(s)), "{sets:?} sent with the policy: {held:?}");
+    }
+    changes.push(Change::ClusterNetworkPolicyDeleted("deny-b".into()));
+    let store = store_of(changes);
+    assert!(["n1", "n2"].iter().all(|n| of_kind(&store, n, Kind::ClusterNetworkPolicy).is_empty()));
 }
 
 proptest! {
