@@ -395,3 +395,80 @@ fn an_incremental_sync_ends_where_a_full_one_would() {
     assert!(incremental.policy.check(&incremental.ipam).unwrap(), "repaired");
     assert_eq!(incremental.table(), before);
 }
+
+fn cluster_ingress(
+    name: &str,
+    tier: pb::PolicyTier,
+    priority: u32,
+    rules: Vec<(pb::PolicyAction, &str)>,
+) -> pb::ClusterNetworkPolicy {
+    pb::ClusterNetworkPolicy {
+        name: name.into(),
+        tier: tier as i32,
+        priority,
+        ingress: rules
+            .into_iter()
+            .map(|(action, set)| pb::ClusterPolicyRule {
+                name: String::new(),
+                action: action as i32,
+                r#match: Some(pb::PolicyRule { peer_sets: vec![set.into()], ..Default::default() }),
+            })
+            .collect(),
+        egress: vec![],
+    }
+}
+
+/// `plan` with the server the subject of `cluster` (ingress).
+fn with_cluster_policies(mut plan: PolicyPlan, cluster: Vec<pb::ClusterNetworkPolicy>) -> PolicyPlan {
+    if !plan.targets.iter().any(|t| t.name == "server") {
+        plan.targets.push(pb::PolicyTarget {
+            namespace: "shop".into(),
+            name: "server".into(),
+            address: ip(SERVER),
+            ..Default::default()
+        });
+    }
+    let server = plan.targets.iter_mut().find(|t| t.name == "server").unwrap();
+    server.cluster_ingress_policies = cluster.iter().map(|p| p.name.clone()).collect();
+    for p in cluster {
+        plan.cluster_policies.insert(p.name.clone(), p);
+    }
+    plan
+}
+
+#[test]
+fn admin_decides_before_network_policy_pass_hands_over_and_baseline_only_judges_what_is_left_open() {
+    let lab = Lab::new();
+    const STRANGERS: &str = "s-000000000000005e";
+    let sets = || vec![(CLIENTS, vec![FRIEND]), (STRANGERS, vec![STRANGER])];
+    let allow_friend = || {
+        let rule = pb::PolicyRule { peer_sets: vec![CLIENTS.into()], ..Default::default() };
+        vec![("shop/p", vec!["server"], ingress(vec![rule]))]
+    };
+    use pb::PolicyAction::{Accept, Deny, Pass};
+    use pb::PolicyTier::{Admin, Baseline};
+
+    // Admin Deny of the friend wins over the NetworkPolicy that allows it; Admin Accept of the
+    // stranger wins over the NetworkPolicy that does not.
+    let admin = cluster_ingress("admin", Admin, 10, vec![(Deny, CLIENTS), (Accept, STRANGERS)]);
+    lab.sync(&with_cluster_policies(plan(allow_friend(), sets()), vec![admin]));
+    assert!(blocked(&lab.friend, SERVER, 80), "Admin Deny beats a NetworkPolicy allow");
+    assert!(reaches(&lab.stranger, SERVER, 80), "Admin Accept beats NetworkPolicy isolation");
+
+    // A higher-priority (lower number) Pass of the friend hands it to the NetworkPolicy, which
+    // allows it; the Baseline Deny is never asked for an isolated pod.
+    let pass = cluster_ingress("pass", Admin, 5, vec![(Pass, CLIENTS)]);
+    let admin = cluster_ingress("admin", Admin, 10, vec![(Deny, CLIENTS)]);
+    let baseline = cluster_ingress("baseline", Baseline, 0, vec![(Deny, CLIENTS)]);
+    lab.sync(&with_cluster_policies(plan(allow_friend(), sets()), vec![pass, admin, baseline.clone()]));
+    assert!(reaches(&lab.friend, SERVER, 80), "Pass, then the NetworkPolicy allows");
+    assert!(blocked(&lab.stranger, SERVER, 80), "not allowed by the NetworkPolicy");
+
+    // Without a NetworkPolicy, Baseline judges: it denies the friend, the rest stays open.
+    lab.sync(&with_cluster_policies(plan(vec![], sets()), vec![baseline]));
+    assert!(blocked(&lab.friend, SERVER, 80), "Baseline Deny");
+    assert!(reaches(&lab.stranger, SERVER, 80), "what Baseline does not match is accepted");
+
+    lab.sync(&PolicyPlan::default());
+    assert!(reaches(&lab.friend, SERVER, 80));
+}

@@ -1,4 +1,5 @@
-//! NetworkPolicy enforcement on the node, in its own nftables table (`ip weft-policy`).
+//! NetworkPolicy and ClusterNetworkPolicy enforcement on the node, in its own nftables table
+//! (`ip weft-policy`).
 //!
 //! ```text
 //! render   PolicyPlan + the node's pods (from IPAM) → Desired (sets, chains, pod maps); pure
@@ -47,6 +48,9 @@ pub fn plan_from<'a>(resources: impl Iterator<Item = &'a Resource>) -> Result<Po
         match r.kind() {
             Kind::NetworkPolicy => {
                 plan.policies.insert(r.name.clone(), decode(r)?);
+            }
+            Kind::ClusterNetworkPolicy => {
+                plan.cluster_policies.insert(r.name.clone(), decode(r)?);
             }
             Kind::PolicySet => {
                 plan.sets.insert(r.name.clone(), decode(r)?);

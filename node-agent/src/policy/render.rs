@@ -4,9 +4,15 @@
 //! ```text
 //! forward hook, priority -1 (egress):   established → accept; @quarantine → drop; ip saddr vmap @egress-pods
 //! forward hook, priority +1 (ingress):  established → accept; @quarantine → drop; ip daddr vmap @ingress-pods
-//! pod-in-<h> / pod-out-<h>:  jump each isolating policy's chain; counter drop
+//! pod-in-<h> / pod-out-<h>:  jump adm-*; then jump each isolating policy's chain, counter drop;
+//!                            or, when no NetworkPolicy isolates the pod, jump base-*
 //! in-<h> / out-<h>:          one rule per (peer, port) of the policy's rules → accept
+//! adm-* / base-*:            the pod's ClusterNetworkPolicies of one tier, in order, one rule per
+//!                            (peer, port) of each rule → accept, drop or (Pass) return
 //! ```
+//!
+//! The tiers follow network-policy-api: Admin first (Accept and Deny are final, Pass hands over),
+//! then NetworkPolicy, then Baseline for pods no NetworkPolicy isolates, then accept.
 //!
 //! Both hooks sit after the proxy's DNAT (prerouting), so a pod reached through a ClusterIP or a
 //! NodePort is judged by its own address, as the NetworkPolicy API requires. Traffic from the
@@ -73,6 +79,7 @@ pub struct PolicyPlan {
     /// The plan holds PolicyTargets: the cluster has policies, so new pods wait to be known.
     pub enforcing: bool,
     pub policies: BTreeMap<String, pb::NetworkPolicy>,
+    pub cluster_policies: BTreeMap<String, pb::ClusterNetworkPolicy>,
     pub sets: BTreeMap<String, pb::PolicySet>,
     pub targets: Vec<pb::PolicyTarget>,
     /// The pods bound to this node, as the operator knows them (NodePods).
@@ -241,50 +248,95 @@ impl<'a> Renderer<'a> {
         };
         let mut lines = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
-            let index = i.to_string();
-            let mut peers: Vec<Option<String>> = Vec::new();
-            if rule.any_peer {
-                peers.push(None);
-            }
-            for set in &rule.peer_sets {
-                if valid_set_name(set) && self.plan.sets.contains_key(set) {
-                    self.ensure_peer_set(set);
-                    peers.push(Some(format!("{} @{set}", dir.peer())));
-                }
-            }
-            if !rule.ip_blocks.is_empty() {
-                let name = format!("b-{}", hash(&[key, dir.tag(), &index]));
-                let set = self.set(name, SetType::Interval, ranges(&rule.ip_blocks));
+            lines.extend(self.rule_lines(key, i, rule, dir, "accept"));
+        }
+        lines.dedup();
+        self.out.chains.insert(chain.clone(), lines);
+        chain
+    }
+
+    /// The lines that give `verdict` to the traffic one rule (the `index`th of policy `key`)
+    /// matches: one per (peer, port).
+    fn rule_lines(
+        &mut self,
+        key: &str,
+        index: usize,
+        rule: &pb::PolicyRule,
+        dir: Direction,
+        verdict: &str,
+    ) -> Vec<String> {
+        let index = index.to_string();
+        let mut lines = Vec::new();
+        let mut peers: Vec<Option<String>> = Vec::new();
+        if rule.any_peer {
+            peers.push(None);
+        }
+        for set in &rule.peer_sets {
+            if valid_set_name(set) && self.plan.sets.contains_key(set) {
+                self.ensure_peer_set(set);
                 peers.push(Some(format!("{} @{set}", dir.peer())));
             }
-            for peer in &peers {
-                for port in numeric_ports(rule) {
-                    let cond: Vec<&str> = [peer.as_deref(), port.as_deref()].into_iter().flatten().collect();
-                    lines.push(format!("{} accept", cond.join(" ")).trim_start().to_string());
-                }
+        }
+        if !rule.ip_blocks.is_empty() {
+            let name = format!("b-{}", hash(&[key, dir.tag(), &index]));
+            let set = self.set(name, SetType::Interval, ranges(&rule.ip_blocks));
+            peers.push(Some(format!("{} @{set}", dir.peer())));
+        }
+        for peer in &peers {
+            for port in numeric_ports(rule) {
+                let cond: Vec<&str> = [peer.as_deref(), port.as_deref()].into_iter().flatten().collect();
+                lines.push(format!("{} {verdict}", cond.join(" ")).trim_start().to_string());
             }
-            for port in rule.ports.iter().filter(|p| !p.named_port.is_empty()) {
-                let elements = self.named_port_elements(key, rule, port, dir);
-                if elements.is_empty() {
-                    continue;
-                }
-                let name =
-                    format!("n-{}", hash(&[key, dir.tag(), &index, &port.named_port, proto(port.protocol)]));
-                let set = self.set(name, SetType::AddressPort, elements);
-                // Either way the named port is the destination's.
-                let tuple = format!("ip daddr . meta l4proto . th dport @{set}");
-                match dir {
-                    // The named port is the selected pod's: any peer of the rule, to it.
-                    Direction::Ingress => {
-                        for peer in &peers {
-                            let cond: Vec<&str> =
-                                [peer.as_deref(), Some(tuple.as_str())].into_iter().flatten().collect();
-                            lines.push(format!("{} accept", cond.join(" ")));
-                        }
+        }
+        for port in rule.ports.iter().filter(|p| !p.named_port.is_empty()) {
+            let elements = self.named_port_elements(key, rule, port, dir);
+            if elements.is_empty() {
+                continue;
+            }
+            let name =
+                format!("n-{}", hash(&[key, dir.tag(), &index, &port.named_port, proto(port.protocol)]));
+            let set = self.set(name, SetType::AddressPort, elements);
+            // Either way the named port is the destination's.
+            let tuple = format!("ip daddr . meta l4proto . th dport @{set}");
+            match dir {
+                // The named port is the selected pod's: any peer of the rule, to it.
+                Direction::Ingress => {
+                    for peer in &peers {
+                        let cond: Vec<&str> =
+                            [peer.as_deref(), Some(tuple.as_str())].into_iter().flatten().collect();
+                        lines.push(format!("{} {verdict}", cond.join(" ")));
                     }
-                    // The named port is the peer pod's: the set holds only peer pods.
-                    Direction::Egress => lines.push(format!("{tuple} accept")),
                 }
+                // The named port is the peer pod's: the set holds only peer pods.
+                Direction::Egress => lines.push(format!("{tuple} {verdict}")),
+            }
+        }
+        lines
+    }
+
+    /// The chain of one tier's cluster policies for the pods that are subjects of exactly
+    /// `names` (of that tier), in the tier's order: priority, then name.
+    fn tier_chain(&mut self, tag: &str, names: &[&'a str], dir: Direction) -> String {
+        let chain = format!("{tag}-{}-{}", dir.tag(), hash(names));
+        if self.out.chains.contains_key(&chain) {
+            return chain;
+        }
+        let mut lines = Vec::new();
+        for name in names {
+            let Some(policy) = self.plan.cluster_policies.get(*name) else { continue };
+            let rules = match dir {
+                Direction::Ingress => &policy.ingress,
+                Direction::Egress => &policy.egress,
+            };
+            for (i, rule) in rules.iter().enumerate() {
+                let verdict = match pb::PolicyAction::try_from(rule.action) {
+                    Ok(pb::PolicyAction::Accept) => "accept",
+                    Ok(pb::PolicyAction::Pass) => "return",
+                    // Deny, and an action this agent does not know: never accept by mistake.
+                    _ => "counter drop",
+                };
+                let Some(matches) = rule.r#match.as_ref() else { continue };
+                lines.extend(self.rule_lines(name, i, matches, dir, verdict));
             }
         }
         lines.dedup();
@@ -334,25 +386,51 @@ impl<'a> Renderer<'a> {
         }
     }
 
-    /// The chain of the pods isolated by exactly these policies in one direction.
-    fn pod_chain(&mut self, policies: &[String], dir: Direction) -> String {
+    /// The chain of the pods isolated by exactly these NetworkPolicies and subjects of exactly
+    /// these ClusterNetworkPolicies in one direction.
+    fn pod_chain(&mut self, policies: &[String], cluster: &'a [String], dir: Direction) -> String {
         let mut sorted: Vec<&str> = policies.iter().map(String::as_str).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let chain = format!("pod-{}-{}", dir.tag(), hash(&sorted));
+        let (admin, baseline) = self.tiers(cluster);
+        let mut id = sorted.clone();
+        if !cluster.is_empty() {
+            id.extend(["\u{1}admin"].iter().chain(&admin).chain(["\u{1}baseline"].iter()).chain(&baseline));
+        }
+        let chain = format!("pod-{}-{}", dir.tag(), hash(&id));
         if self.out.chains.contains_key(&chain) {
             return chain;
         }
         let mut lines = Vec::new();
-        for key in sorted {
-            // A policy the plan names but does not hold (not yet sent) allows nothing.
-            if let Some(policy) = self.plan.policies.get(key) {
-                lines.push(format!("jump {}", self.policy_chain(key, policy, dir)));
-            }
+        if !admin.is_empty() {
+            lines.push(format!("jump {}", self.tier_chain("adm", &admin, dir)));
         }
-        lines.push("counter drop".into());
+        if !sorted.is_empty() {
+            for key in sorted {
+                // A policy the plan names but does not hold (not yet sent) allows nothing.
+                if let Some(policy) = self.plan.policies.get(key) {
+                    lines.push(format!("jump {}", self.policy_chain(key, policy, dir)));
+                }
+            }
+            lines.push("counter drop".into());
+        } else if !baseline.is_empty() {
+            // Whatever Baseline leaves undecided is accepted (the base chain's policy).
+            lines.push(format!("jump {}", self.tier_chain("base", &baseline, dir)));
+        }
         self.out.chains.insert(chain.clone(), lines);
         chain
+    }
+
+    /// The cluster policies the plan holds among `names`, per tier, in evaluation order.
+    fn tiers(&self, names: &'a [String]) -> (Vec<&'a str>, Vec<&'a str>) {
+        let mut held: Vec<(&pb::ClusterNetworkPolicy, &'a str)> =
+            names.iter().filter_map(|n| Some((self.plan.cluster_policies.get(n)?, n.as_str()))).collect();
+        held.sort_by_key(|(p, n)| (p.priority, *n));
+        held.dedup_by_key(|(_, n)| *n);
+        let baseline = pb::PolicyTier::Baseline as i32;
+        let admin = held.iter().filter(|(p, _)| p.tier != baseline).map(|(_, n)| *n).collect();
+        let base = held.iter().filter(|(p, _)| p.tier == baseline).map(|(_, n)| *n).collect();
+        (admin, base)
     }
 }
 
@@ -376,7 +454,12 @@ pub fn render(plan: &PolicyPlan, local: &[LocalPod]) -> Desired {
     }
     let mut r = Renderer { plan, out: Desired::default(), selected: HashMap::new() };
     for (target, addresses) in &targets {
-        for (policies, ingress) in [(&target.ingress_policies, true), (&target.egress_policies, false)] {
+        for (policies, ingress) in [
+            (&target.ingress_policies, true),
+            (&target.egress_policies, false),
+            (&target.cluster_ingress_policies, true),
+            (&target.cluster_egress_policies, false),
+        ] {
             for key in policies {
                 let list = r.selected.entry((key.as_str(), ingress)).or_default();
                 list.extend(addresses.iter().map(|a| (*a, target.ports.as_slice())));
@@ -384,12 +467,14 @@ pub fn render(plan: &PolicyPlan, local: &[LocalPod]) -> Desired {
         }
     }
     for (target, addresses) in &targets {
-        if !target.ingress_policies.is_empty() {
-            let chain = r.pod_chain(&target.ingress_policies, Direction::Ingress);
+        if !target.ingress_policies.is_empty() || !target.cluster_ingress_policies.is_empty() {
+            let chain =
+                r.pod_chain(&target.ingress_policies, &target.cluster_ingress_policies, Direction::Ingress);
             r.out.ingress.extend(addresses.iter().map(|a| (*a, chain.clone())));
         }
-        if !target.egress_policies.is_empty() {
-            let chain = r.pod_chain(&target.egress_policies, Direction::Egress);
+        if !target.egress_policies.is_empty() || !target.cluster_egress_policies.is_empty() {
+            let chain =
+                r.pod_chain(&target.egress_policies, &target.cluster_egress_policies, Direction::Egress);
             r.out.egress.extend(addresses.iter().map(|a| (*a, chain.clone())));
         }
     }

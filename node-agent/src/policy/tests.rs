@@ -143,3 +143,104 @@ fn set_names_that_are_not_the_operators_never_reach_the_ruleset() {
     let text = script(None, &render(&p, &[]));
     assert!(!text.contains("flush ruleset"), "{text}");
 }
+
+fn cluster_rule(action: pb::PolicyAction, rule: pb::PolicyRule) -> pb::ClusterPolicyRule {
+    pb::ClusterPolicyRule { name: String::new(), action: action as i32, r#match: Some(rule) }
+}
+
+fn from_block(block: &str) -> pb::PolicyRule {
+    pb::PolicyRule {
+        ip_blocks: vec![pb::IpBlock { cidr: Some(cidr(block)), except: vec![] }],
+        ..Default::default()
+    }
+}
+
+/// web-1 (isolated by shop/web) and web-2 (no NetworkPolicy) are subjects of two Admin policies
+/// and one Baseline policy.
+fn tiered_plan() -> PolicyPlan {
+    let mut plan = plan();
+    let admin = |name: &str, priority, rules| pb::ClusterNetworkPolicy {
+        name: name.into(),
+        tier: pb::PolicyTier::Admin as i32,
+        priority,
+        ingress: rules,
+        egress: vec![],
+    };
+    // Listed out of order: priority decides, then the name.
+    plan.cluster_policies.insert(
+        "z-deny".into(),
+        admin("z-deny", 10, vec![cluster_rule(pb::PolicyAction::Deny, from_block("192.168.0.0/16"))]),
+    );
+    plan.cluster_policies.insert(
+        "a-pass".into(),
+        admin("a-pass", 10, vec![cluster_rule(pb::PolicyAction::Pass, from_block("192.168.7.0/24"))]),
+    );
+    plan.cluster_policies.insert(
+        "first".into(),
+        admin("first", 1, vec![cluster_rule(pb::PolicyAction::Accept, from_block("192.168.8.8/32"))]),
+    );
+    plan.cluster_policies.insert(
+        "baseline".into(),
+        pb::ClusterNetworkPolicy {
+            name: "baseline".into(),
+            tier: pb::PolicyTier::Baseline as i32,
+            priority: 0,
+            ingress: vec![cluster_rule(pb::PolicyAction::Deny, from_block("10.0.0.0/8"))],
+            egress: vec![],
+        },
+    );
+    let every = ["z-deny", "a-pass", "first", "baseline"].map(String::from).to_vec();
+    plan.targets[0].cluster_ingress_policies = every.clone();
+    plan.targets.push(pb::PolicyTarget {
+        namespace: "shop".into(),
+        name: "web-2".into(),
+        address: ip("10.244.1.3"),
+        cluster_ingress_policies: every,
+        ..Default::default()
+    });
+    plan.known.insert(("shop".into(), "web-2".into()));
+    plan
+}
+
+#[test]
+fn cluster_policies_go_admin_by_priority_then_network_policy_then_baseline_only_for_pods_it_leaves_open() {
+    let desired = render(&tiered_plan(), &[]);
+    let chain_of = |address: &str| {
+        let name = &desired.ingress[&address.parse::<Ipv4Addr>().expect("address")];
+        (name.clone(), desired.chains[name].clone())
+    };
+    let (_, isolated) = chain_of("10.244.1.2");
+    assert_eq!(isolated.len(), 3, "{isolated:?}");
+    assert!(isolated[0].starts_with("jump adm-in-"), "Admin first: {isolated:?}");
+    assert!(isolated[1].starts_with("jump in-"), "then the NetworkPolicy: {isolated:?}");
+    assert_eq!(
+        isolated[2], "counter drop",
+        "what the NetworkPolicy does not allow is dropped, Baseline not asked"
+    );
+    let admin = &desired.chains[isolated[0].trim_start_matches("jump ")];
+    let verdicts: Vec<&str> = admin.iter().map(|l| l.rsplit(' ').next().unwrap_or_default()).collect();
+    assert_eq!(
+        verdicts,
+        ["accept", "return", "drop"],
+        "priority 1, then a-pass and z-deny by name: {admin:?}"
+    );
+    assert!(admin[0].contains("ip saddr @b-") && admin[2].ends_with("counter drop"), "{admin:?}");
+
+    let (_, open) = chain_of("10.244.1.3");
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert_eq!(open[0], isolated[0], "the same Admin policies share one chain");
+    assert!(open[1].starts_with("jump base-in-"), "no NetworkPolicy isolates web-2: Baseline decides");
+    let baseline = &desired.chains[open[1].trim_start_matches("jump ")];
+    assert_eq!(baseline.len(), 1);
+    assert!(baseline[0].ends_with("counter drop"), "{baseline:?}");
+
+    // Without the cluster policies again, their chains and sets go.
+    let script = script(Some(&desired), &render(&plan(), &[]));
+    for gone in [
+        "delete chain ip weft-policy adm-in-",
+        "delete chain ip weft-policy base-in-",
+        "delete set ip weft-policy b-",
+    ] {
+        assert!(script.contains(gone), "{gone} missing from:\n{script}");
+    }
+}

@@ -121,7 +121,13 @@ pub const PROGRAMMERS: &[Programmer] = &[
     },
     Programmer {
         name: "policy",
-        kinds: &[Kind::Pods, Kind::NetworkPolicy, Kind::PolicySet, Kind::PolicyTargets],
+        kinds: &[
+            Kind::Pods,
+            Kind::NetworkPolicy,
+            Kind::ClusterNetworkPolicy,
+            Kind::PolicySet,
+            Kind::PolicyTargets,
+        ],
         act: act_policy,
         record: record::policy,
     },
