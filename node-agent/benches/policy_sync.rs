@@ -8,7 +8,10 @@
 //!   incrementally, against the same change written as a full replacement (the naive way; the
 //!   peer in this run);
 //! - one local pod's label change (the pod joins or leaves a policy), 40 times;
-//! - the render alone (pure, O(plan)), and the agent's resident memory with the plan held.
+//! - the render alone (pure, O(plan)), and the agent's resident memory with the plan held;
+//! - with that table in place, the first packet of new connections (TCP connect, SYN to SYN-ACK)
+//!   from a client pod to a policed pod (isolated by 10 policies; the rule that admits the client
+//!   is the tenth) against an unpoliced pod of the same node, alternately, in the same run.
 //!
 //! Medians and p99 in milliseconds; the namespace goes with its guard.
 
@@ -22,16 +25,18 @@ use weft_agent::metrics::AgentMetrics;
 use weft_agent::policy::{PolicyHandle, PolicyPlan, apply, render};
 use weft_api::plan as pb;
 
-#[allow(dead_code)]
-#[path = "../tests/support/netns.rs"]
-mod netns;
-use netns::Netns;
+#[allow(dead_code, clippy::expect_used)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::netns::Netns;
+use support::{Enter as _, attach};
 
 const POLICIES: usize = 1_000;
 const PODS: usize = 10_000;
 const LOCAL_PODS: usize = 110;
 const PEERS_PER_SET: usize = 100;
 const CHANGES: usize = 40;
+const CONNECTS: usize = 400;
 
 fn addr(i: usize) -> u32 {
     u32::from(Ipv4Addr::new(10, 240, 0, 0)) + i as u32
@@ -168,6 +173,8 @@ fn run() -> Result<String> {
         renders.push(ms(started.elapsed()));
     }
 
+    let first_packet = first_packet(&node)?;
+
     let mut out = format!(
         "policy_sync: {POLICIES} policies, {PODS} pods in {} peer sets, {LOCAL_PODS} local pods each isolated by 10 policies\n\
          full sync (render + nft -f of {full_lines} lines): p50 {:.1} ms (5 runs)\n\
@@ -188,7 +195,57 @@ fn run() -> Result<String> {
     let inc = quantile(&mut timings[0].samples, 0.5);
     let naive = quantile(&mut timings[1].samples, 0.5);
     out.push_str(&format!("incremental / full replace (p50): {:.3}\n", inc / naive));
+    out.push_str(&first_packet);
     Ok(out)
+}
+
+/// Connect latency to pod-0 (policed: its 10 policies' chains are walked, the last admits the
+/// client on TCP 8009) and to an address no policy selects, on the node holding the full table.
+fn first_packet(node: &Netns) -> Result<String> {
+    let dotted = |a: u32| Ipv4Addr::from(a).to_string();
+    let (client_ip, policed_ip, open_ip) = (addr(905), addr(PODS), addr(PODS + LOCAL_PODS + 1));
+    std::process::Command::new("ip")
+        .args(["netns", "exec", node.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .status()?;
+    // The node answers for the pods' gateway only with its loopback up.
+    node.ip(&["link", "set", "lo", "up"])?;
+    let client = Netns::new("wbpol", "client")?;
+    let policed = Netns::new("wbpol", "policed")?;
+    let open = Netns::new("wbpol", "open")?;
+    for (ns, host_if, ip) in
+        [(&client, "vclient", client_ip), (&policed, "vpoliced", policed_ip), (&open, "vopen", open_ip)]
+    {
+        ns.ip(&["link", "set", "lo", "up"])?;
+        attach(node, ns, host_if, &dotted(ip));
+    }
+    for server in [&policed, &open] {
+        let listener = server.enter(|| std::net::TcpListener::bind(("0.0.0.0", 8009)))?;
+        std::thread::spawn(move || for _ in listener.incoming() {});
+    }
+    let samples = client.enter(|| -> Result<[Vec<f64>; 2]> {
+        let mut out = [Vec::new(), Vec::new()];
+        for i in 0..CONNECTS * 2 {
+            let (slot, to) = if i % 2 == 0 { (0, policed_ip) } else { (1, open_ip) };
+            let target = std::net::SocketAddr::from((Ipv4Addr::from(to), 8009));
+            let started = Instant::now();
+            let conn = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                .map_err(|e| anyhow!("connect to {target} (attempt {i}): {e}"))?;
+            out[slot].push(ms(started.elapsed()));
+            drop(conn);
+        }
+        Ok(out)
+    })?;
+    let [mut to_policed, mut to_open] = samples;
+    let (p50, open50) = (quantile(&mut to_policed, 0.5), quantile(&mut to_open, 0.5));
+    Ok(format!(
+        "first packet (TCP connect, {CONNECTS} each, alternating): policed pod p50 {:.3} ms p99 {:.3} ms; \
+         unpoliced pod p50 {:.3} ms p99 {:.3} ms; policed / unpoliced (p50): {:.2}\n",
+        p50,
+        quantile(&mut to_policed, 0.99),
+        open50,
+        quantile(&mut to_open, 0.99),
+        p50 / open50
+    ))
 }
 
 fn main() -> Result<()> {

@@ -16,7 +16,7 @@ use weft_api::plan as pb;
 
 mod support;
 use support::netns::Netns;
-use support::{Enter as _, ok, require_root, run};
+use support::{Enter as _, attach, ok, require_root, run};
 
 /// A connection that should succeed gets this long; one that should not is given up on after it
 /// (a dropped SYN never answers).
@@ -32,23 +32,6 @@ fn netns(tag: &str) -> Netns {
     let ns = Netns::new("wpol", tag).unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     ns
-}
-
-/// Routes `pod` from `node` as Weft does: `address/32` in the pod, the gateway 169.254.1.1 on its
-/// link, a /32 route and proxy ARP on the node's end.
-fn attach(node: &Netns, pod: &Netns, host_if: &str, address: &str) {
-    node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.name()]).unwrap();
-    node.ip(&["link", "set", host_if, "up"]).unwrap();
-    ok(node.exec("sysctl").args(["-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]));
-    node.ip(&["route", "add", &format!("{address}/32"), "dev", host_if]).unwrap();
-    pod.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]).unwrap();
-    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
-    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]).unwrap();
-    // The gateway's address is nobody's: the pod knows its MAC as the node's end of the veth.
-    let brief = node.ip(&["-br", "link", "show", "dev", host_if]).unwrap();
-    let mac = brief.split_whitespace().nth(2).unwrap();
-    pod.ip(&["neigh", "add", "169.254.1.1", "lladdr", mac, "dev", "eth0", "nud", "permanent"]).unwrap();
-    pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]).unwrap();
 }
 
 /// TCP echo servers on 80 and 8080 (the pod's `http` named port): each line comes back.

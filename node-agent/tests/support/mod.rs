@@ -48,3 +48,22 @@ pub fn ok(cmd: &mut Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Routes `pod` from `node` as Weft does: `address/32` in the pod, the gateway 169.254.1.1 on its
+/// link, a /32 route and proxy ARP on the node's end.
+#[allow(dead_code)]
+pub fn attach(node: &Netns, pod: &Netns, host_if: &str, address: &str) {
+    node.ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod.name()])
+        .expect("ip");
+    node.ip(&["link", "set", host_if, "up"]).expect("ip");
+    ok(node.exec("sysctl").args(["-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]));
+    node.ip(&["route", "add", &format!("{address}/32"), "dev", host_if]).expect("ip");
+    pod.ip(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]).expect("ip");
+    pod.ip(&["link", "set", "eth0", "up"]).expect("ip");
+    pod.ip(&["route", "add", "169.254.1.1", "dev", "eth0"]).expect("ip");
+    // The gateway's address is nobody's: the pod knows its MAC as the node's end of the veth.
+    let brief = node.ip(&["-br", "link", "show", "dev", host_if]).expect("ip");
+    let mac = brief.split_whitespace().nth(2).expect("the veth's MAC");
+    pod.ip(&["neigh", "add", "169.254.1.1", "lladdr", mac, "dev", "eth0", "nud", "permanent"]).expect("ip");
+    pod.ip(&["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]).expect("ip");
+}
