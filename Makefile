@@ -77,8 +77,10 @@ bench-chaos:
 	$(CARGO) bench -p weft-agent --bench ipam_chaos
 
 # NetworkPolicy at scale on one node (root: a network namespace): 1,000 policies over 10,000 pods.
-bench-policy:
+# The agent at scale on one node, then the policy programming latency on a 2-node cluster.
+bench-policy: tools build images
 	$(CARGO) bench -p weft-agent --bench policy_sync
+	target/debug/weft-bench-policy --changes 20
 
 # Needs the Go-built tools (make tools): a 2-node local cluster of its own.
 bench-net: tools build images
