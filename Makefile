@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV := target/debug/weft-dev
 
-.PHONY: all build tools images test unit e2e conformance conformance-subset conformance-netpol lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-policy bench-proxy bench-dns bench-ingress bench-pods
+.PHONY: all build tools images test unit e2e conformance conformance-subset conformance-netpol conformance-cnp lint fmt crds crds-check up down status bench bench-cni bench-net bench-chaos bench-policy bench-proxy bench-dns bench-ingress bench-pods
 
 all: build
 
@@ -39,18 +39,23 @@ unit:
 e2e: tools build images
 	$(CARGO) test -p weft-e2e -- --test-threads=2
 
-# The [Conformance] subset of the upstream network tests and the NetworkPolicy suite (nftables
-# proxy) run here too; `make conformance` runs the rest.
-test: lint unit e2e conformance-subset conformance-netpol
+# The [Conformance] subset of the upstream network tests, the NetworkPolicy suite and the
+# ClusterNetworkPolicy suite (nftables proxy) run here too; `make conformance` runs the rest.
+test: lint unit e2e conformance-subset conformance-netpol conformance-cnp
 
 # The Kubernetes network e2e tests (upstream e2e.test under ginkgo) on a 2-node real-node cluster
 # per proxy mode; results in docs/conformance/ (see docs/CONFORMANCE.md). `conformance` runs every
 # [sig-network] test that can run here and the NetworkPolicy suite, both proxy modes;
 # `conformance-subset` only those tagged [Conformance]; `conformance-netpol` the NetworkPolicy
-# suite (Netpol and NetworkPolicy) with the nftables proxy.
+# suite (Netpol and NetworkPolicy) with the nftables proxy; `conformance-cnp` the
+# network-policy-api ClusterNetworkPolicy suite (v0.2.0, standard profile) with it.
 conformance: tools build images
 	target/debug/weft-conformance --suite network --modes nftables,iptables
 	target/debug/weft-conformance --suite netpol --modes nftables,iptables
+	target/debug/weft-conformance --suite cnp --modes nftables,iptables
+
+conformance-cnp: tools build images
+	target/debug/weft-conformance --suite cnp --modes nftables
 
 conformance-netpol: tools build images
 	target/debug/weft-conformance --suite netpol --modes nftables

@@ -137,7 +137,8 @@ pub struct UpOptions {
     pub tools_bin_dir: Option<PathBuf>,
     /// Default: [`default_weft_bin_dir`].
     pub weft_bin_dir: Option<PathBuf>,
-    /// `kubectl apply -f crds/` (skipped with a warning when there are none yet).
+    /// `kubectl apply -f crds/` (skipped with a warning when there are none yet) and the
+    /// upstream CRDs install.sh caches (ClusterNetworkPolicy); see [`Cluster::apply_crds`].
     pub apply_crds: bool,
     /// Test clusters: the owning process, watched by a reaper that tears the cluster down once it
     /// is gone.
@@ -687,17 +688,27 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Applies `crds/*.yaml` and waits for them to be Established; skipped (with a warning) when
-    /// there are none yet.
+    /// Applies Weft's CRDs (`crds/*.yaml`; skipped with a warning when there are none yet) and
+    /// the upstream ones install.sh caches beside the tools ([`ClusterState::upstream_crds_dir`]:
+    /// the network-policy-api `ClusterNetworkPolicy` CRD, which the operator watches), and waits
+    /// for them to be Established.
     pub fn apply_crds(&mut self) -> Result<()> {
         let crds = repo_root().join("crds");
-        if !nodes::has_yaml(&crds) {
-            tracing::warn!("{} has no CRD manifests yet; skipping", crds.display());
-            return Ok(());
+        let upstream = self.state.upstream_crds_dir();
+        if !nodes::has_yaml(&upstream) {
+            bail!("{} has no CRD manifests: run e2e/tools/install.sh (make tools)", upstream.display());
         }
-        let dir = crds.to_string_lossy().into_owned();
-        self.kubectl_ok(&["apply", "-f", &dir])?;
-        self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])?;
+        let mut dirs = vec![upstream];
+        if nodes::has_yaml(&crds) {
+            dirs.insert(0, crds);
+        } else {
+            tracing::warn!("{} has no CRD manifests yet; skipping", crds.display());
+        }
+        for crds in dirs {
+            let dir = crds.to_string_lossy().into_owned();
+            self.kubectl_ok(&["apply", "-f", &dir])?;
+            self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])?;
+        }
         Ok(())
     }
 

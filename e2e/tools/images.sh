@@ -580,8 +580,10 @@ image "docker.io/library/busybox:latest registry.k8s.io/e2e-test-images/busybox:
 # 3.10.1: kubelet/kubeadm v1.35 and the e2e framework; 3.10.2: containerd 2.4's default sandbox.
 image "registry.k8s.io/pause:3.10.1 registry.k8s.io/pause:3.10.2" "$L_PAUSE" -- \
   --entrypoint /pause --user 65535:65535
-# The e2e images of test/utils/image/manifest.go that test/e2e/network uses (AgnhostPrev too).
-image "registry.k8s.io/e2e-test-images/agnhost:2.59 registry.k8s.io/e2e-test-images/agnhost:2.55" \
+# The e2e images of test/utils/image/manifest.go that test/e2e/network uses (AgnhostPrev too);
+# 2.45 is the tag the network-policy-api conformance suite's manifests name (its base pods run
+# serve-hostname, porter, netexec and connect with flags this newer build of the tool has too).
+image "registry.k8s.io/e2e-test-images/agnhost:2.59 registry.k8s.io/e2e-test-images/agnhost:2.55 registry.k8s.io/e2e-test-images/agnhost:2.45" \
   "$L_TOOLS" "$L_COREDNS_ROOT" "$L_AGNHOST" -- -e "$PATH_ENV" --entrypoint /agnhost --cmd pause \
   --exposed-ports 80/tcp,8080/tcp,8081/tcp,9376/tcp,5000/tcp
 image "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7" "$L_TOOLS" "$L_COREDNS_ROOT" -- \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the local cluster and the e2e tests need, on a fresh machine, as root:
 # Debian packages, and the Go-built Kubernetes (with its e2e suite), etcd, CoreDNS, cnitool and OpenTelemetry Collector binaries at pinned
-# versions. Binaries are cached by version under $WEFT_CACHE (outside the repo), so a second run
+# versions, and the upstream ClusterNetworkPolicy CRD with its conformance suite. Binaries are cached by version under $WEFT_CACHE (outside the repo), so a second run
 # costs seconds. Prints the bin directory on its last line.
 set -euo pipefail
 
@@ -15,6 +15,9 @@ OTELCOL_VERSION=${OTELCOL_VERSION:-v0.161.0}
 # crane, which assembles and pushes the project's images (e2e/tools/images.sh).
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
+# The upstream ClusterNetworkPolicy API (policy.networking.k8s.io/v1alpha2): its CRD and its
+# conformance suite.
+NETWORK_POLICY_API_VERSION=${NETWORK_POLICY_API_VERSION:-v0.2.0}
 WEFT_CACHE=${WEFT_CACHE:-/var/cache/weft}
 BIN="$WEFT_CACHE/bin"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
@@ -147,6 +150,48 @@ kubernetes_e2e() {
   touch "$stamp"
 }
 
+# sigs.k8s.io/network-policy-api: the standard-channel ClusterNetworkPolicy CRD, which every
+# local cluster applies beside Weft's own (e2e/src/cluster.rs apply_crds; the operator watches
+# ClusterNetworkPolicies), copied to $BIN/crds/; and the API's conformance suite, a `go test`
+# package, built with `go test -c` into $BIN/network-policy-api-conformance.test for
+# `weft-conformance --suite cnp`. Built in a writable copy of the module, so the dependency
+# versions are the ones its own go.mod and go.sum pin.
+network_policy_api() {
+  local v=$NETWORK_POLICY_API_VERSION
+  # -no-sctp: the base pods are built without their SCTP servers (below).
+  local stamp="$BIN/.network-policy-api-$v-no-sctp"
+  [[ -f $stamp ]] && return
+  local src="$WEFT_CACHE/src/network-policy-api-$v" dir
+  log "building the network-policy-api $v conformance suite (first run only)"
+  dir=$(go mod download -json "sigs.k8s.io/network-policy-api@$v" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+  [[ -d $dir ]] || { log "go mod download sigs.k8s.io/network-policy-api@$v named no directory"; return 1; }
+  rm -rf "$src"
+  mkdir -p "$(dirname "$src")" "$BIN/crds"
+  cp -r "$dir" "$src"
+  chmod -R u+w "$src"
+  install -m 0644 "$src/config/crd/standard/policy.networking.k8s.io_clusternetworkpolicies.yaml" "$BIN/crds/"
+  # The base pods' SCTP servers (`agnhost porter` with SERVE_SCTP_PORT_*) exit at once
+  # on a kernel without SCTP (this machine's has no sctp module), so the base StatefulSets never
+  # become ready and no test runs. They are left out of the embedded manifests; the tests that
+  # probe SCTP are skipped (weft-conformance.rs CNP_SKIPPED, docs/CONFORMANCE.md).
+  # A container is its `        - name:` line and the deeper-indented lines after it; one that
+  # runs `agnhost porter` is dropped.
+  awk '
+    function flush() { if (block != "" && block !~ /agnhost porter/) printf "%s", block; block = "" }
+    /^        - name: / { flush(); block = $0 "\n"; next }
+    block != "" && /^         / { block = block $0 "\n"; next }
+    { flush(); print }
+    END { flush() }
+  ' "$src/conformance/base/manifests.yaml" >"$src/conformance/base/manifests.yaml.new"
+  mv "$src/conformance/base/manifests.yaml.new" "$src/conformance/base/manifests.yaml"
+  ! grep -q SERVE_SCTP "$src/conformance/base/manifests.yaml" ||
+    { log "the SCTP servers are still in the conformance base manifests"; return 1; }
+  (cd "$src" &&
+    log "go test -c sigs.k8s.io/network-policy-api/conformance" &&
+    CGO_ENABLED=0 go test -c -trimpath -ldflags "-s -w" -o "$BIN/network-policy-api-conformance.test" ./conformance >&2)
+  touch "$stamp"
+}
+
 etcd() {
   local stamp="$BIN/.etcd-$ETCD_VERSION"
   [[ -f $stamp ]] && return
@@ -199,5 +244,6 @@ go_install containerd "$CONTAINERD_VERSION" \
   "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
   "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
 kubernetes_e2e
+network_policy_api
 go_install crane "$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 echo "$BIN"

@@ -207,6 +207,12 @@ impl ClusterState {
         self.tools_bin_dir.join("kubectl")
     }
 
+    /// The upstream CRDs install.sh caches beside the tools (`<tools bin>/crds/`): the
+    /// network-policy-api ClusterNetworkPolicy CRD, standard channel.
+    pub fn upstream_crds_dir(&self) -> PathBuf {
+        self.tools_bin_dir.join("crds")
+    }
+
     /// Prefix of every network namespace this cluster owns (its nodes').
     pub fn netns_prefix(&self) -> String {
         netns_prefix(&self.name)

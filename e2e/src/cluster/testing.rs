@@ -37,7 +37,8 @@ pub struct TestOptions {
     /// Install Weft from `config/` (the operator Deployment, the agent DaemonSet; pods on
     /// weft-cni). Default false: tests of the cluster itself do without, on the reference CNI.
     pub weft: bool,
-    /// `kubectl apply -f crds/` (default true).
+    /// `kubectl apply -f crds/` and the upstream CRDs (ClusterNetworkPolicy), as
+    /// [`super::Cluster::apply_crds`] (default true).
     pub apply_crds: bool,
     /// Where `weft-dev` is (it runs the cluster's helpers); tests pass
     /// `env!("CARGO_BIN_EXE_weft-dev")`'s directory. Default: next to the test binary.
