@@ -251,11 +251,18 @@ spec:
         .await?;
     let local = [("node-1", "np-1"), ("node-2", "np-2")];
     let is_local = |name: &str| local.iter().any(|(n, _)| *n == name);
+    // Each node's agent applies the change on its own: wait until every node has, that is until
+    // the others stop answering and the local ones stop masquerading the client.
     c.wait_for("NodePort to answer only where an endpoint is local", Duration::from_secs(90), || async {
         for node in &nodes {
             let answered = get(format!("http://{}:30123/", node.ip)).await?;
             if answered.is_some() != is_local(&node.name) {
                 bail!("{} answered: {}", node.name, answered.is_some());
+            }
+            if let Some(body) = answered
+                && whoami_remote_ip(&body)? != outside_ip
+            {
+                return Ok(None);
             }
         }
         Ok(Some(()))
