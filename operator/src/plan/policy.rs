@@ -14,8 +14,9 @@
 //! recomputes its node's targets; a namespace label change re-checks that namespace's pods; a
 //! policy change recomputes the policy, the sets it introduces and the targets of the nodes with
 //! pods in its namespace; a cluster policy change (rare, and its subject spans namespaces)
-//! recomputes every node's targets. While the cluster has any policy, every node holds its PolicyTargets
-//! (possibly empty), which tells its agent to hold each new pod until its policies are known.
+//! recomputes every node's targets. While the cluster has any policy, every node holds its
+//! PolicyTargets (possibly empty), which tells its agent to hold each new pod until its policies
+//! are known.
 //! Sets and policies are encoded once and shared by every node holding
 //! them; a node receives only the resources whose version changed.
 
